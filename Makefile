@@ -1,0 +1,51 @@
+# lookalike: `make run` sets everything up and starts the main job; `make test` sets
+# everything up and runs the tests. Both work on a fresh clone with ../shared beside it.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+LOOKALIKE := $(VENV)/bin/lookalike
+HOME_DIR ?= lookalike-home
+DATA := ../shared/data
+CATALOG ?=
+QUERY ?=
+K ?= 8
+
+.PHONY: setup run demo test lint bench browser clean
+
+setup: $(VENV)/.installed
+
+# torch==2.13.0 exactly: a CPU build on this machine's disk (a looser pin pulls CUDA).
+$(VENV)/.installed: pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Index a catalog and search it: CATALOG=DIR QUERY=IMAGE, else the footwear300 demo.
+demo: setup
+	@set -e; \
+	catalog="$(CATALOG)"; query="$(QUERY)"; \
+	if [ -z "$$catalog" ] && [ -d $(DATA)/footwear300 ]; then \
+	  catalog=$(DATA)/footwear300/data; query=$${query:-$(DATA)/footwear300/search_image_01.jpg}; fi; \
+	if [ -z "$$catalog" ]; then echo "give CATALOG=DIR QUERY=IMAGE (no ../shared/data here)"; exit 2; fi; \
+	$(LOOKALIKE) --home $(HOME_DIR) index "$$catalog" --progress; \
+	if [ -n "$$query" ]; then \
+	  $(LOOKALIKE) --home $(HOME_DIR) search "$$query" -k $(K) --sheet $(HOME_DIR)/results.png; fi
+
+run: demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/bench_ingest.py
+	$(PY) benchmarks/bench_latency.py
+
+clean:
+	rm -rf $(HOME_DIR) test-output .pytest_cache

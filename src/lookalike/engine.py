@@ -1,0 +1,382 @@
+"""The Engine ties one home folder's catalog, encoder and vector store together. The CLI
+and the API both talk to it; it is safe to call from several threads.
+
+Home folder layout: `catalog.sqlite` (the truth: products, images, vectors, model
+stamp), `vectors/` (the FAISS index, derived from the catalog and repaired from it on
+open), `models/` (exported ONNX models, tuned heads), `uploads/` (images added through
+the API).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .catalog import Catalog, Filters, Product
+from .errors import (
+    CatalogMismatchError,
+    ProductExistsError,
+    UnknownImageError,
+    UsageError,
+)
+from .images import load_image
+from .ingest import IngestReport, ingest, reembed
+from .metadata import parse_bool, parse_price
+from .search import Result, check_k, rank_products
+from .vectors import open_store
+from .vectors.base import VectorStore
+
+DEFAULT_MODEL = "efficientnet-lite2"
+QuerySource = str | os.PathLike | bytes | Image.Image
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("LOOKALIKE_HOME") or "lookalike-home")
+
+
+class Engine:
+    def __init__(
+        self,
+        home: str | os.PathLike | None = None,
+        model: str | None = None,
+        vector_store: str | None = None,
+        memory_budget: int | None = None,
+    ):
+        self.home = Path(home) if home is not None else default_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.catalog = Catalog(self.home / "catalog.sqlite")
+        self.requested_model = model
+        self.vector_store_uri = vector_store or self.catalog.get_meta("vector_store") or None
+        self.memory_budget = memory_budget
+        self._encoder = None
+        self._store: VectorStore | None = None
+        self._lock = threading.RLock()  # guards the vector store and model switches
+
+    @classmethod
+    def open(cls, home=None, model: str | None = None, vector_store: str | None = None, **kw):
+        return cls(home, model=model, vector_store=vector_store, **kw)
+
+    # -- model and store ------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        """The base model spec this catalog uses (or will use)."""
+        return self.requested_model or self.catalog.get_meta("model") or DEFAULT_MODEL
+
+    @property
+    def encoder(self):
+        with self._lock:
+            if self._encoder is None:
+                from .encoders import load_encoder
+
+                encoder = load_encoder(self.model, self.home / "models")
+                self._encoder = _active_encoder(self.home, encoder)
+            return self._encoder
+
+    def _check_model_matches(self) -> None:
+        """Searching with one model against vectors from another must never happen."""
+        stored = self.catalog.get_meta("stamp")
+        if stored is not None and stored != self.encoder.stamp and self.catalog.count_images():
+            raise CatalogMismatchError(
+                f"the catalog in {self.home} was indexed with {self.catalog.get_meta('model')}"
+                f" ({stored}); this search uses {self.encoder.stamp}. Re-run `lookalike index`"
+                " with the model you want to re-embed the catalog."
+            )
+
+    def _open_store(self, reset: bool = False) -> VectorStore:
+        encoder = self.encoder
+        store = open_store(
+            self.vector_store_uri,
+            self.home,
+            encoder.dim,
+            encoder.stamp,
+            reset=reset,
+            memory_budget_bytes=self.memory_budget,
+        )
+        return store
+
+    @property
+    def store(self) -> VectorStore:
+        with self._lock:
+            if self._store is None:
+                self._check_model_matches()
+                try:
+                    self._store = self._open_store()
+                except CatalogMismatchError:
+                    # the store lags behind the catalog (e.g. killed during a model switch):
+                    # the catalog is the truth, rebuild the store from it
+                    self._store = self._open_store(reset=True)
+                self.sync_vectors()
+            return self._store
+
+    def sync_vectors(self) -> dict[str, int]:
+        """Make the vector store hold exactly the catalog's vectors for the live model:
+        add what it misses (a run killed before the store was saved), drop what the
+        catalog no longer has."""
+        with self._lock:
+            store = self._store if self._store is not None else self.store
+            stamp = self.encoder.stamp
+            want = self.catalog.embedded_ids(stamp)
+            have = store.ids()
+            missing = np.setdiff1d(want, have, assume_unique=True)
+            extra = np.setdiff1d(have, want, assume_unique=True)
+            if extra.size:
+                store.remove(extra)
+            for start in range(0, missing.size, 4096):
+                chunk = missing[start : start + 4096]
+                store.add(chunk, self.catalog.vectors(chunk.tolist()))
+            if missing.size or extra.size:
+                store.save()
+            return {"added": int(missing.size), "removed": int(extra.size)}
+
+    def _switch_model_if_needed(self) -> None:
+        stored_stamp = self.catalog.get_meta("stamp")
+        encoder = self.encoder
+        if stored_stamp != encoder.stamp:
+            # a new model: a fresh store; every image gets re-embedded below
+            if self._store is not None and hasattr(self._store, "close"):
+                self._store.close()
+            self._store = self._open_store(reset=True)
+        else:
+            _ = self.store
+        self.catalog.set_meta("model", self.model)
+        self.catalog.set_meta("stamp", encoder.stamp)
+        self.catalog.set_meta("dim", str(encoder.dim))
+        if self.vector_store_uri:
+            self.catalog.set_meta("vector_store", self.vector_store_uri)
+
+    # -- ingest and updates ---------------------------------------------------------
+    def index(
+        self,
+        paths: Iterable[str | os.PathLike] = (),
+        metadata: str | os.PathLike | None = None,
+        progress: bool = True,
+        **kw: Any,
+    ) -> IngestReport:
+        """Index folders/files and/or a metadata file (see lookalike.ingest)."""
+        with self._lock:
+            self._switch_model_if_needed()
+            report = ingest(
+                self.catalog, self._store, self.encoder, paths, metadata, progress=progress, **kw
+            )
+            reembed(self.catalog, self._store, self.encoder, report, progress=progress)
+            self._store.save()
+            return report
+
+    def add_product(self, fields: dict[str, Any], images: Sequence[bytes | os.PathLike]) -> Product:
+        """Add one product with one or more images (bytes of uploads, or paths). Every
+        image is decoded before anything is written: a bad one adds nothing."""
+        product = _product_from_fields(fields)
+        if not images:
+            raise UsageError("a product needs at least one image")
+        decoded = []
+        for index, image in enumerate(images):
+            data = image if isinstance(image, bytes) else Path(image).read_bytes()
+            try:
+                pil = load_image(data)
+            except Exception as exc:
+                exc.args = (f"image {index + 1}: {exc}",)
+                raise
+            decoded.append((data, pil))
+        with self._lock:
+            self._switch_model_if_needed()
+            if self.catalog.find_product(product.product_id) is not None:
+                raise ProductExistsError(
+                    f"product {product.product_id} already exists (PATCH it, or DELETE it first)"
+                )
+            encoder = self.encoder
+            vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
+            uploads = self.home / "uploads"
+            uploads.mkdir(exist_ok=True)
+            ids = []
+            with self.catalog.transaction():
+                self.catalog.upsert_product(product)
+                for (data, pil), vector in zip(decoded, vectors, strict=True):
+                    sha = hashlib.sha256(data).hexdigest()
+                    path = uploads / f"{sha}.{(pil.format or 'img').lower()}"
+                    if not path.exists():
+                        tmp = path.with_suffix(".tmp")
+                        tmp.write_bytes(data)
+                        os.replace(tmp, path)
+                    image_id, _ = self.catalog.put_image(
+                        product.product_id, str(path), sha, vector, encoder.stamp, origin="api"
+                    )
+                    ids.append(image_id)
+            self._store.add(np.array(ids, dtype=np.int64), vectors)
+        return product
+
+    def update_product(self, product_id: str, fields: dict[str, Any]) -> Product:
+        changes = dict(fields)
+        if "price" in changes and changes["price"] is not None:
+            try:
+                changes["price"] = parse_price(changes["price"])
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        if "in_stock" in changes:
+            try:
+                changes["in_stock"] = parse_bool(changes["in_stock"])
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        return self.catalog.update_product(product_id, changes)
+
+    def remove(self, product_ids: Sequence[str]) -> int:
+        """Remove products (all or nothing): gone from results at once. Returns how many
+        images were removed."""
+        with self._lock:
+            image_ids = self.catalog.remove_products(list(product_ids))
+            if image_ids:
+                store = self.store
+                store.remove(np.array(image_ids, dtype=np.int64))
+                store.save()
+            return len(image_ids)
+
+    # -- reading ----------------------------------------------------------------------
+    def embed_queries(self, queries: Sequence[QuerySource]) -> np.ndarray:
+        """Decode and embed query images with the catalog's encoder and preprocessing."""
+        encoder = self.encoder
+        draft = 2 * int(getattr(encoder, "input_size", 256))
+        arrays = []
+        for query in queries:
+            image = query if isinstance(query, Image.Image) else load_image(query, draft_size=draft)
+            arrays.append(encoder.prepare(image.convert("RGB")))
+        return encoder.embed(np.stack(arrays))
+
+    def search(
+        self,
+        queries: Sequence[QuerySource] | QuerySource,
+        k: int = 10,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+    ) -> list[list[Result]]:
+        """Top-k products for each query image."""
+        if isinstance(queries, str | os.PathLike | bytes | Image.Image):
+            queries = [queries]
+        check_k(k)
+        if filters is not None:
+            filters.validate()
+        if not queries:
+            return []
+        store = self.store
+        vectors = self.embed_queries(queries)
+        with self._lock:
+            return rank_products(self.catalog, store, vectors, k, filters, min_score)
+
+    def similar(self, product_id: str, k: int = 10, filters: Filters | None = None) -> list[Result]:
+        """More like this: products closest to any of this product's images."""
+        check_k(k)
+        rows = self.catalog.images_of(self.catalog.get_product(product_id).product_id)
+        store = self.store
+        if not rows:
+            return []
+        vectors = self.catalog.vectors([row.image_id for row in rows])
+        with self._lock:
+            ranked = rank_products(
+                self.catalog, store, vectors, k, filters, exclude_products={product_id}
+            )
+        best: dict[str, Result] = {}
+        for results in ranked:
+            for result in results:
+                if result.product_id not in best or result.score > best[result.product_id].score:
+                    best[result.product_id] = result
+        return sorted(best.values(), key=lambda r: -r.score)[:k]
+
+    def get_product(self, product_id: str) -> dict[str, Any]:
+        product = self.catalog.get_product(product_id).to_dict()
+        product["images"] = [row.image_id for row in self.catalog.images_of(product_id)]
+        return product
+
+    def list_products(
+        self,
+        category: str | None = None,
+        in_stock: bool | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[Product], int]:
+        if limit < 1 or limit > 1000 or offset < 0:
+            raise UsageError("limit must be 1..1000 and offset >= 0")
+        return self.catalog.list_products(
+            Filters(category=category, in_stock=in_stock), limit=limit, offset=offset
+        )
+
+    def image_path(self, image_id: int) -> Path:
+        row = self.catalog.image(image_id)
+        if row is None:
+            raise UnknownImageError(f"unknown image id: {image_id}")
+        return Path(row.source)
+
+    def info(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "home": str(self.home.resolve()),
+            "products": self.catalog.count_products(),
+            "images": self.catalog.count_images(),
+            "model": self.catalog.get_meta("model") or self.model,
+            "stamp": self.catalog.get_meta("stamp"),
+            "dim": int(self.catalog.get_meta("dim") or 0) or None,
+            "categories": dict(self.catalog.categories()),
+        }
+        tuned = self.catalog.get_meta("tuned")
+        if tuned:
+            out["tuned"] = tuned
+        if out["stamp"] is not None:
+            try:
+                out["vector_store"] = self.store.describe()
+            except CatalogMismatchError as exc:
+                out["vector_store"] = {"error": str(exc)}
+        else:
+            out["vector_store"] = {"backend": self.vector_store_uri or "faiss", "vectors": 0}
+        return out
+
+    def ready(self) -> bool:
+        return self._encoder is not None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                self._store.save()
+                if hasattr(self._store, "close"):
+                    self._store.close()
+                self._store = None
+            self.catalog.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _active_encoder(home: Path, base):
+    """The tuned encoder when `lookalike tune` made one for this base model, else the base."""
+    try:
+        from .tune import active_encoder
+    except ImportError:
+        return base
+    return active_encoder(home, base)
+
+
+def _product_from_fields(fields: dict[str, Any]) -> Product:
+    product_id = str(fields.get("product_id") or "").strip()
+    if not product_id:
+        raise UsageError("product_id is required")
+    try:
+        price = parse_price(fields.get("price"))
+        in_stock = True if fields.get("in_stock") in (None, "") else parse_bool(fields["in_stock"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    attributes = fields.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise UsageError("attributes must be an object of name: value")
+    return Product(
+        product_id=product_id,
+        title=fields.get("title") or None,
+        category=fields.get("category") or None,
+        price=price,
+        in_stock=in_stock,
+        attributes=dict(attributes),
+    )

@@ -1,0 +1,139 @@
+"""Product ranking: query vectors -> vector search (with metadata filters) -> group by
+product -> ranked products.
+
+Results are products, not images: a product appears once, with its best-matching image
+and that image's cosine score. A filter never loses results: the vector search only
+considers images whose product passes the filter, so when three products match, those
+three come back, ranked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .catalog import Catalog, Filters
+from .errors import UsageError
+from .vectors.base import VectorStore
+
+__all__ = ["Filters", "Result", "rank_products"]
+
+MAX_K = 1000
+
+
+@dataclass
+class Result:
+    product_id: str
+    score: float
+    image_id: int
+    image: str
+    title: str | None = None
+    category: str | None = None
+    price: float | None = None
+    in_stock: bool = True
+    attributes: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "product_id": self.product_id,
+            "score": round(float(self.score), 6),
+            "image": self.image,
+            "image_id": self.image_id,
+            "title": self.title,
+            "category": self.category,
+            "price": self.price,
+            "in_stock": self.in_stock,
+            "attributes": dict(self.attributes),
+        }
+
+
+def check_k(k: int) -> int:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
+        raise UsageError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
+    return k
+
+
+def rank_products(
+    catalog: Catalog,
+    store: VectorStore,
+    queries: np.ndarray,
+    k: int,
+    filters: Filters | None = None,
+    min_score: float | None = None,
+    exclude_products: Collection[str] = (),
+) -> list[list[Result]]:
+    """Top-k products for each query vector (rows of `queries`)."""
+    check_k(k)
+    queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+    allowed: np.ndarray | None = None
+    if filters is not None and not filters.is_empty():
+        allowed = catalog.image_ids_matching(filters)
+        if allowed.size == 0:
+            return [[] for _ in range(len(queries))]
+    total = len(store) if allowed is None else int(allowed.size)
+    if total == 0:
+        return [[] for _ in range(len(queries))]
+    return [
+        _rank_one(catalog, store, query, k, allowed, total, min_score, set(exclude_products))
+        for query in queries
+    ]
+
+
+def _rank_one(
+    catalog: Catalog,
+    store: VectorStore,
+    query: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None,
+    total: int,
+    min_score: float | None,
+    exclude: set[str],
+) -> list[Result]:
+    # Ask for more images than products (a product may own several images), and widen
+    # the search until k distinct products are found or every candidate has been seen.
+    want = min(total, max(4 * (k + len(exclude)), 32))
+    while True:
+        scores, ids = store.search(query[None, :], want, allowed_ids=allowed)
+        scores, ids = scores[0], ids[0]
+        valid = ids >= 0
+        scores, ids = scores[valid], ids[valid]
+        owners = catalog.image_products(ids.tolist())
+        best: dict[str, tuple[float, int, str]] = {}
+        exhausted = len(ids) < want or want >= total
+        below_floor = False
+        for score, image_id in zip(scores.tolist(), ids.tolist(), strict=True):
+            if min_score is not None and score < min_score:
+                below_floor = True
+                break
+            owner = owners.get(image_id)
+            if owner is None or owner[0] in exclude:
+                continue  # removed from the catalog while the store lagged, or excluded
+            if owner[0] not in best:
+                best[owner[0]] = (score, image_id, owner[1])
+        if len(best) >= k or exhausted or below_floor:
+            break
+        want = min(total, want * 4)
+    top = sorted(best.items(), key=lambda item: -item[1][0])[:k]
+    products = catalog.products([pid for pid, _ in top])
+    results = []
+    for pid, (score, image_id, source) in top:
+        product = products.get(pid)
+        if product is None:
+            continue
+        results.append(
+            Result(
+                product_id=pid,
+                score=float(score),
+                image_id=int(image_id),
+                image=source,
+                title=product.title,
+                category=product.category,
+                price=product.price,
+                in_stock=product.in_stock,
+                attributes=product.attributes,
+            )
+        )
+    return results
