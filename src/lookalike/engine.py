@@ -70,12 +70,17 @@ class Engine:
         return self.requested_model or self.catalog.get_meta("model") or DEFAULT_MODEL
 
     @property
+    def models_dir(self) -> Path:
+        """Exported and tuned models; $LOOKALIKE_MODELS lets several homes share exports."""
+        return Path(os.environ.get("LOOKALIKE_MODELS") or self.home / "models")
+
+    @property
     def encoder(self):
         with self._lock:
             if self._encoder is None:
                 from .encoders import load_encoder
 
-                encoder = load_encoder(self.model, self.home / "models")
+                encoder = load_encoder(self.model, self.models_dir)
                 self._encoder = _active_encoder(self.home, encoder)
             return self._encoder
 
