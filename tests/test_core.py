@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, require_data
 from PIL import Image
 
-from conftest import ROOT, require_data
 from lookalike.catalog import Filters
 from lookalike.cli import main as cli_main
 from lookalike.engine import Engine
