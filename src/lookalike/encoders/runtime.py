@@ -1,0 +1,174 @@
+"""The ONNX Runtime side shared by every encoder: session, input conversion, pooling."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from lookalike.errors import ModelError
+from lookalike.images import FIT_MODES, fit_square
+
+DEFAULT_FIT = "pad"
+"""Chosen by benchmarks/bench_preprocess_fit.py (see docs/preprocessing.md)."""
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (respects taskset/cgroup affinity)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def make_session(path: Path, threads: int | None = None):  # -> onnxruntime.InferenceSession
+    """An ORT CPU session with all graph optimisations and one intra-op thread per core."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or cpu_count()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"{path}: cannot load ONNX model: {exc}") from exc
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How uint8 (N, S, S, 3) pixels become the graph's input tensor.
+
+    `mean`/`std` are per-channel RGB in the 0..1 pixel scale (pixel / 255), as CLIP and
+    torchvision publish them. `raw_uint8`: the graph takes uint8 NHWC itself and
+    normalises inside (the bundled EfficientNet-Lite graphs do this).
+    """
+
+    size: int
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    layout: str = "NCHW"
+    raw_uint8: bool = False
+
+    def to_tensor(self, batch: np.ndarray) -> np.ndarray:
+        if self.raw_uint8:
+            return np.ascontiguousarray(batch, dtype=np.uint8)
+        # (x/255 - mean)/std == x * a + b, one fused pass in float32.
+        a = (1.0 / (255.0 * np.asarray(self.std, dtype=np.float32))).astype(np.float32)
+        b = (-np.asarray(self.mean, dtype=np.float32) / np.asarray(self.std, np.float32)).astype(
+            np.float32
+        )
+        x = batch.astype(np.float32) * a + b
+        if self.layout == "NCHW":
+            x = x.transpose(0, 3, 1, 2)
+        return np.ascontiguousarray(x)
+
+    def ident(self) -> str:
+        if self.raw_uint8:
+            return "u8"
+        fmt = ",".join
+        return (
+            f"m{fmt(f'{v:g}' for v in self.mean)}-s{fmt(f'{v:g}' for v in self.std)}"
+            f"-{self.layout.lower()}"
+        )
+
+
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
+
+
+def pool_output(out: np.ndarray, layout: str = "NCHW", token_pool: str = "cls") -> np.ndarray:
+    """Reduce a model output to (N, D): average a 4-D feature map over its spatial axes,
+    take the first (CLS) token or the token mean of a 3-D sequence, flatten the rest."""
+    out = np.asarray(out)
+    if out.ndim == 4:
+        axes = (2, 3) if layout == "NCHW" else (1, 2)
+        return out.mean(axis=axes)
+    if out.ndim == 3:
+        return out[:, 0, :] if token_pool == "cls" else out.mean(axis=1)
+    return out.reshape(out.shape[0], -1)
+
+
+class OnnxEncoder:
+    """An encoder that runs an ONNX graph on ONNX Runtime (see the package docstring)."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        stamp: str,
+        model_path: Path,
+        input_spec: InputSpec,
+        fit: str = DEFAULT_FIT,
+        output: str | None = None,
+        token_pool: str = "cls",
+        threads: int | None = None,
+        session=None,
+    ) -> None:
+        if fit not in FIT_MODES:
+            raise ModelError(f"fit mode must be one of {', '.join(FIT_MODES)}, not {fit!r}")
+        self.name = name
+        self.stamp = stamp
+        self.model_path = Path(model_path)
+        self.input_spec = input_spec
+        self.input_size = input_spec.size
+        self.fit = fit
+        self.token_pool = token_pool
+        self.session = session or make_session(self.model_path, threads)
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1:
+            raise ModelError(
+                f"{model_path}: image models must have exactly one input, not {len(inputs)}"
+            )
+        self._input_name = inputs[0].name
+        outputs = [o.name for o in self.session.get_outputs()]
+        if output is not None and output not in outputs:
+            raise ModelError(f"{model_path}: no output named {output!r}; outputs: {outputs}")
+        self._output_name = output or outputs[0]
+        self.output_names: Sequence[str] = outputs
+        self.draft_size = 2 * self.input_size
+        """Pass as `load_image(..., draft_size=)`: JPEGs then decode at >= 2x the input."""
+        probe = np.full((1, self.input_size, self.input_size, 3), 128, dtype=np.uint8)
+        self.dim = int(self.embed(probe).shape[1])
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.stamp} dim={self.dim}>"
+
+    def prepare(self, img: Image.Image) -> np.ndarray:
+        """RGB image -> uint8 (S, S, 3) with this encoder's fit mode."""
+        return fit_square(img, self.input_size, self.fit)
+
+    def _check_batch(self, batch: np.ndarray) -> np.ndarray:
+        batch = np.asarray(batch)
+        s = self.input_size
+        if batch.ndim == 3:
+            batch = batch[None]
+        if batch.ndim != 4 or batch.shape[1:] != (s, s, 3):
+            raise ValueError(f"expected uint8 (N, {s}, {s}, 3), got {batch.shape}")
+        if batch.dtype != np.uint8:
+            raise ValueError(f"expected uint8 pixels, got {batch.dtype}")
+        return batch
+
+    def run(self, batch: np.ndarray, outputs: Sequence[str]) -> list[np.ndarray]:
+        """Raw graph outputs for uint8 (N, S, S, 3) pixels."""
+        batch = self._check_batch(batch)
+        if len(batch) == 0:
+            raise ValueError("empty batch")
+        feed = {self._input_name: self.input_spec.to_tensor(batch)}
+        return self.session.run(list(outputs), feed)
+
+    def embed(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, dim), rows L2-normalised."""
+        batch = self._check_batch(batch)
+        if len(batch) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        (out,) = self.run(batch, [self._output_name])
+        return l2_normalise(pool_output(out, self.input_spec.layout, self.token_pool))

