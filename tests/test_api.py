@@ -323,6 +323,7 @@ def test_unreadable_uploads_are_4xx_with_a_reason(client, catalog, name, make, s
     _, rows = catalog
     body = assert_error(search(client, make(rows), name=name), status)
     assert body["error"] == "ImageError"
+    assert body["detail"].startswith(f"{name}: ")  # names the file the user sent
 
 
 def test_size_limits_are_413(engine, catalog):

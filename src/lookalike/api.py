@@ -816,7 +816,10 @@ def create_app(
         data = await _read_upload(image, limits.max_image_bytes)
 
         def work() -> list[Any]:
-            img = load_query_image(data, box, _input_size(engine), limits)
+            try:
+                img = load_query_image(data, box, _input_size(engine), limits)
+            except LookalikeError as exc:
+                raise _named(exc, image.filename) from None
             return engine.search([img], k=k, filters=filters, min_score=min_score)[0]
 
         results = await run_in_threadpool(run_limited, work)
@@ -966,13 +969,13 @@ def create_app(
 
         def work() -> ProductOut:
             # decode every upload first: a bad file is refused before the catalog changes
-            for number, blob in enumerate(blobs, start=1):
+            for number, (blob, upload) in enumerate(zip(blobs, images, strict=True), start=1):
                 try:
                     load_image(
                         blob, max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes
                     )
                 except LookalikeError as exc:
-                    raise type(exc)(f"image {number}: {exc}") from None
+                    raise _named(exc, f"image {number} ({upload.filename or 'upload'})") from None
             engine.add_product(fields_, blobs)
             return product_payload(engine, fields_["product_id"], urls)
 
@@ -1046,6 +1049,16 @@ def create_app(
 
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
+
+
+def _named(exc: LookalikeError, name: str | None) -> LookalikeError:
+    """The same error with the upload's file name instead of the word "upload"."""
+    text = str(exc)
+    if name and text.startswith("upload:"):
+        text = f"{name}:{text[len('upload:') :]}"
+    elif name:
+        text = f"{name}: {text}"
+    return type(exc)(text)
 
 
 async def _read_upload(upload: UploadFile, max_bytes: int) -> bytes:

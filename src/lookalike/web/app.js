@@ -124,7 +124,7 @@ function setPhoto(file) {
     // The browser cannot show it (HEIC, or not an image at all): the server decides.
     els.img.removeAttribute("src");
     els.stage.classList.add("no-preview");
-    els.cropInfo.textContent = `No preview for ${file.name || "this file"}; searching the whole photo.`;
+    els.cropInfo.textContent = `This browser cannot preview ${file.name || "this file"}.`;
     runSearch();
   };
   els.img.src = state.objectUrl;
@@ -229,12 +229,13 @@ function endDrag() {
     else els.selection.hidden = true;
     return;
   }
-  const scale = state.natural.w / els.stage.clientWidth;
+  const sx = state.natural.w / els.stage.clientWidth;
+  const sy = state.natural.h / els.stage.clientHeight;
   state.crop = {
-    x: Math.round(rect.x * scale),
-    y: Math.round(rect.y * scale),
-    w: Math.max(1, Math.round(rect.w * scale)),
-    h: Math.max(1, Math.round(rect.h * scale)),
+    x: Math.round(rect.x * sx),
+    y: Math.round(rect.y * sy),
+    w: Math.max(1, Math.round(rect.w * sx)),
+    h: Math.max(1, Math.round(rect.h * sy)),
   };
   renderCrop();
   state.mode = "photo";
@@ -262,9 +263,10 @@ function renderCrop() {
       : els.cropInfo.textContent;
     return;
   }
-  const scale = els.stage.clientWidth / state.natural.w;
+  const sx = els.stage.clientWidth / state.natural.w;
+  const sy = els.stage.clientHeight / state.natural.h;
   const c = state.crop;
-  showSelection({ x: c.x * scale, y: c.y * scale, w: c.w * scale, h: c.h * scale });
+  showSelection({ x: c.x * sx, y: c.y * sy, w: c.w * sx, h: c.h * sy });
   els.clearCrop.hidden = false;
   els.cropInfo.textContent = `Searching the selected area (${c.w} × ${c.h} px).`;
 }
