@@ -237,3 +237,43 @@ def test_lite0_head_and_size(tmp_path_factory):
     assert lite0.input_size == 224 and lite0.dim == 1280
     pixels = lite0.prepare(load_image(grocery_catalog_image("Banana")))[None]
     assert BANANA in np.argsort(-lite0.logits(pixels)[0])[:5]
+
+
+def mean_colour_model(path: Path, layout: str, size: int = 16) -> Path:
+    """A tiny hand-built ONNX model: float image batch -> per-channel spatial mean (N, 3)."""
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+
+    shape = ["n", size, size, 3] if layout == "NHWC" else ["n", 3, size, size]
+    axes = [1, 2] if layout == "NHWC" else [2, 3]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["axes"], value_ints=axes),
+            helper.make_node("ReduceMean", ["x", "axes"], ["y"], keepdims=0),
+        ],
+        "mean_colour",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path
+
+
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+def test_onnx_file_layout_and_normalisation(tmp_path, layout):
+    path = mean_colour_model(tmp_path / f"mean-{layout}.onnx", layout)
+    enc = load_encoder(f"onnx:{path}?mean=0,0.5,0&std=1,0.5,1", tmp_path)
+    assert enc.input_spec.layout == layout  # guessed from the input shape
+    assert enc.input_size == 16 and enc.dim == 3
+    pixels = np.zeros((2, 16, 16, 3), np.uint8)
+    pixels[0, ..., 0] = 255  # red: (1, (0-0.5)/0.5, 0) = (1, -1, 0)
+    pixels[1, ..., 2] = 255  # blue: (0, -1, 1)
+    vecs = enc.embed(pixels)
+    s = 1 / np.sqrt(2)
+    assert np.allclose(vecs, [[s, -s, 0], [0, -s, s]], atol=1e-6)
+    # the stamp names the file by content and the preprocessing
+    other = load_encoder(f"onnx:{path}?mean=0,0.5,0&std=1,0.5,1&fit=crop", tmp_path)
+    assert other.stamp.split(":")[1] == enc.stamp.split(":")[1]
+    assert other.stamp != enc.stamp

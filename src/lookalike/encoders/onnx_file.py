@@ -10,7 +10,8 @@ size       square input side; default: the model's static input size, else 224
 mean, std  per-channel RGB normalisation in the 0..1 pixel scale (pixel / 255);
            default ImageNet (0.485,0.456,0.406 / 0.229,0.224,0.225). Values above
            1 are read as 0..255 units (e.g. mean=127.5&std=127.5)
-layout     NCHW (default, PyTorch) or NHWC (TensorFlow/Keras)
+layout     NCHW (PyTorch) or NHWC (TensorFlow/Keras); default: read from the input
+           shape (channels of 3 second -> NCHW, last -> NHWC), else NCHW
 fit        pad | crop | stretch — how an image becomes square (default: the
            project default, see docs/preprocessing.md)
 output     which graph output is the embedding (default: the first output)
@@ -68,7 +69,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder
+from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder, make_session
 from lookalike.errors import InputPathError, ModelError, UsageError
 from lookalike.images import FIT_MODES
 
@@ -107,6 +108,12 @@ def _triple(value: Any, what: str) -> tuple[float, float, float]:
     if len(nums) != 3:
         raise UsageError(f"{what} needs 1 or 3 values, got {len(nums)}")
     return nums[0], nums[1], nums[2]
+
+
+def _guess_layout(shape: list) -> str:
+    if len(shape) == 4 and shape[-1] == 3 and shape[1] != 3:
+        return "NHWC"
+    return "NCHW"
 
 
 def _file_sha256(path: Path, cache_dir: Path | None) -> str:
@@ -152,19 +159,17 @@ def load_onnx_file(
     if not path.is_file():
         raise InputPathError(f"{path}: ONNX model file not found")
 
-    import onnxruntime as ort  # noqa: F401  (fail early with a clear import error)
-
-    from lookalike.encoders.runtime import make_session
-
     session = make_session(path, threads)
     (inp,) = session.get_inputs()[:1]
     raw_uint8 = inp.type == "tensor(uint8)"
-    layout = str(options.get("layout", "NCHW")).upper()
+    shape = list(inp.shape)
+    if len(shape) != 4:
+        raise ModelError(f"{path}: input {inp.name!r} is {shape}, not a 4-D image batch")
+    layout = str(options.get("layout") or _guess_layout(shape)).upper()
     if layout not in ("NCHW", "NHWC"):
         raise UsageError(f"layout must be NCHW or NHWC, not {layout!r}")
     if raw_uint8:
         layout = "NHWC"
-    shape = list(inp.shape)
     if "size" in options:
         try:
             size = int(options["size"])
