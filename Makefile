@@ -36,7 +36,11 @@ demo: setup
 
 run: demo
 
-test: setup
+# The browser tests drive Debian's chromium: installed with apt when missing.
+browser:
+	sh scripts/install-browser.sh
+
+test: setup browser
 	$(PY) -m pytest -q
 
 lint: setup
