@@ -97,11 +97,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(home: Path, key: str, slots: int | None, log_path: Path) -> tuple:
+def start_server(
+    home: Path, key: str, slots: int | None, threads: int | None, log_path: Path
+) -> tuple:
     port = free_port()
     env = {**os.environ, "LOOKALIKE_API_KEY": key, "PYTHONUNBUFFERED": "1"}
     if slots:
         env["LOOKALIKE_MAX_CONCURRENT_SEARCHES"] = str(slots)
+    if threads is not None:
+        env["LOOKALIKE_ENCODER_THREADS"] = str(threads)
     log = log_path.open("wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "lookalike", "--home", str(home), "serve", "--port", str(port)],
@@ -255,6 +259,12 @@ def main() -> None:
     parser.add_argument(
         "--search-slots", type=int, default=None, help="server's LOOKALIKE_MAX_CONCURRENT_SEARCHES"
     )
+    parser.add_argument(
+        "--encoder-threads",
+        type=int,
+        default=None,
+        help="server's LOOKALIKE_ENCODER_THREADS (-1: the engine's own ORT session)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
@@ -262,7 +272,7 @@ def main() -> None:
     info = ensure_catalog(args.home)
     key = secrets.token_urlsafe(16)
     log_path = args.home.parent / "serve.log"
-    proc, base = start_server(args.home, key, args.search_slots, log_path)
+    proc, base = start_server(args.home, key, args.search_slots, args.encoder_threads, log_path)
     queries = load_queries(300)
     write_photos = [data for _, data in queries[-20:]]
     phases: list[Phase] = []
@@ -296,7 +306,8 @@ def main() -> None:
     print(
         f"\nPOST /search, k={args.k}, catalog: {info['products']:,} products / {info['images']:,}"
         f" images, model {info['model']}, {env['cores']} cores ({env['cpu']}),"
-        f" search slots {args.search_slots or 'default (cores)'}"
+        f" search slots {args.search_slots or 'default (cores)'},"
+        f" encoder threads {'default' if args.encoder_threads is None else args.encoder_threads}"
     )
     print(
         "| phase | requests | errors | p50 ms | p90 ms | p99 ms | max ms | server p50 ms"
@@ -324,6 +335,7 @@ def main() -> None:
                     "catalog": {k: info[k] for k in ("products", "images", "model")},
                     "k": args.k,
                     "search_slots": args.search_slots,
+                    "encoder_threads": args.encoder_threads,
                     "phases": [p.summary() for p in phases],
                 },
                 indent=2,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import socket
 import threading
@@ -355,6 +356,19 @@ def test_limits_from_environment():
     assert (limits.max_image_bytes, limits.max_k, limits.max_page_size) == (1234, 7, 9)
     with pytest.raises(UsageError):
         Limits.from_env({"LOOKALIKE_MAX_IMAGE_PIXELS": "lots"})
+
+
+def test_server_gives_each_concurrent_search_its_share_of_the_cores(engine):
+    limits = Limits(max_concurrent_searches=1, encoder_threads=0)
+    assert limits.threads_per_search == len(os.sched_getaffinity(0))
+    assert Limits(encoder_threads=-1).threads_per_search is None
+    assert Limits(max_concurrent_searches=64).threads_per_search == 1
+    app = create_app(engine, api_key="", limits=Limits(encoder_threads=1))
+    with TestClient(app):
+        assert app.state.engine_holder.wait(120)
+        options = engine.encoder.session.get_session_options()
+        assert options.intra_op_num_threads == 1
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
 
 
 def test_parse_crop_rounds_and_accepts_both_forms():

@@ -63,6 +63,13 @@ ATTR_PREFIX = "attr."
 # --------------------------------------------------------------------------- limits
 
 
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may ask of the server. Every field can be set from the
@@ -79,6 +86,10 @@ class Limits:
     """Longest side of the thumbnails result grids get (image_url in results)."""
     max_concurrent_searches: int = 0
     """CPU-heavy calls (decode + encode + search) running at once; 0 = number of cores."""
+    encoder_threads: int = 0
+    """ONNX Runtime intra-op threads per search: 0 = cores / max_concurrent_searches, so
+    the concurrent searches together use every core once (without spin-waiting);
+    -1 = keep the engine's own session settings."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> "Limits":
@@ -99,7 +110,13 @@ class Limits:
 
     @property
     def search_concurrency(self) -> int:
-        return self.max_concurrent_searches or max(1, os.cpu_count() or 1)
+        return self.max_concurrent_searches or _cores()
+
+    @property
+    def threads_per_search(self) -> int | None:
+        if self.encoder_threads < 0:
+            return None
+        return self.encoder_threads or max(1, _cores() // self.search_concurrency)
 
     def request_bytes(self, path: str, method: str) -> int:
         """The most body bytes a request to `path` may send (multipart overhead included)."""
@@ -367,7 +384,14 @@ class EngineHolder:
     """Owns the engine for the app: given one (tests, embedding), or opened from `home`
     on a background thread at startup so /healthz answers while the model loads."""
 
-    def __init__(self, engine: Any | None, home: Path | None, opener: Callable[..., Any] | None):
+    def __init__(
+        self,
+        engine: Any | None,
+        home: Path | None,
+        opener: Callable[..., Any] | None,
+        threads: int | None = None,
+    ):
+        self.threads = threads
         self.engine = engine
         self.home = home
         self.owned = engine is None
@@ -390,7 +414,7 @@ class EngineHolder:
 
     def _warm_given(self) -> None:
         try:
-            warm_up(self.engine)
+            warm_up(self.engine, self.threads)
         except Exception:  # the real calls will report it
             log.exception("warming up the engine failed")
 
@@ -403,7 +427,7 @@ class EngineHolder:
                 opener = Engine.open
             started = time.perf_counter()
             engine = opener(self.home)
-            warm_up(engine)
+            warm_up(engine, self.threads)
             self.engine = engine
             log.info("engine ready in %.1fs (home %s)", time.perf_counter() - started, self.home)
         except Exception as exc:  # reported by /readyz and every engine call
@@ -413,6 +437,9 @@ class EngineHolder:
             self._ready.set()
 
     def wait(self, timeout: float | None = None) -> bool:
+        """Until the engine is open (or failed to open) and warmed up."""
+        if self._thread is not None:
+            self._thread.join(timeout)
         return self._ready.wait(timeout)
 
     def get(self) -> Any:
@@ -432,11 +459,48 @@ class EngineHolder:
                 self.engine = None
 
 
-def warm_up(engine: Any) -> None:
-    """Load the model and the vector store, and run one query through the encoder, so
-    the first real search is as fast as the rest."""
+def warm_up(engine: Any, threads: int | None = None) -> None:
+    """Load the model and the vector store, set the encoder up for serving, and run one
+    query through it, so the first real search is as fast as the rest."""
     _ = engine.store
+    if threads is not None:
+        tune_encoder_for_serving(engine.encoder, threads)
     engine.embed_queries([Image.new("RGB", (64, 64), "white")])
+
+
+def tune_encoder_for_serving(encoder: Any, threads: int) -> bool:
+    """Give an ONNX encoder a session with `threads` intra-op threads that do not
+    spin-wait. A one-off CLI search wants every core on one image; a server runs several
+    searches at once, and spinning threads of one search then steal the cores the others
+    need (measured in docs/api.md: about half the CPU per search). Returns whether the
+    session was replaced (encoders without an ONNX session are left alone)."""
+    target = encoder
+    for _ in range(3):  # a tuned encoder may wrap the base one
+        if hasattr(target, "session") and hasattr(target, "model_path"):
+            break
+        target = getattr(target, "base", None)
+        if target is None:
+            return False
+    else:
+        return False
+    try:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        providers = target.session.get_providers()
+        session = ort.InferenceSession(str(target.model_path), opts, providers=providers)
+    except Exception:  # keep the working session
+        log.exception("could not tune the encoder session for serving")
+        return False
+    target.session = session
+    log.info("encoder: %d intra-op thread(s) per search, no spin-wait", threads)
+    return True
 
 
 def _default_home() -> Path:
@@ -712,7 +776,9 @@ def create_app(
 
             return Engine.open(path, model=model, vector_store=vector_store)
 
-    holder = EngineHolder(engine, Path(home) if home else _default_home(), opener)
+    holder = EngineHolder(
+        engine, Path(home) if home else _default_home(), opener, limits.threads_per_search
+    )
     search_slots = threading.BoundedSemaphore(limits.search_concurrency)
     thumbs = ThumbnailCache()
 
