@@ -29,7 +29,6 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +36,15 @@ import faiss
 import numpy as np
 
 from lookalike.errors import CatalogMismatchError, UsageError
+from lookalike.vectors.faiss_index import (
+    EXACT_WORK,
+    IndexPlan,
+    choose_index,
+    new_index,
+    search_parameters,
+    training_size,
+    tune_nprobe,
+)
 
 FORMAT = 1
 SIDECAR = "store.json"
@@ -135,30 +143,34 @@ class RawVectors:
         self._map: np.ndarray | None = None
         self._mapped_rows = 0
         self._fh = open(path, "r+b")  # kept open for appends
+        self._lock = threading.Lock()  # appends (owner thread) vs reads (rebuild thread)
 
     def append(self, vectors: np.ndarray) -> int:
         """Append rows; returns the first new slot."""
-        start = self.rows
-        self._fh.seek(start * self.row_bytes)
-        self._fh.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-        self.rows += vectors.shape[0]
-        return start
+        with self._lock:
+            start = self.rows
+            self._fh.seek(start * self.row_bytes)
+            self._fh.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
+            self.rows += vectors.shape[0]
+            return start
 
     def flush(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        with self._lock:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
 
     def _mapped(self) -> np.ndarray:
-        if self._map is None or self._mapped_rows != self.rows:
-            self._fh.flush()
-            if self.rows == 0:
-                self._map = np.zeros((0, self.dim), dtype=np.float32)
-            else:
-                self._map = np.memmap(
-                    self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim)
-                )
-            self._mapped_rows = self.rows
-        return self._map
+        with self._lock:
+            if self._map is None or self._mapped_rows != self.rows:
+                self._fh.flush()
+                if self.rows == 0:
+                    self._map = np.zeros((0, self.dim), dtype=np.float32)
+                else:
+                    self._map = np.memmap(
+                        self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim)
+                    )
+                self._mapped_rows = self.rows
+            return self._map
 
     def read(self, slots: np.ndarray) -> np.ndarray:
         """Rows for these slots, float32 (len(slots), dim)."""
@@ -177,37 +189,35 @@ class RawVectors:
             pass
 
 
-# --------------------------------------------------------------------------- index plan
-
-
-@dataclass(frozen=True)
-class IndexPlan:
-    """Which FAISS index to build and why (what `info` shows)."""
-
-    kind: str  # "flat" (exact) or a factory-like name of an approximate index
-    reason: str
-    params: dict
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "reason": self.reason, "params": self.params}
-
-
-def choose_index(n: int, dim: int, memory_budget_bytes: int | None = None) -> IndexPlan:
-    """The index for `n` vectors of `dim` dims under a memory budget."""
-    return IndexPlan(
-        kind="flat",
-        reason=f"exact search: {n} vectors",
-        params={},
-    )
-
-
-def build_empty_index(plan: IndexPlan, dim: int) -> faiss.Index:
-    if plan.kind == "flat":
-        return faiss.IndexFlatIP(dim)
-    raise ValueError(f"unknown index kind {plan.kind!r}")
-
-
 # --------------------------------------------------------------------------- the store
+
+SELECTIVE_FRACTION = 0.05  # filters passing <= 5% of the catalog are searched exactly
+SELECTIVE_WORK = 4 * EXACT_WORK  # ... and so are filters passing <= 50k 1280-d vectors
+COMPACT_FRACTION = 0.25  # rebuild (compact) when a quarter of the slots are tombstones
+RETRAIN_GROWTH = 4.0  # retrain an approximate index when the catalog grew 4x
+INDEX_FILE_TAIL = 0.2  # rewrite the index file when 20% of slots are only in the log
+TUNE_QUERIES = 200
+
+
+def build_threads() -> int:
+    """OpenMP threads for batch work: LOOKALIKE_THREADS, else the idle cores (at least 1).
+    FAISS's OpenMP loops spin-wait: on a machine already busy, 2 threads on 2 cores
+    measured 6-10x slower than 1 (docs/scale.md)."""
+    env = os.environ.get("LOOKALIKE_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = os.cpu_count() or 1
+    try:
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
+def _set_threads(nq: int) -> None:
+    """One OpenMP thread for a few queries, the idle cores for batches. OpenMP keeps
+    this setting per calling thread."""
+    faiss.omp_set_num_threads(1 if nq < 8 else build_threads())
 
 
 class FaissStore:
@@ -223,13 +233,23 @@ class FaissStore:
         *,
         reset: bool = False,
         memory_budget_bytes: int | None = None,
+        background: bool = True,
+        exact_limit: int | None = None,
     ) -> None:
+        """Open or create the store in `directory`. `background=False` runs rebuilds in
+        the calling thread (benchmarks, tests); otherwise they run in a worker thread.
+        `exact_limit` overrides how many vectors are searched exactly (tests, tuning)."""
         self.directory = Path(directory)
         self.dim = int(dim)
         self.stamp = str(stamp)
         self.memory_budget_bytes = memory_budget_bytes
+        self.background = background
+        self.exact_limit = exact_limit
         self._lock = threading.RLock()
         self._closed = False
+        self._rebuild_thread: threading.Thread | None = None
+        self._last_rebuild: dict | None = None
+        self._rebuild_hook = None  # tests: called inside the worker between stages
         if self.dim <= 0:
             raise UsageError(f"vector dimension must be positive, got {dim}")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -277,11 +297,15 @@ class FaissStore:
         self._slot_ids = np.zeros(0, dtype=np.int64)
         self._keys = np.zeros(0, dtype=np.int64)
         self._key_slots = np.zeros(0, dtype=np.int64)
-        self._plan = choose_index(0, self.dim, self.memory_budget_bytes)
-        self._index = build_empty_index(self._plan, self.dim)
+        self._plan = self._choose(0)
+        self._index = new_index(self._plan, self.dim)
+        self._index_file: str | None = None
         self._index_file_slots = 0
         self._built_at = time.time()
         self.save()
+
+    def _choose(self, n: int, current: IndexPlan | None = None) -> IndexPlan:
+        return choose_index(n, self.dim, self.memory_budget_bytes, current, self.exact_limit)
 
     def _raw_path(self, gen: int) -> Path:
         return self.directory / f"raw-{gen}.f32"
@@ -298,21 +322,25 @@ class FaissStore:
         self._rebuild_key_map()
         self._plan = IndexPlan(**meta["plan"])
         self._built_at = float(meta.get("built_at", time.time()))
-        if meta.get("index_file"):
-            self._index = faiss.read_index(str(self.directory / meta["index_file"]))
+        self._last_rebuild = meta.get("last_rebuild")
+        self._index_file = meta.get("index_file")
+        if self._index_file:
+            self._index = faiss.read_index(str(self.directory / self._index_file))
             self._index_file_slots = int(meta["index_slots"])
         else:
-            self._index = build_empty_index(self._plan, self.dim)
+            self._index = new_index(self._plan, self.dim)
             self._index_file_slots = 0
         if self._index.ntotal != self._index_file_slots:
             raise CatalogMismatchError("the saved index does not match its sidecar")
-        self._catch_up(self._index, self._index_file_slots, slots)
+        self._add_rows(self._index, self._raw, self._index_file_slots, slots)
 
-    def _catch_up(self, index: faiss.Index, start: int, stop: int, chunk: int = 65536) -> None:
+    @staticmethod
+    def _add_rows(
+        index: faiss.Index, raw: RawVectors, start: int, stop: int, chunk: int = 50_000
+    ) -> None:
         """Add raw rows [start, stop) to `index` in slot order (labels = slots)."""
         for lo in range(start, stop, chunk):
-            hi = min(stop, lo + chunk)
-            index.add(self._raw.read_range(lo, hi))
+            index.add(raw.read_range(lo, min(stop, lo + chunk)))
 
     def _rebuild_key_map(self) -> None:
         live = np.flatnonzero(self._slot_ids >= 0)
@@ -322,7 +350,9 @@ class FaissStore:
         self._key_slots = live[order].astype(np.int64)
 
     def save(self) -> None:
-        """Persist atomically: new generation files first, then the sidecar, then cleanup."""
+        """Persist atomically: new generation files first, then the sidecar, then cleanup.
+        Cheap: the vectors are already in the append-only log; the approximate index file
+        is rewritten only when much of the log is not in it yet."""
         with self._lock:
             self._raw.flush()
             gen = self._generation + 1
@@ -333,49 +363,69 @@ class FaissStore:
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.directory / slots_name)
-            index_name = None
-            index_slots = 0
-            if self._plan.kind != "flat":
-                index_name, index_slots = self._save_index_file(gen)
-            meta = {
-                "format": FORMAT,
-                "backend": "faiss",
-                "stamp": self.stamp,
-                "dim": self.dim,
-                "generation": gen,
-                "raw_generation": self._raw_gen,
-                "raw_file": self._raw.path.name,
-                "slots_file": slots_name,
-                "index_file": index_name,
-                "index_slots": index_slots,
-                "slots": int(self._slot_ids.shape[0]),
-                "count": int(self._keys.shape[0]),
-                "plan": self._plan.to_json(),
-                "built_at": self._built_at,
-                "saved_at": time.time(),
-            }
-            _write_atomic(self.directory / SIDECAR, json.dumps(meta, indent=1).encode())
-            _fsync_dir(self.directory)
-            self._generation = gen
-            self._cleanup(meta)
+            n_slots = int(self._slot_ids.shape[0])
+            if self._plan.exact:
+                self._index_file, self._index_file_slots = None, 0
+            elif (
+                self._index_file is None
+                or n_slots - self._index_file_slots > INDEX_FILE_TAIL * n_slots
+            ):
+                self._index_file = self._write_index_file(self._index, gen)
+                self._index_file_slots = int(self._index.ntotal)
+            self._write_sidecar(gen, slots_name)
 
-    def _save_index_file(self, gen: int) -> tuple[str, int]:
-        raise NotImplementedError
+    def _write_index_file(self, index: faiss.Index, gen: int | str) -> str:
+        name = f"index-{gen}.faiss"
+        tmp = self.directory / (name + ".tmp")
+        faiss.write_index(index, str(tmp))
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / name)
+        return name
+
+    def _write_sidecar(self, gen: int, slots_name: str) -> None:
+        meta = {
+            "format": FORMAT,
+            "backend": "faiss",
+            "stamp": self.stamp,
+            "dim": self.dim,
+            "generation": gen,
+            "raw_generation": self._raw_gen,
+            "raw_file": self._raw.path.name,
+            "slots_file": slots_name,
+            "index_file": self._index_file,
+            "index_slots": self._index_file_slots,
+            "slots": int(self._slot_ids.shape[0]),
+            "count": int(self._keys.shape[0]),
+            "index_type": self._plan.kind,
+            "plan": self._plan.to_json(),
+            "built_at": self._built_at,
+            "last_rebuild": self._last_rebuild,
+            "saved_at": time.time(),
+        }
+        _write_atomic(self.directory / SIDECAR, json.dumps(meta, indent=1).encode())
+        _fsync_dir(self.directory)
+        self._generation = gen
+        self._cleanup(meta)
 
     def _cleanup(self, meta: dict) -> None:
         keep = {SIDECAR, meta["raw_file"], meta["slots_file"]}
         if meta["index_file"]:
             keep.add(meta["index_file"])
+        building = self._rebuild_thread is not None and self._rebuild_thread.is_alive()
         for child in self.directory.iterdir():
             if child.name in keep or child.is_dir():
                 continue
+            if building and child.name.startswith(("raw-", "index-")):
+                continue  # the rebuild worker's files in progress
             try:
                 child.unlink()
             except OSError:
                 pass
 
     def close(self) -> None:
-        """Save and release files."""
+        """Finish a running rebuild, save, release files."""
+        self.wait_for_rebuild()
         with self._lock:
             if self._closed:
                 return
@@ -394,8 +444,10 @@ class FaissStore:
         found = self._keys[pos_c] == ids
         return found, self._key_slots[pos_c[found]]
 
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        """Insert or replace: int64 ids (N,), float32 vectors (N, dim)."""
+    def add(self, ids: np.ndarray, vectors: np.ndarray, payload: Any = None) -> None:
+        """Insert or replace: int64 ids (N,), float32 vectors (N, dim). `payload` is
+        accepted for symmetry with the Milvus store and ignored: FAISS filters through
+        the allowed ids the catalog computes."""
         ids = _as_ids(ids)
         vectors = _as_vectors(vectors, self.dim)
         if ids.shape[0] != vectors.shape[0]:
@@ -412,6 +464,7 @@ class FaissStore:
             self._tombstone(ids)
             start = self._raw.append(vectors)
             new_slots = np.arange(start, start + ids.shape[0], dtype=np.int64)
+            _set_threads(len(ids) if len(ids) > 256 else 1)
             self._index.add(vectors)
             self._slot_ids = np.concatenate([self._slot_ids, ids])
             self._insert_keys(ids, new_slots)
@@ -442,8 +495,151 @@ class FaissStore:
             self._tombstone(ids)
             self._after_mutation()
 
+    # ---------------------------------------------------------------- rebuilds
+
+    def rebuild_reason(self) -> str | None:
+        """Why the live index should be rebuilt now, or None."""
+        with self._lock:
+            n = int(self._keys.shape[0])
+            slots = int(self._slot_ids.shape[0])
+            want = self._choose(n, self._plan)
+            if want.kind != self._plan.kind:
+                return f"catalog now {n:,} vectors: {want.kind} ({want.reason})"
+            if not want.exact:
+                trained = int(self._plan.params.get("trained_for", 0))
+                if n > RETRAIN_GROWTH * max(trained, 1):
+                    return f"catalog grew from {trained:,} to {n:,} vectors since training"
+            dead = slots - n
+            if dead > max(1000, COMPACT_FRACTION * slots):
+                return f"compaction: {dead:,} of {slots:,} slots are removed or replaced"
+            return None
+
     def _after_mutation(self) -> None:
-        pass
+        if self._rebuild_thread is not None and self._rebuild_thread.is_alive():
+            return
+        reason = self.rebuild_reason()
+        if reason is not None:
+            self.rebuild(reason=reason, wait=not self.background)
+
+    def rebuild(self, reason: str = "requested", wait: bool = True) -> None:
+        """Compact the slots and rebuild the index the catalog's size and budget call for.
+        With wait=False it runs in a worker thread; searches and updates keep using the
+        live index, and the new one is swapped in only when complete."""
+        with self._lock:
+            if self._rebuild_thread is not None and self._rebuild_thread.is_alive():
+                running = self._rebuild_thread
+            elif wait:  # in this thread (the lock is re-entrant)
+                self._rebuild_worker(reason)
+                return
+            else:
+                running = threading.Thread(
+                    target=self._rebuild_worker, args=(reason,), name="faiss-rebuild", daemon=True
+                )
+                self._rebuild_thread = running
+                running.start()
+        if wait:
+            running.join()
+
+    def wait_for_rebuild(self, timeout: float | None = None) -> bool:
+        """Wait for a running rebuild; True when none is running any more."""
+        thread = self._rebuild_thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return True
+
+    @property
+    def rebuilding(self) -> bool:
+        return self._rebuild_thread is not None and self._rebuild_thread.is_alive()
+
+    def _hook(self, stage: str) -> None:
+        if self._rebuild_hook is not None:
+            self._rebuild_hook(stage)
+
+    def _rebuild_worker(self, reason: str) -> None:
+        t0 = time.time()
+        faiss.omp_set_num_threads(build_threads())
+        record: dict = {"reason": reason, "started_at": t0}
+        new_raw: RawVectors | None = None
+        try:
+            with self._lock:  # snapshot: live slots up to the high-water mark
+                hwm = int(self._slot_ids.shape[0])
+                live = np.flatnonzero(self._slot_ids[:hwm] >= 0)
+                snap_ids = self._slot_ids[live].copy()
+                raw_gen = self._raw_gen + 1
+                plan = self._choose(len(live), self._plan)
+            self._hook("snapshot")
+            # 1. compact the log into a new raw file (live rows only, in slot order)
+            new_raw = RawVectors(self._raw_path(raw_gen), self.dim, 0)
+            for lo in range(0, len(live), 50_000):
+                new_raw.append(self._raw.read(live[lo : lo + 50_000]))
+            new_raw.flush()
+            n = len(live)
+            # 2. train on a sample, add everything, tune nprobe on catalog queries
+            index = new_index(plan, self.dim)
+            rng = np.random.default_rng(n)
+            if not plan.exact:
+                sample = np.sort(rng.choice(n, min(n, training_size(plan)), replace=False))
+                index.train(new_raw.read(sample))
+            self._hook("trained")
+            self._add_rows(index, new_raw, 0, n)
+            if not plan.exact:
+                plan = self._tune(index, plan, new_raw, n, rng)
+                plan = plan.with_params(trained_for=n)
+            self._hook("built")
+            index_name = None
+            if not plan.exact:
+                index_name = self._write_index_file(index, f"r{raw_gen}")
+            # 3. catch up with changes made meanwhile, then swap (under the lock)
+            with self._lock:
+                new_slot_ids = snap_ids.copy()
+                new_slot_ids[self._slot_ids[live] != snap_ids] = -1  # removed or replaced
+                tail = np.arange(hwm, int(self._slot_ids.shape[0]))
+                tail = tail[self._slot_ids[tail] >= 0]
+                if len(tail):
+                    rows = self._raw.read(tail)
+                    new_raw.append(rows)
+                    index.add(rows)
+                    new_slot_ids = np.concatenate([new_slot_ids, self._slot_ids[tail]])
+                old_raw = self._raw
+                self._raw, self._raw_gen = new_raw, raw_gen
+                self._index, self._plan = index, plan
+                self._slot_ids = new_slot_ids
+                self._rebuild_key_map()
+                self._index_file, self._index_file_slots = index_name, n
+                self._built_at = time.time()
+                record.update(
+                    ok=True,
+                    seconds=round(time.time() - t0, 1),
+                    vectors=int(self._keys.shape[0]),
+                    index_type=plan.kind,
+                )
+                self._last_rebuild = record
+                new_raw = None
+                self.save()
+                old_raw.close()
+        except Exception as exc:  # the live index stays; the error is shown in info
+            record.update(ok=False, error=f"{type(exc).__name__}: {exc}")
+            with self._lock:
+                self._last_rebuild = record
+            if new_raw is not None:
+                new_raw.close()
+
+    def _tune(self, index: faiss.Index, plan: IndexPlan, raw: RawVectors, n: int, rng) -> IndexPlan:
+        """nprobe from Recall@10 of TUNE_QUERIES catalog vectors against exact search."""
+        qslots = np.sort(rng.choice(n, min(n, TUNE_QUERIES), replace=False))
+        queries = raw.read(qslots)
+        best_s = np.full((len(qslots), 11), -np.inf, dtype=np.float32)
+        best_l = np.full((len(qslots), 11), -1, dtype=np.int64)
+        for lo in range(0, n, 50_000):
+            rows = raw.read_range(lo, min(n, lo + 50_000))
+            s, lab = exact_topk(queries, rows, np.arange(lo, lo + len(rows)), 11)
+            all_s = np.concatenate([best_s, s], axis=1)
+            alll = np.concatenate([best_l, lab], axis=1)
+            order = np.argsort(-all_s, axis=1, kind="stable")[:, :11]
+            best_s = np.take_along_axis(all_s, order, 1)
+            best_l = np.take_along_axis(alll, order, 1)
+        return tune_nprobe(index, plan, queries, best_l, 10, exclude=qslots)
 
     # ---------------------------------------------------------------- reads
 
@@ -455,7 +651,8 @@ class FaissStore:
         return int(self._keys.shape[0])
 
     def __contains__(self, image_id: object) -> bool:
-        found, _ = self._live_slots_of(_as_ids([image_id]))
+        with self._lock:
+            found, _ = self._live_slots_of(_as_ids([image_id]))
         return bool(found[0])
 
     def get(self, ids: np.ndarray) -> np.ndarray:
@@ -470,11 +667,14 @@ class FaissStore:
     def search(
         self, queries: np.ndarray, k: int, allowed_ids: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product; see VectorStore.search."""
+        """Top-k by inner product; see VectorStore.search. A filter that passes few
+        vectors (<= 5% of the catalog or a few ms of exact work) is searched exactly over
+        those vectors; a broader one inside the index with an id selector."""
         q = _as_vectors(queries, self.dim)
         k = int(k)
         if k <= 0:
             raise UsageError("k must be positive")
+        _set_threads(q.shape[0])
         with self._lock:
             if allowed_ids is not None:
                 allowed = np.unique(_as_ids(allowed_ids))
@@ -483,33 +683,46 @@ class FaissStore:
             return self._search_all(q, k)
 
     def _search_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        n_slots = self._slot_ids.shape[0]
         if self._keys.shape[0] == 0:
             return _empty_result(q.shape[0], k)
-        if self._keys.shape[0] == n_slots:  # no tombstones
-            scores, labels = self._index.search(q, k)
-        else:
+        sel = None
+        bitmap = None
+        if self._keys.shape[0] != self._slot_ids.shape[0]:  # tombstones: exclude them
             bitmap = np.packbits(self._slot_ids >= 0, bitorder="little")
             sel = faiss.IDSelectorBitmap(bitmap.shape[0], faiss.swig_ptr(bitmap))
-            scores, labels = self._index.search(q, k, params=self._params(sel))
+        params = search_parameters(self._plan, sel)
+        scores, labels = self._index.search(q, k, params=params)
+        del bitmap
         return self._labels_to_ids(scores, labels)
 
     def _search_subset(
         self, q: np.ndarray, k: int, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        if slots.shape[0] == 0:
+        n_allowed = slots.shape[0]
+        if n_allowed == 0:
             return _empty_result(q.shape[0], k)
-        if self._plan.kind == "flat":
-            vectors = self._index.reconstruct_batch(slots)
-        else:
-            vectors = self._raw.read(slots)
-        scores, labels = exact_topk(q, vectors, slots, k)
+        selective = (
+            self._plan.exact
+            or n_allowed <= SELECTIVE_FRACTION * self._keys.shape[0]
+            or n_allowed * self.dim <= SELECTIVE_WORK
+        )
+        if selective:
+            if self._plan.exact:
+                vectors = self._index.reconstruct_batch(slots)
+            else:
+                vectors = self._raw.read(slots)
+            scores, labels = exact_topk(q, vectors, slots, k)
+            return self._labels_to_ids(scores, labels)
+        bitmap = np.zeros(self._slot_ids.shape[0], dtype=bool)
+        bitmap[slots] = True
+        bits = np.packbits(bitmap, bitorder="little")
+        sel = faiss.IDSelectorBitmap(bits.shape[0], faiss.swig_ptr(bits))
+        # fewer candidates pass in each probed list: probe more lists
+        frac = n_allowed / max(1, self._keys.shape[0])
+        params = search_parameters(self._plan, sel, nprobe_scale=min(4.0, 1 / np.sqrt(frac)))
+        scores, labels = self._index.search(q, k, params=params)
+        del bits
         return self._labels_to_ids(scores, labels)
-
-    def _params(self, sel: faiss.IDSelector) -> faiss.SearchParameters:
-        params = faiss.SearchParameters()
-        params.sel = sel
-        return params
 
     def _labels_to_ids(
         self, scores: np.ndarray, labels: np.ndarray
@@ -528,6 +741,7 @@ class FaissStore:
         with self._lock:
             n = int(self._keys.shape[0])
             slots = int(self._slot_ids.shape[0])
+            bpv = float(self._plan.params.get("bytes_per_vector", self.dim * 4))
             return {
                 "backend": "faiss",
                 "path": str(self.directory),
@@ -538,11 +752,9 @@ class FaissStore:
                 "index_type": self._plan.kind,
                 "index_reason": self._plan.reason,
                 "index_params": dict(self._plan.params),
-                "index_bytes": self._index_memory_bytes(),
+                "index_memory_bytes": int(slots * bpv),
                 "memory_budget_bytes": self.memory_budget_bytes,
+                "rebuilding": self.rebuilding,
+                "pending_rebuild": None if self.rebuilding else self.rebuild_reason(),
+                "last_rebuild": self._last_rebuild,
             }
-
-    def _index_memory_bytes(self) -> int:
-        if self._plan.kind == "flat":
-            return int(self._index.ntotal) * self.dim * 4
-        return 0

@@ -1,0 +1,319 @@
+"""The scale-out vector store: Milvus (standalone, distributed, or Milvus Lite) via pymilvus.
+
+URIs (what `--vector-store` takes):
+
+- `milvus://HOST:PORT` -> a Milvus standalone or cluster (its proxy) at http://HOST:PORT
+  (`milvus+https://HOST:PORT` for TLS). Query options: `?collection=NAME&db=DB&index=HNSW`.
+  Credentials come from the environment, never the command line: LOOKALIKE_MILVUS_TOKEN
+  ("user:password" or an API key).
+- a path ending in `.db` -> Milvus Lite, embedded, in that file.
+
+One collection holds one row per catalog image: `id` (INT64 primary key, the image id),
+`vector` (FLOAT_VECTOR, inner product) and, when the caller passes them, scalar payload
+fields (`product_id`, `category`, `price`, `in_stock`, dynamic fields) so that metadata
+filters run inside Milvus as boolean expressions (`filters_to_expr`). Without payload
+the caller's allowed ids are pushed down as `id in [...]`. The model stamp and dim are
+collection properties: vectors from another model raise CatalogMismatchError.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from lookalike.errors import CatalogMismatchError, UsageError
+
+DEFAULT_COLLECTION = "lookalike_images"
+MAX_TOPK = 16384  # Milvus's limit on k
+PAYLOAD_FIELDS = ("product_id", "category", "price", "in_stock")
+
+
+def _quote(value: str) -> str:
+    return json.dumps(str(value))  # a double-quoted string with \" and \\ escaped
+
+
+def filters_to_expr(filters: Any) -> str | None:
+    """A Milvus boolean expression for a `lookalike.search.Filters`-like object (or dict)
+    with category, price_min, price_max, in_stock, attrs; None when nothing filters.
+    Attribute filters become JSON-path tests on the dynamic `attrs` field."""
+    if filters is None:
+        return None
+
+    def get(name: str) -> Any:
+        if isinstance(filters, Mapping):
+            return filters.get(name)
+        return getattr(filters, name, None)
+
+    parts: list[str] = []
+    category = get("category")
+    if category is not None:
+        if isinstance(category, list | tuple | set):
+            parts.append(f"category in [{', '.join(_quote(c) for c in category)}]")
+        else:
+            parts.append(f"category == {_quote(category)}")
+    if get("price_min") is not None:
+        parts.append(f"price >= {float(get('price_min'))!r}")
+    if get("price_max") is not None:
+        parts.append(f"price <= {float(get('price_max'))!r}")
+    if get("in_stock") is not None:
+        parts.append(f"in_stock == {'true' if get('in_stock') else 'false'}")
+    for key, value in (get("attrs") or {}).items():
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+", str(key)):
+            raise UsageError(f"attribute name {key!r} cannot be filtered in Milvus")
+        parts.append(f"attrs[{_quote(key)}] == {_quote(value)}")
+    return " and ".join(parts) if parts else None
+
+
+def parse_uri(uri: str) -> dict:
+    """Split a store URI into pymilvus connection arguments and our options."""
+    if uri.endswith(".db") and "://" not in uri:
+        return {"uri": uri, "collection": DEFAULT_COLLECTION, "lite": True, "index": "FLAT"}
+    parts = urlsplit(uri)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    scheme = {"milvus": "http", "milvus+https": "https", "tcp": "http"}.get(
+        parts.scheme, parts.scheme
+    )
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad Milvus URI {uri!r}: use milvus://HOST:PORT")
+    port = parts.port or 19530
+    return {
+        "uri": f"{scheme}://{parts.hostname}:{port}",
+        "collection": query.get("collection", DEFAULT_COLLECTION),
+        "db_name": query.get("db", ""),
+        "index": query.get("index", "AUTOINDEX").upper(),
+        "lite": False,
+    }
+
+
+def _payload_rows(payload: Any, n: int) -> list[dict]:
+    """Payload as a list of n dicts (accepts a list of dicts or a dict of columns)."""
+    if payload is None:
+        return [{} for _ in range(n)]
+    if isinstance(payload, Mapping):
+        cols = {k: list(v) for k, v in payload.items()}
+        for k, v in cols.items():
+            if len(v) != n:
+                raise UsageError(f"payload column {k!r} has {len(v)} values for {n} vectors")
+        return [{k: cols[k][i] for k in cols} for i in range(n)]
+    rows = list(payload)
+    if len(rows) != n:
+        raise UsageError(f"{len(rows)} payload rows for {n} vectors")
+    return [dict(r or {}) for r in rows]
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class MilvusStore:
+    """VectorStore on a Milvus collection (see module doc)."""
+
+    backend = "milvus"
+
+    def __init__(self, uri: str, dim: int, stamp: str, *, reset: bool = False) -> None:
+        try:
+            from pymilvus import DataType, MilvusClient
+        except ImportError as exc:  # pragma: no cover - a dependency
+            raise UsageError("the Milvus store needs pymilvus (pip install pymilvus)") from exc
+        self.uri = uri
+        self.dim = int(dim)
+        self.stamp = str(stamp)
+        opts = parse_uri(uri)
+        self.collection = opts["collection"]
+        self.index_type = opts["index"]
+        self.lite = opts["lite"]
+        kwargs: dict = {"uri": opts["uri"]}
+        if opts.get("db_name"):
+            kwargs["db_name"] = opts["db_name"]
+        token = os.environ.get("LOOKALIKE_MILVUS_TOKEN")
+        if token and not self.lite:
+            kwargs["token"] = token
+        try:
+            self.client = MilvusClient(**kwargs)
+        except Exception as exc:
+            raise UsageError(f"cannot connect to Milvus at {opts['uri']}: {exc}") from exc
+        c = self.collection
+        if self.client.has_collection(c):
+            props = self.client.describe_collection(c).get("properties") or {}
+            same = props.get("lookalike.stamp") == self.stamp and props.get("lookalike.dim") == str(
+                self.dim
+            )
+            if not same and not reset:
+                raise CatalogMismatchError(
+                    f"Milvus collection {c!r} holds vectors of model stamp "
+                    f"{props.get('lookalike.stamp')!r} ({props.get('lookalike.dim')}-d); this "
+                    f"model is {self.stamp!r} ({self.dim}-d). Re-index with --reset."
+                )
+            if reset:
+                self.client.drop_collection(c)
+        if reset or not self.client.has_collection(c):
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=True)
+            schema.add_field("id", DataType.INT64, is_primary=True)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
+            index = self.client.prepare_index_params()
+            params = {"M": 32, "efConstruction": 200} if self.index_type == "HNSW" else {}
+            index.add_index(
+                field_name="vector",
+                index_type=self.index_type,
+                metric_type="IP",
+                params=params,
+            )
+            self.client.create_collection(
+                c,
+                schema=schema,
+                index_params=index,
+                consistency_level="Strong",
+                properties={"lookalike.stamp": self.stamp, "lookalike.dim": str(self.dim)},
+            )
+
+    # ---------------------------------------------------------------- writes
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray, payload: Any = None) -> None:
+        """Insert or replace. `payload`: optional per-vector scalars (product_id, category,
+        price, in_stock, attrs...) as a list of dicts or a dict of columns."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.dim:
+            raise CatalogMismatchError(
+                f"vectors have shape {tuple(vectors.shape)}, this store holds {self.dim}-d"
+            )
+        if len(ids) != len(vectors):
+            raise UsageError(f"{len(ids)} ids for {len(vectors)} vectors")
+        if len(ids) and ids.min() < 0:
+            raise UsageError("vector ids must be non-negative")
+        # the last occurrence of a repeated id wins, as in the FAISS store
+        _, last_rev = np.unique(ids[::-1], return_index=True)
+        keep = np.sort(len(ids) - 1 - last_rev)
+        rows = _payload_rows(payload, len(ids))
+        data = []
+        for i in keep:
+            row = {k: _clean(v) for k, v in rows[i].items() if v is not None}
+            row["id"] = int(ids[i])
+            row["vector"] = vectors[i].tolist()
+            data.append(row)
+        for lo in range(0, len(data), 1000):
+            self.client.upsert(self.collection, data[lo : lo + 1000])
+
+    def remove(self, ids: np.ndarray) -> None:
+        ids = [int(i) for i in np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))]
+        for lo in range(0, len(ids), 10_000):
+            self.client.delete(self.collection, ids=ids[lo : lo + 10_000])
+
+    def save(self) -> None:
+        """Milvus persists on its own; flush seals the growing segments."""
+        self.client.flush(self.collection)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:  # noqa: BLE001 - closing a dead connection is fine
+            pass
+
+    # ---------------------------------------------------------------- reads
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed_ids: np.ndarray | None = None,
+        expr: str | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product. `allowed_ids` is pushed down as `id in [...]`, `expr`
+        (a Milvus boolean expression on the payload, see filters_to_expr) as is."""
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q.reshape(1, -1)
+        if q.shape[1] != self.dim:
+            raise CatalogMismatchError(f"queries are {q.shape[1]}-d, the store {self.dim}-d")
+        k = int(k)
+        if k <= 0:
+            raise UsageError("k must be positive")
+        nq = q.shape[0]
+        scores = np.full((nq, k), -np.inf, dtype=np.float32)
+        out = np.full((nq, k), -1, dtype=np.int64)
+        conds = []
+        if allowed_ids is not None:
+            allowed = np.unique(np.asarray(allowed_ids, dtype=np.int64).reshape(-1))
+            if len(allowed) == 0:
+                return scores, out
+            conds.append(f"id in [{', '.join(str(int(i)) for i in allowed)}]")
+        if expr:
+            conds.append(f"({expr})")
+        limit = min(k, MAX_TOPK)
+        results = self.client.search(
+            self.collection,
+            data=[row.tolist() for row in q],
+            limit=limit,
+            filter=" and ".join(conds),
+            output_fields=[],
+            search_params={"metric_type": "IP"},
+        )
+        for qi, hits in enumerate(results):
+            for j, hit in enumerate(hits[:limit]):
+                out[qi, j] = int(hit["id"])
+                scores[qi, j] = float(hit["distance"])
+        return scores, out
+
+    def ids(self) -> np.ndarray:
+        found: list[int] = []
+        it = self.client.query_iterator(
+            self.collection, batch_size=4000, filter="id >= 0", output_fields=["id"]
+        )
+        while True:
+            batch = it.next()
+            if not batch:
+                it.close()
+                break
+            found.extend(int(r["id"]) for r in batch)
+        return np.sort(np.asarray(found, dtype=np.int64))
+
+    def __len__(self) -> int:
+        res = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    def get(self, ids: np.ndarray) -> np.ndarray:
+        """Stored vectors for these ids; UsageError for unknown ids."""
+        ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
+        rows = self.client.get(self.collection, ids=ids, output_fields=["vector"])
+        by_id = {int(r["id"]): r["vector"] for r in rows}
+        missing = [i for i in ids if i not in by_id]
+        if missing:
+            raise UsageError(f"unknown vector ids: {missing[:5]}")
+        return np.asarray([by_id[i] for i in ids], dtype=np.float32).reshape(len(ids), self.dim)
+
+    def describe(self) -> dict:
+        return {
+            "backend": "milvus-lite" if self.lite else "milvus",
+            "uri": self.uri,
+            "collection": self.collection,
+            "dim": self.dim,
+            "stamp": self.stamp,
+            "vectors": len(self),
+            "index_type": self.index_type,
+            "index_reason": (
+                "Milvus Lite: exact (FLAT) inner-product search"
+                if self.lite
+                else f"Milvus {self.index_type} index, built and maintained by the server"
+            ),
+            "filter_pushdown": "payload fields (" + ", ".join(PAYLOAD_FIELDS) + ") and ids",
+        }
+
+
+def payload_from_products(products: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """Per-vector payload rows from catalog product dicts (the scalar fields Milvus
+    filters on); missing fields are left out."""
+    rows = []
+    for p in products:
+        row = {k: p.get(k) for k in PAYLOAD_FIELDS if p.get(k) is not None}
+        if p.get("attributes"):
+            row["attrs"] = {str(k): str(v) for k, v in dict(p["attributes"]).items()}
+        rows.append(row)
+    return rows
