@@ -10,7 +10,8 @@ The choice follows the catalog's size and a memory budget (`--memory-budget`):
    scalar-quantised copy (dim bytes): about dim + dim/16 + 8 bytes a vector (1.37 KB at
    1280-d). The best recall/speed per byte measured here (docs/scale.md).
 3. `ivf-pq-sq4`: the same with a 4-bit re-rank copy (about dim/2 + dim/16 + 8 bytes).
-4. `opq-ivf-pq`: OPQ rotation + 8-bit PQ codes only (dim/16 bytes + 8); for budgets
+4. `opq-ivf-pq`: OPQ rotation to 4m dims + m 8-bit PQ codes only (m = dim/20, at most
+   64 bytes, + 8); for budgets
    where nothing else fits (the 10M-on-one-machine case). Lower recall, said so.
 
 The first that fits the budget wins. Approximate indexes are trained on a sample, then
@@ -73,8 +74,8 @@ def _mb(n: float) -> str:
 
 def choose_nlist(n: int) -> int:
     """Inverted lists for n vectors: a power of two near 2*sqrt(n), 16..8192."""
-    target = 2.0 * np.sqrt(max(n, 1))
-    return int(min(8192, max(16, 2 ** round(np.log2(target)))))
+    target = min(2.0 * np.sqrt(max(n, 1)), max(n, 1) / 39)  # k-means wants 39 points a list
+    return int(min(8192, max(16, 2 ** int(np.floor(np.log2(max(target, 1)) + 0.5)))))
 
 
 def _pq_m(dim: int, bytes_per_dim: float) -> int:
@@ -90,7 +91,7 @@ def candidate_plans(n: int, dim: int) -> list[tuple[str, str, float, dict]]:
     """(kind, factory, bytes a vector, params) for the approximate indexes, best first."""
     nlist = choose_nlist(n)
     m16 = _pq_m(dim, 1 / 16)  # dim/8 4-bit codes = dim/16 bytes
-    opq_m = max(8, min(64, dim // 16))
+    opq_m = max(8, min(64, dim // 20))
     opq_m -= opq_m % 4
     return [
         (
@@ -107,8 +108,8 @@ def candidate_plans(n: int, dim: int) -> list[tuple[str, str, float, dict]]:
         ),
         (
             "opq-ivf-pq",
-            f"OPQ{opq_m},IVF{nlist},PQ{opq_m}",
-            opq_m + 8 + dim * dim * 4 / max(n, 1),
+            f"OPQ{opq_m}_{min(dim, 4 * opq_m)},IVF{nlist},PQ{opq_m}",
+            opq_m + 8 + dim * min(dim, 4 * opq_m) * 4 / max(n, 1),
             {"nlist": nlist, "pq_m": opq_m},
         ),
     ]
