@@ -33,8 +33,9 @@ def grocery_catalog_image(product_id: str) -> Path:
 
 
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("models")
+def cache_dir(shared_model_cache) -> Path:
+    """The session's model cache (tests/conftest.py), shared with the engine tests."""
+    return shared_model_cache
 
 
 @pytest.fixture(scope="session")
@@ -71,6 +72,13 @@ def test_bundled_encoder_follows_the_contract(lite2, sample_batch):
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     assert (vecs >= 0).all()  # average of ReLU6 features
     assert lite2.embed(sample_batch[:0]).shape == (0, 1280)
+
+
+def test_set_threads_keeps_the_vectors(cache_dir, sample_batch):
+    enc = load_encoder("efficientnet-lite2", cache_dir, threads=1)
+    before = enc.embed(sample_batch[:2])
+    enc.set_threads(2, spinning=False)
+    assert np.allclose(enc.embed(sample_batch[:2]), before, atol=1e-5)
 
 
 def test_batch_and_single_embeddings_agree(lite2, sample_batch):
