@@ -80,12 +80,12 @@ class Phase:
         return out
 
 
-def ensure_catalog(home: Path) -> dict:
+def ensure_catalog(home: Path, model: str | None) -> dict:
     from lookalike.engine import Engine
 
     if not CATALOG.exists():
         sys.exit(f"fashion-footwear catalog not found: {CATALOG.resolve()}")
-    with Engine.open(home) as engine:
+    with Engine.open(home, model=model) as engine:
         report = engine.index([], metadata=CATALOG, progress=True)
         print(report.summary(), file=sys.stderr)
         return engine.info()
@@ -249,8 +249,11 @@ def main() -> None:
     parser.add_argument(
         "--home",
         type=Path,
-        default=Path(tempfile.gettempdir()) / "lookalike-bench-api" / "home",
-        help="catalog home to (re)use (default: a folder in the system temp dir)",
+        default=None,
+        help="catalog home to (re)use (default: a folder per model in the system temp dir)",
+    )
+    parser.add_argument(
+        "--model", default=None, help="encoder to index with (default: the engine's default)"
     )
     parser.add_argument("--clients", default="1,4,16", help="concurrency levels (default 1,4,16)")
     parser.add_argument("--requests", type=int, default=300, help="requests per phase")
@@ -268,10 +271,13 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
 
+    if args.home is None:
+        bench_dir = Path(tempfile.gettempdir()) / "lookalike-bench-api"
+        args.home = bench_dir / ("home" if args.model is None else f"home-{args.model}")
     args.home.mkdir(parents=True, exist_ok=True)
-    info = ensure_catalog(args.home)
+    info = ensure_catalog(args.home, args.model)
     key = secrets.token_urlsafe(16)
-    log_path = args.home.parent / "serve.log"
+    log_path = args.home.parent / f"serve-{args.home.name}.log"
     proc, base = start_server(args.home, key, args.search_slots, args.encoder_threads, log_path)
     queries = load_queries(300)
     write_photos = [data for _, data in queries[-20:]]
@@ -307,7 +313,8 @@ def main() -> None:
         f"\nPOST /search, k={args.k}, catalog: {info['products']:,} products / {info['images']:,}"
         f" images, model {info['model']}, {env['cores']} cores ({env['cpu']}),"
         f" search slots {args.search_slots or 'default (cores)'},"
-        f" encoder threads {'default' if args.encoder_threads is None else args.encoder_threads}"
+        " encoder threads "
+        + ("default (cores / slots)" if args.encoder_threads is None else str(args.encoder_threads))
     )
     print(
         "| phase | requests | errors | p50 ms | p90 ms | p99 ms | max ms | server p50 ms"

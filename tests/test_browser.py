@@ -304,7 +304,10 @@ def test_click_a_result_for_more_like_this(page, catalog):
     assert cards(page)[0]["id"] == rows[7]["product_id"]
 
 
-def test_a_non_image_file_shows_an_error(page, tmp_path):
+def test_a_non_image_file_shows_an_error(page, catalog, tmp_path):
+    _, rows = catalog
+    wait_for_results(page, lambda: page.set_input_files("#file-input", rows[0]["image"]))
+    assert cards(page)
     bogus = tmp_path / "notes.txt"
     bogus.write_text("this is a shopping list, not a photo\n")
     with page.expect_response(lambda r: "/search" in r.url) as response:
@@ -313,7 +316,9 @@ def test_a_non_image_file_shows_an_error(page, tmp_path):
     error = page.locator("#error")
     expect(error).to_be_visible()
     expect(error).to_contain_text("not an image we can read")
-    expect(error).to_contain_text("not a recognised image format")
+    expect(error).to_contain_text("notes.txt: not a recognised image format")
+    assert cards(page) == []  # the previous photo's results are not left on show
+    expect(page.locator("#results-heading")).to_have_text("Results")
     shot(page, "desktop-error")
 
 

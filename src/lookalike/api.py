@@ -469,36 +469,19 @@ def warm_up(engine: Any, threads: int | None = None) -> None:
 
 
 def tune_encoder_for_serving(encoder: Any, threads: int) -> bool:
-    """Give an ONNX encoder a session with `threads` intra-op threads that do not
+    """Give the encoder's ONNX Runtime session `threads` intra-op threads that do not
     spin-wait. A one-off CLI search wants every core on one image; a server runs several
-    searches at once, and spinning threads of one search then steal the cores the others
-    need (measured in docs/api.md: about half the CPU per search). Returns whether the
-    session was replaced (encoders without an ONNX session are left alone)."""
-    target = encoder
-    for _ in range(3):  # a tuned encoder may wrap the base one
-        if hasattr(target, "session") and hasattr(target, "model_path"):
-            break
-        target = getattr(target, "base", None)
-        if target is None:
-            return False
-    else:
+    searches at once, and the spinning threads of one then steal the cores the others
+    need (docs/api.md: about half the CPU per search). Returns whether it was done
+    (encoders without `set_threads` are left as they are)."""
+    set_threads = getattr(encoder, "set_threads", None)
+    if set_threads is None:
         return False
     try:
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.log_severity_level = 3
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        providers = target.session.get_providers()
-        session = ort.InferenceSession(str(target.model_path), opts, providers=providers)
+        set_threads(threads, spinning=False)
     except Exception:  # keep the working session
-        log.exception("could not tune the encoder session for serving")
+        log.exception("could not resize the encoder's session for serving")
         return False
-    target.session = session
     log.info("encoder: %d intra-op thread(s) per search, no spin-wait", threads)
     return True
 

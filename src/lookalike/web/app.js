@@ -360,6 +360,7 @@ async function send(url, options, heading) {
   finish();
   if (!response.ok) {
     const { title, detail } = describeError(response.status, body);
+    clearResults();
     showError(title, detail);
     return;
   }
@@ -370,6 +371,14 @@ async function send(url, options, heading) {
   els.timing.textContent =
     `${count} result${count === 1 ? "" : "s"} · ${formatMs(body.took_ms)} on the server · ` +
     `${total} ms in all`;
+}
+
+function clearResults() {
+  els.grid.replaceChildren();
+  els.heading.textContent = "Results";
+  els.timing.textContent = "";
+  els.empty.hidden = false;
+  els.empty.textContent = "Your matches will appear here.";
 }
 
 function finish() {
