@@ -67,9 +67,11 @@ def test_index_follows_catalog_size_and_says_why(approx_dir: Path, data) -> None
     store = FaissStore(approx_dir, 512, "vgg", background=False, exact_limit=EXACT_LIMIT)
     info = store.describe()
     assert info["index_type"] == "ivf-pq-sq8"
-    # trained when the catalog passed the exact limit (1,500), not retrained below 4x that
+    # trained when the catalog passed the exact limit (1,500 after three batches of 500),
+    # retrained when it had more than doubled (3,500), not since
     assert f"vectors > {EXACT_LIMIT:,} for exact search" in info["index_reason"]
-    assert info["index_params"]["trained_for"] == 1500
+    assert info["index_params"]["trained_for"] == 3500
+    assert "grew from 1,500 to 3,500" in info["last_rebuild"]["reason"]
     assert info["index_params"]["nprobe"] >= 1
     assert info["index_params"]["tuned_recall_at_10"] >= 0.9
     assert info["last_rebuild"]["ok"] is True
@@ -128,20 +130,20 @@ def test_selective_filter_is_exact_and_broad_filter_stays_inside(approx_dir, dat
 
 def test_reopen_replays_the_log_tail(tmp_path: Path, data) -> None:
     x, q = data
-    store = grown_store(tmp_path / "v", x[:3000])
+    store = grown_store(tmp_path / "v", x[:2500])
     store.save()
     before = store.search(q, 10)[1]
     index_file = info_index_file(tmp_path / "v")
     # a small tail that is saved in the log but not (yet) in the index file
-    store.add(np.arange(3000, 3200), x[3000:3200])
+    store.add(np.arange(2500, 2700), x[2500:2700])
     store.save()
     assert info_index_file(tmp_path / "v") == index_file
     after = store.search(q, 10)[1]
     store.close()
     again = FaissStore(tmp_path / "v", 512, "vgg", background=False, exact_limit=EXACT_LIMIT)
-    assert len(again) == 3200
+    assert len(again) == 2700
     np.testing.assert_array_equal(again.search(q, 10)[1], after)
-    assert again.search(x[3100:3101], 1)[1][0, 0] == 3100
+    assert again.search(x[2600:2601], 1)[1][0, 0] == 2600
     assert before.shape == after.shape
 
 

@@ -32,6 +32,7 @@ EXACT_WORK = 16_000_000  # n*dim: exact search stays below a few ms a query on o
 TARGET_RECALL = 0.97  # tuned Recall@10 on catalog samples (the target is 0.95)
 NPROBES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 K_FACTOR = 16  # candidates re-ranked by the refine codes: k_factor * k
+K_FACTORS = (16, 64, 160)  # tried in this order for each nprobe
 DEFAULT_BUDGET_FRACTION = 0.5  # default memory budget: half the machine's RAM
 
 
@@ -128,10 +129,11 @@ def choose_index(
     budget = memory_budget_bytes or default_memory_budget()
     if exact_limit is None:
         exact_limit = EXACT_WORK // dim
+    back_to_exact = exact_limit
     if current is not None and not current.exact:
-        exact_limit //= 2  # go back to exact only well below the threshold
+        back_to_exact //= 2  # go back to exact only well below the threshold
     flat_bytes = n * dim * 4
-    if n <= exact_limit and flat_bytes <= budget:
+    if n <= back_to_exact and flat_bytes <= budget:
         return IndexPlan(
             "flat",
             f"exact search: {n:,} vectors <= {exact_limit:,} (exact stays fast up to "
@@ -139,11 +141,12 @@ def choose_index(
             f"{_mb(budget)} budget",
             {"bytes_per_vector": dim * 4},
         )
-    why = (
-        f"{n:,} vectors > {exact_limit:,} for exact search"
-        if n > exact_limit
-        else f"exact search needs {_mb(flat_bytes)} > the {_mb(budget)} budget"
-    )
+    if n > exact_limit:
+        why = f"{n:,} vectors > {exact_limit:,} for exact search"
+    elif n > back_to_exact:
+        why = f"{n:,} vectors: approximate until the catalog shrinks below {back_to_exact:,}"
+    else:
+        why = f"exact search needs {_mb(flat_bytes)} > the {_mb(budget)} budget"
     plans = candidate_plans(n, dim)
     for kind, factory, bpv, params in plans:
         need = n * bpv * 1.1 + (8 << 20)
@@ -233,13 +236,20 @@ def tune_nprobe(
     query's own label in `exclude`) reaches the target; the plan comes back with nprobe
     and the measured recall."""
     nlist = plan.params["nlist"]
+    refined = plan.kind in ("ivf-pq-sq8", "ivf-pq-sq4")
+    # re-ranking more candidates is cheap next to scanning more lists: try it first
+    k_factors = K_FACTORS if refined else (K_FACTOR,)
     best = None
-    for nprobe in [p for p in NPROBES if p <= nlist] + [nlist]:
-        trial = plan.with_params(nprobe=nprobe, k_factor=K_FACTOR)
-        _, labels = index.search(queries, k + 1, params=search_parameters(trial, None))
-        r = recall_at(labels, truth, k, exclude)
-        best = trial.with_params(tuned_recall_at_10=round(r, 4), tuned_queries=len(queries))
-        if r >= target:
-            break
+    for nprobe in sorted({p for p in NPROBES if p <= nlist} | {nlist}):
+        for k_factor in k_factors:
+            trial = plan.with_params(nprobe=nprobe, k_factor=k_factor)
+            _, labels = index.search(queries, k + 1, params=search_parameters(trial, None))
+            r = recall_at(labels, truth, k, exclude)
+            if best is None or r > best.params["tuned_recall_at_10"] + 1e-9:
+                best = trial.with_params(
+                    tuned_recall_at_10=round(r, 4), tuned_queries=len(queries)
+                )
+            if r >= target:
+                return best
     assert best is not None
     return best

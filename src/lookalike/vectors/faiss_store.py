@@ -99,24 +99,23 @@ def exact_topk(
     queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray, k: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact inner-product top-k of `queries` over `vectors` (rows labelled `labels`),
-    padded with -inf / -1. Ties are broken by the smaller label."""
+    padded with -inf / -1. FAISS's own kernels (not NumPy's BLAS, whose thread pool
+    spin-waits badly on a busy machine)."""
     nq = queries.shape[0]
     scores, out = _empty_result(nq, k)
     n = vectors.shape[0]
     if n == 0 or k <= 0:
         return scores, out
-    sims = queries @ vectors.T  # (nq, n)
     kk = min(k, n)
-    if kk < n:
-        part = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-    else:
-        part = np.broadcast_to(np.arange(n), (nq, n))
-    for qi in range(nq):
-        cand = part[qi]
-        s = sims[qi, cand]
-        order = np.lexsort((labels[cand], -s))
-        scores[qi, :kk] = s[order]
-        out[qi, :kk] = labels[cand[order]]
+    d, i = faiss.knn(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(vectors, dtype=np.float32),
+        kk,
+        metric=faiss.METRIC_INNER_PRODUCT,
+    )
+    ok = i >= 0
+    scores[:, :kk] = np.where(ok, d, -np.inf)
+    out[:, :kk] = np.where(ok, np.asarray(labels, dtype=np.int64)[np.maximum(i, 0)], -1)
     return scores, out
 
 
@@ -194,7 +193,7 @@ class RawVectors:
 SELECTIVE_FRACTION = 0.05  # filters passing <= 5% of the catalog are searched exactly
 SELECTIVE_WORK = 4 * EXACT_WORK  # ... and so are filters passing <= 50k 1280-d vectors
 COMPACT_FRACTION = 0.25  # rebuild (compact) when a quarter of the slots are tombstones
-RETRAIN_GROWTH = 4.0  # retrain an approximate index when the catalog grew 4x
+RETRAIN_GROWTH = 2.0  # retrain (and re-tune) an approximate index when the catalog doubled
 INDEX_FILE_TAIL = 0.2  # rewrite the index file when 20% of slots are only in the log
 TUNE_QUERIES = 200
 
@@ -706,23 +705,43 @@ class FaissStore:
             or n_allowed <= SELECTIVE_FRACTION * self._keys.shape[0]
             or n_allowed * self.dim <= SELECTIVE_WORK
         )
-        if selective:
-            if self._plan.exact:
-                vectors = self._index.reconstruct_batch(slots)
-            else:
-                vectors = self._raw.read(slots)
-            scores, labels = exact_topk(q, vectors, slots, k)
-            return self._labels_to_ids(scores, labels)
         bitmap = np.zeros(self._slot_ids.shape[0], dtype=bool)
         bitmap[slots] = True
         bits = np.packbits(bitmap, bitorder="little")
         sel = faiss.IDSelectorBitmap(bits.shape[0], faiss.swig_ptr(bits))
+        if selective:
+            return self._search_selective(q, k, slots, sel)
         # fewer candidates pass in each probed list: probe more lists
         frac = n_allowed / max(1, self._keys.shape[0])
         params = search_parameters(self._plan, sel, nprobe_scale=min(4.0, 1 / np.sqrt(frac)))
         scores, labels = self._index.search(q, k, params=params)
         del bits
         return self._labels_to_ids(scores, labels)
+
+    def _search_selective(
+        self, q: np.ndarray, k: int, slots: np.ndarray, sel: faiss.IDSelector
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-k over the allowed slots. Exact index: its float32 vectors. Refined
+        indexes: the in-RAM scalar-quantised copy scans only the allowed vectors (no
+        list routing, so nothing is missed), then the best candidates are re-scored
+        exactly from the log. Otherwise: all allowed vectors from the log."""
+        if self._plan.exact:
+            return self._labels_to_ids(
+                *exact_topk(q, self._index.reconstruct_batch(slots), slots, k)
+            )
+        if not isinstance(self._index, faiss.IndexRefine):
+            return self._labels_to_ids(*exact_topk(q, self._raw.read(slots), slots, k))
+        refine = faiss.downcast_index(self._index.refine_index)
+        depth = min(len(slots), max(4 * k, k + 32))
+        params = faiss.SearchParameters()
+        params.sel = sel
+        _, cand = refine.search(q, depth, params=params)
+        scores, out = _empty_result(q.shape[0], k)
+        for qi in range(q.shape[0]):
+            c = cand[qi][cand[qi] >= 0]
+            s, lab = exact_topk(q[qi : qi + 1], self._raw.read(np.sort(c)), np.sort(c), k)
+            scores[qi], out[qi] = s[0], lab[0]
+        return self._labels_to_ids(scores, out)
 
     def _labels_to_ids(
         self, scores: np.ndarray, labels: np.ndarray
@@ -737,6 +756,21 @@ class FaissStore:
         scores[~ok] = -np.inf
         return scores, out
 
+    def _current_reason(self, n: int) -> str:
+        """Why the live index fits the catalog as it is now (the plan's own reason was
+        written when it was built); plus the tuning measured at build time."""
+        now = self._choose(n, self._plan)
+        reason = now.reason if now.kind == self._plan.kind else self._plan.reason
+        p = self._plan.params
+        if "nprobe" in p:
+            reason += (
+                f"; built for {p.get('trained_for', 0):,} vectors, nprobe {p['nprobe']} of "
+                f"{p['nlist']} lists (re-rank {p.get('k_factor', 1)}x) measured Recall@10 "
+                f"{p.get('tuned_recall_at_10', 0):.3f} against exact search on "
+                f"{p.get('tuned_queries', 0)} catalog queries"
+            )
+        return reason
+
     def describe(self) -> dict:
         with self._lock:
             n = int(self._keys.shape[0])
@@ -750,7 +784,7 @@ class FaissStore:
                 "vectors": n,
                 "tombstones": slots - n,
                 "index_type": self._plan.kind,
-                "index_reason": self._plan.reason,
+                "index_reason": self._current_reason(n),
                 "index_params": dict(self._plan.params),
                 "index_memory_bytes": int(slots * bpv),
                 "memory_budget_bytes": self.memory_budget_bytes,
