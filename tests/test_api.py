@@ -349,6 +349,61 @@ def test_size_limits_are_413(engine, catalog):
         assert search(small, image_bytes(rows[0]), k=2).status_code == 200
 
 
+ODD_REQUESTS = [
+    (
+        "POST",
+        "/search",
+        {
+            "content": b"--zzz\r\ngarbage",
+            "headers": {"content-type": "multipart/form-data; boundary=zzz"},
+        },
+    ),
+    ("POST", "/search", {"content": b"x", "headers": {"content-type": "multipart/form-data"}}),
+    ("POST", "/search", {"data": {"image": "not a file"}}),
+    ("POST", "/search", {"content": b"\xff\xfe", "headers": {"content-type": "application/json"}}),
+    ("GET", "/products/%00", {}),
+    ("GET", "/products/" + "x" * 5000, {}),
+    ("GET", "/products/x/similar?k=1e9", {}),
+    ("GET", "/products?limit=abc", {}),
+    ("GET", "/products?offset=99999999999999999999999", {}),
+    ("GET", "/images/-1", {}),
+    ("GET", "/images/99999999999999999999999", {}),
+    ("GET", "/images/1?size=99999999999999999999", {}),
+    ("PATCH", "/products/x", {"json": {"price": "abc"}}),
+    ("PATCH", "/products/x", {"json": {"attributes": {"a": {"nested": 1}}}}),
+    ("PATCH", "/products/x", {"json": [1, 2]}),
+    ("DELETE", "/products/", {}),
+]
+
+
+@pytest.mark.parametrize(("method", "url", "kwargs"), ODD_REQUESTS)
+def test_odd_requests_are_4xx_never_500(client, method, url, kwargs):
+    response = client.request(method, url, **kwargs)
+    assert 400 <= response.status_code < 500, (response.status_code, response.text)
+    assert {"error", "detail"} <= set(response.json())
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"crop": "1e400,0,10,10"},
+        {"crop": "nan,0,10,10"},
+        {"x": "1e308", "y": "0", "w": "10", "h": "10"},
+        {"price_min": "1e400"},
+        {"k": ""},
+        {"attr." + "a" * 3000: "x"},
+        {"category": "Ünïcødé 🥿"},
+        {"min_score": "nan"},
+    ],
+)
+def test_odd_search_fields_are_answered_without_a_500(client, catalog, fields):
+    _, rows = catalog
+    response = search(client, image_bytes(rows[0]), **fields)
+    assert response.status_code in (200, 422), response.text
+    if response.status_code == 200:
+        assert isinstance(response.json()["results"], list)
+
+
 def test_limits_from_environment():
     limits = Limits.from_env(
         {"LOOKALIKE_MAX_IMAGE_BYTES": "1234", "LOOKALIKE_MAX_K": "7"}, max_page_size=9

@@ -921,7 +921,7 @@ def create_app(
         category: str | None = None,
         in_stock: bool | None = None,
         limit: Annotated[int, Query(ge=1, le=limits.max_page_size)] = 50,
-        offset: Annotated[int, Query(ge=0)] = 0,
+        offset: Annotated[int, Query(ge=0, le=2**62)] = 0,
     ) -> ProductPage:
         listed = engine.list_products(
             category=category or None, in_stock=in_stock, limit=limit, offset=offset
@@ -957,7 +957,7 @@ def create_app(
     )
     def get_image(
         engine: EngineDep,
-        image_id: Annotated[int, PathParam(ge=0)],
+        image_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)],
         size: Annotated[int | None, Query(ge=16, le=1024)] = None,
     ) -> Response:
         path = _image_path(engine, image_id)
