@@ -246,11 +246,13 @@ class Engine:
         """Decode and embed query images with the catalog's encoder and preprocessing."""
         encoder = self.encoder
         draft = 2 * int(getattr(encoder, "input_size", 256))
-        arrays = []
-        for query in queries:
-            image = query if isinstance(query, Image.Image) else load_image(query, draft_size=draft)
-            arrays.append(encoder.prepare(image.convert("RGB")))
-        return encoder.embed(np.stack(arrays))
+        images = [
+            (q if isinstance(q, Image.Image) else load_image(q, draft_size=draft)).convert("RGB")
+            for q in queries
+        ]
+        from .quality import query_pipeline  # views + calibrated centring (docs/quality.md)
+
+        return query_pipeline(self.home, encoder).embed_queries(images)
 
     def search(
         self,

@@ -414,12 +414,14 @@ def _catalog_products(engine: Any, product_ids: Sequence[str]) -> dict[str, Any]
 
 
 def _pipeline_description(engine: Any) -> dict[str, Any]:
+    from .quality import describe, query_pipeline
+
     try:
-        info = engine.info()
+        encoder = engine.encoder
+        pipeline = query_pipeline(engine.home, encoder)
+        return {"model": encoder.name, "stamp": encoder.stamp, **describe(pipeline)}
     except Exception:  # noqa: BLE001 - a description is optional in a report
         return {}
-    keep = ("model", "stamp", "encoder", "dim", "vector_store", "pipeline")
-    return {k: info[k] for k in keep if isinstance(info, dict) and k in info}
 
 
 def _percentile(values: Sequence[float], q: float) -> float:
@@ -592,6 +594,9 @@ def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--failures", metavar="FILE.png", help="draw the worst misses to this PNG")
     p.add_argument("--failures-count", type=int, default=12, help="rows in --failures")
     p.set_defaults(func=cli_eval)
+    from .quality import add_calibrate_command
+
+    add_calibrate_command(subparsers)  # its companion: the label-free query calibration
     return p
 
 

@@ -1,0 +1,443 @@
+"""The query side of retrieval quality: how a shopper photo becomes the vector that is
+searched. Chosen by measurement (benchmarks/bench_quality.py, the table in
+docs/quality.md), with no labels. The catalog side is the encoder's own (`prepare` +
+`embed`); nothing here changes catalog vectors, so nothing here needs a re-index.
+
+`QueryPipeline` wraps any encoder (bundled, `onnx:` or tuned) and turns decoded photos
+into L2-normalised query vectors; `Engine.embed_queries` uses it through
+`query_pipeline(home, encoder)`, so `lookalike search`, `eval` and the API all get it.
+
+- views (`query_views`): each photo is embedded as one or more views (`full`, `flip`,
+  `centre80` = the central 80 % square, `centre60`). Each view costs a forward pass; one
+  (`full`) by default, to keep single-query latency.
+- query-domain centring (`centre`, on by default once calibrated): shop photos share a
+  strong "shelf photo" component that studio catalog shots lack. `calibrate` averages
+  the view vectors of unlabelled photos like the ones shoppers will send (no labels are
+  read) and stores that mean in the home folder (`query_centre.npz`); every later query
+  view has it subtracted and is L2-normalised again before the views are summed and the
+  sum is normalised. With no calibration stored, queries are embedded as before.
+
+Settings come from `QualitySettings()` defaults, overridden by `<home>/quality.json`
+(same keys), e.g. `{"query_views": ["full", "centre80"], "centre": true}`. Both files are
+re-read when they change, so a running server picks up a new calibration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import ImageError, InputPathError, MetadataError, UsageError
+
+log = logging.getLogger(__name__)
+
+SETTINGS_FILE = "quality.json"
+CENTRE_FILE = "query_centre.npz"
+PAD_COLOUR = (255, 255, 255)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
+IMAGE_SUFFIXES |= {".heif", ".avif"}
+
+
+def _full(img: Image.Image) -> Image.Image:
+    return img
+
+
+def _flip(img: Image.Image) -> Image.Image:
+    return ImageOps.mirror(img)
+
+
+def centre_square(img: Image.Image, fraction: float) -> Image.Image:
+    """The central square whose side is `fraction` of the image's shorter side."""
+    w, h = img.size
+    side = max(1, round(min(w, h) * fraction))
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
+QUERY_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "full": _full,
+    "flip": _flip,
+    "centre80": lambda img: centre_square(img, 0.8),
+    "centre60": lambda img: centre_square(img, 0.6),
+}
+
+
+@dataclass(frozen=True)
+class QualitySettings:
+    """What the query pipeline does; see the module docstring and docs/quality.md."""
+
+    query_views: tuple[str, ...] = ("full",)
+    """Views of each query photo, summed after centring; each costs a forward pass."""
+    centre: bool = True
+    """Subtract the calibrated query-domain centre (when `calibrate` has stored one)."""
+
+    def __post_init__(self) -> None:
+        views = tuple(self.query_views)
+        if not views or any(v not in QUERY_VIEWS for v in views):
+            raise UsageError(
+                f"query_views must be a non-empty list of {', '.join(QUERY_VIEWS)},"
+                f" not {list(views)!r}"
+            )
+        if not isinstance(self.centre, bool):
+            raise UsageError(f"centre must be true or false, not {self.centre!r}")
+        object.__setattr__(self, "query_views", views)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "settings") -> QualitySettings:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(
+                f"{source}: unknown quality setting(s) {', '.join(unknown)}"
+                f" (known: {', '.join(sorted(known))})"
+            )
+        kwargs = dict(data)
+        if "query_views" in kwargs:
+            if isinstance(kwargs["query_views"], str):
+                kwargs["query_views"] = [v for v in kwargs["query_views"].split(",") if v]
+            kwargs["query_views"] = tuple(kwargs["query_views"])
+        return cls(**kwargs)
+
+
+def load_settings(home: str | Path | None) -> QualitySettings:
+    """Defaults, overridden by `<home>/quality.json` when it exists."""
+    if home is None:
+        return QualitySettings()
+    path = Path(home) / SETTINGS_FILE
+    if not path.is_file():
+        return QualitySettings()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise MetadataError(f"{path}: not a readable JSON object ({exc})") from None
+    if not isinstance(data, dict):
+        raise MetadataError(f"{path}: must hold a JSON object of settings")
+    return QualitySettings.from_dict(data, str(path))
+
+
+def with_margin(img: Image.Image, fill: float) -> Image.Image:
+    """`img` centred on a white square whose side is its longer side / `fill` (a catalog
+    framing measured in docs/quality.md and not used: it costs fashion precision)."""
+    if fill >= 1.0:
+        return img
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    w, h = img.size
+    side = max(1, round(max(w, h) / fill))
+    canvas = Image.new("RGB", (side, side), PAD_COLOUR)
+    canvas.paste(img, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+@dataclass
+class QueryCentre:
+    """The mean query vector of unlabelled photos, for one catalog vector space."""
+
+    mean: np.ndarray
+    stamp: str
+    photos: int
+    views: tuple[str, ...]
+    created: float = field(default_factory=time.time)
+
+    def save(self, path: Path) -> None:
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(
+            tmp,
+            mean=self.mean.astype(np.float32),
+            meta=np.array(
+                json.dumps(
+                    {
+                        "stamp": self.stamp,
+                        "photos": self.photos,
+                        "views": list(self.views),
+                        "created": self.created,
+                    }
+                )
+            ),
+        )
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: Path) -> QueryCentre | None:
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                meta = json.loads(str(data["meta"]))
+                mean = np.asarray(data["mean"], dtype=np.float32)
+        except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
+            log.warning("ignoring unreadable %s: %s", path, exc)
+            return None
+        return cls(mean, meta["stamp"], int(meta["photos"]), tuple(meta["views"]), meta["created"])
+
+
+class QueryPipeline:
+    """Shopper photos -> query vectors for one encoder (see the module docstring)."""
+
+    def __init__(
+        self,
+        base: Any,
+        settings: QualitySettings | None = None,
+        centre: QueryCentre | None = None,
+    ) -> None:
+        self.base = base
+        self.settings = settings or QualitySettings()
+        self.stamp = base.stamp  # the vector space a centre must have been calibrated in
+        self.input_size = base.input_size
+        self.dim = base.dim
+        self.centre: QueryCentre | None = None
+        if centre is not None:
+            self.set_centre(centre)
+
+    def __repr__(self) -> str:
+        centred = "centred" if self.centre is not None and self.settings.centre else "raw"
+        return f"<QueryPipeline {self.stamp} views={list(self.settings.query_views)} {centred}>"
+
+    def set_centre(self, centre: QueryCentre | None) -> None:
+        """Use this query-domain centre (None: none). Ignored, with a warning, when it
+        was calibrated for another vector space (another model or a tuned one)."""
+        if centre is not None and (centre.stamp != self.stamp or centre.mean.shape != (self.dim,)):
+            log.warning(
+                "query centre was calibrated for %s, this catalog uses %s: not used"
+                " (run `lookalike calibrate` again)",
+                centre.stamp,
+                self.stamp,
+            )
+            centre = None
+        self.centre = centre
+
+    def raw_query_views(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, V, dim) L2-normalised view vectors, before centring."""
+        views = self.settings.query_views
+        arrays = [
+            self.base.prepare(QUERY_VIEWS[v](img if img.mode == "RGB" else img.convert("RGB")))
+            for img in images
+            for v in views
+        ]
+        if not arrays:
+            return np.zeros((0, len(views), self.dim), dtype=np.float32)
+        vectors = self.base.embed(np.stack(arrays))
+        return vectors.reshape(len(images), len(views), -1)
+
+    def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """Shopper photos (decoded RGB images) -> float32 (N, dim), L2-normalised."""
+        views = self.raw_query_views(images)
+        if self.settings.centre and self.centre is not None:
+            views = _l2(views - self.centre.mean[None, None, :])
+        return _l2(views.sum(axis=1))
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
+
+
+_PIPELINES: dict[tuple[str, int], tuple[Any, tuple, QueryPipeline]] = {}
+_PIPELINES_LOCK = threading.Lock()
+
+
+def query_pipeline(home: str | Path | None, encoder: Any) -> QueryPipeline:
+    """The query pipeline for this home and encoder: its `quality.json` settings and
+    calibrated centre, rebuilt when either file changes (a stat per call)."""
+    if home is None:
+        return QueryPipeline(encoder)
+    home = Path(home)
+    files = (_mtime(home / SETTINGS_FILE), _mtime(home / CENTRE_FILE))
+    key = (str(home.resolve()), id(encoder))
+    with _PIPELINES_LOCK:
+        cached = _PIPELINES.get(key)
+        if cached is not None and cached[0] is encoder and cached[1] == files:
+            return cached[2]
+    pipeline = QueryPipeline(encoder, load_settings(home))
+    pipeline.set_centre(QueryCentre.load(home / CENTRE_FILE))
+    with _PIPELINES_LOCK:
+        if len(_PIPELINES) > 64:  # engines come and go in tests and tools
+            _PIPELINES.clear()
+        _PIPELINES[key] = (encoder, files, pipeline)
+    return pipeline
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def photo_paths(sources: Iterable[str | Path]) -> list[Path]:
+    """Image files from folders (walked), single files, or CSV files with an `image`
+    column (paths relative to the CSV; every other column, labels included, is ignored)."""
+    out: list[Path] = []
+    for source in sources:
+        path = Path(source).expanduser()
+        if path.is_dir():
+            out.extend(p for p in sorted(path.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            import csv
+
+            with path.open(newline="", encoding="utf-8-sig") as fh:
+                reader = csv.DictReader(fh)
+                if "image" not in (reader.fieldnames or []):
+                    raise MetadataError(f"{path}:1: a photo list needs an image column")
+                for row in reader:
+                    image = (row.get("image") or "").strip()
+                    if image:
+                        p = Path(image).expanduser()
+                        out.append(p if p.is_absolute() else path.resolve().parent / p)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise InputPathError(f"not found: {path}")
+    return out
+
+
+def calibrate(
+    encoder: QueryPipeline,
+    photos: Sequence[str | Path],
+    *,
+    limit: int | None = 1000,
+    batch: int = 16,
+    seed: int = 0,
+    progress: bool = False,
+) -> tuple[QueryCentre, list[str]]:
+    """The mean raw query vector of unlabelled photos (at most `limit`, an even random
+    sample). Returns the centre and the photos that could not be read."""
+    from .images import load_image
+
+    paths = list(photos)
+    if limit is not None and len(paths) > limit:
+        rng = np.random.default_rng(seed)
+        paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
+    if not paths:
+        raise UsageError("calibrate needs at least one photo")
+    total = np.zeros(encoder.dim, dtype=np.float64)
+    count = 0
+    failed: list[str] = []
+    draft = 2 * int(encoder.input_size)
+    chunks = range(0, len(paths), batch)
+    if progress:
+        from tqdm import tqdm
+
+        chunks = tqdm(chunks, desc="calibrate", unit="batch")
+    for start in chunks:
+        images = []
+        for p in paths[start : start + batch]:
+            try:
+                images.append(load_image(Path(p), draft_size=draft))
+            except (ImageError, OSError) as exc:
+                failed.append(f"{p}: {exc}")
+        if not images:
+            continue
+        views = encoder.raw_query_views(images)
+        total += views.reshape(-1, encoder.dim).sum(axis=0)
+        count += views.shape[0] * views.shape[1]
+    if count == 0:
+        raise ImageError("none of the calibration photos could be read")
+    mean = (total / count).astype(np.float32)
+    n_photos = count // len(encoder.settings.query_views)
+    return QueryCentre(mean, encoder.stamp, n_photos, encoder.settings.query_views), failed
+
+
+def save_centre(home: str | Path, centre: QueryCentre) -> Path:
+    path = Path(home) / CENTRE_FILE
+    Path(home).mkdir(parents=True, exist_ok=True)
+    centre.save(path)
+    return path
+
+
+def remove_centre(home: str | Path) -> bool:
+    path = Path(home) / CENTRE_FILE
+    if path.is_file():
+        path.unlink()
+        return True
+    return False
+
+
+def describe(pipeline: QueryPipeline) -> dict[str, Any]:
+    """The query pipeline as a dict, for reports."""
+    out: dict[str, Any] = {"query_views": list(pipeline.settings.query_views)}
+    used = pipeline.centre is not None and pipeline.settings.centre
+    out["query_centre"] = {"photos": pipeline.centre.photos} if used else None
+    return out
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_calibrate_command(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `lookalike calibrate` (handler `cli_calibrate`)."""
+    p = subparsers.add_parser(
+        "calibrate",
+        help="learn the query-photo centre from unlabelled shopper photos",
+        description=(
+            "Average the query vectors of unlabelled photos like the ones shoppers will send"
+            " (folders, image files, or CSV files with an image column; labels are never"
+            " read) and store that centre in the home folder. Every later search subtracts"
+            " it from the query vector, which removes what all shop photos share. No"
+            " re-index is needed. See docs/quality.md."
+        ),
+    )
+    p.add_argument("photos", nargs="*", help="folders, image files or CSVs with an image column")
+    p.add_argument("--limit", type=int, default=1000, help="at most this many photos (sampled)")
+    p.add_argument("--off", action="store_true", help="remove the stored centre")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=cli_calibrate)
+    return p
+
+
+def cli_calibrate(args: argparse.Namespace) -> int:
+    from .cli import _engine
+
+    engine = _engine(args)
+    try:
+        if args.off:
+            if args.photos:
+                raise UsageError("--off takes no photos")
+            removed = remove_centre(engine.home)
+            summary: dict[str, Any] = {"removed": removed}
+            text = "query centre removed" if removed else "no query centre was stored"
+        else:
+            if not args.photos:
+                raise UsageError("give folders, image files or CSVs of unlabelled photos")
+            if args.limit is not None and args.limit < 1:
+                raise UsageError("--limit must be at least 1")
+            encoder = QueryPipeline(engine.encoder, load_settings(engine.home))
+            paths = photo_paths(args.photos)
+            centre, failed = calibrate(
+                encoder,
+                paths,
+                limit=args.limit,
+                progress=not args.quiet and sys.stderr.isatty(),
+            )
+            path = save_centre(engine.home, centre)
+            summary = {
+                "photos": centre.photos,
+                "found": len(paths),
+                "failed": failed,
+                "views": list(centre.views),
+                "stamp": centre.stamp,
+                "path": str(path),
+            }
+            text = (
+                f"query centre from {centre.photos} photos ({len(paths)} found"
+                + (f", {len(failed)} unreadable" if failed else "")
+                + f") saved to {path}"
+            )
+        print(json.dumps(summary, indent=2) if args.json else text)
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,185 @@
+"""lookalike.quality: settings, catalog margin, query views, calibration of the query
+centre and its use by the Engine, on the real bundled encoder and generated images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from lookalike.errors import InputPathError, MetadataError, UsageError
+from lookalike.quality import (
+    CENTRE_FILE,
+    QualitySettings,
+    QueryCentre,
+    QueryPipeline,
+    calibrate,
+    centre_square,
+    load_settings,
+    photo_paths,
+    query_pipeline,
+    save_centre,
+    with_margin,
+)
+
+
+def _photo(seed: int, size=(240, 180)) -> Image.Image:
+    """A cluttered 'shop photo': random coloured boxes on a grey shelf."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", size, (120, 115, 110))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x, y = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
+        w, h = int(rng.integers(20, 80)), int(rng.integers(20, 80))
+        draw.rectangle((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
+
+
+@pytest.fixture(scope="module")
+def base(shared_model_cache):
+    from lookalike.encoders import load_encoder
+
+    return load_encoder("efficientnet-lite2", shared_model_cache)
+
+
+def test_settings_validate_and_load_from_home(tmp_path):
+    assert load_settings(tmp_path) == QualitySettings()
+    (tmp_path / "quality.json").write_text(
+        json.dumps({"query_views": ["full", "centre80"], "centre": False})
+    )
+    settings = load_settings(tmp_path)
+    assert settings.query_views == ("full", "centre80")
+    assert settings.centre is False
+    with pytest.raises(UsageError, match="query_views"):
+        QualitySettings(query_views=("full", "zoom"))
+    with pytest.raises(UsageError, match="centre"):
+        QualitySettings(centre="yes")
+    (tmp_path / "quality.json").write_text(json.dumps({"pooling": "gem"}))
+    with pytest.raises(UsageError, match="unknown quality setting"):
+        load_settings(tmp_path)
+    (tmp_path / "quality.json").write_text("[1, 2")
+    with pytest.raises(MetadataError):
+        load_settings(tmp_path)
+
+
+def test_margin_and_centre_crop_geometry():
+    img = Image.new("RGB", (70, 140), (10, 20, 30))
+    framed = with_margin(img, 0.7)
+    assert framed.size == (200, 200)
+    assert framed.getpixel((0, 0)) == (255, 255, 255)
+    assert framed.getpixel((100, 100)) == (10, 20, 30)
+    assert with_margin(img, 1.0) is img
+    assert centre_square(Image.new("RGB", (300, 200)), 0.8).size == (160, 160)
+
+
+def test_uncalibrated_pipeline_is_the_plain_encoder(base):
+    enc = QueryPipeline(base)
+    assert enc.stamp == base.stamp
+    assert enc.dim == base.dim
+    photos = [_photo(1), _photo(2)]
+    plain = base.embed(np.stack([base.prepare(p) for p in photos]))
+    np.testing.assert_allclose(enc.embed_queries(photos), plain, atol=1e-6)
+
+
+def test_views_are_summed_and_centring_subtracts_the_calibrated_mean(base, tmp_path):
+    settings = QualitySettings(query_views=("full", "flip"))
+    enc = QueryPipeline(base, settings)
+    photos = [_photo(s) for s in range(3)]
+    raw = enc.raw_query_views(photos)
+    assert raw.shape == (3, 2, base.dim)
+    flipped = base.embed(
+        np.stack([base.prepare(p.transpose(Image.FLIP_LEFT_RIGHT)) for p in photos])
+    )
+    np.testing.assert_allclose(raw[:, 1], flipped, atol=1e-6)
+
+    def unit(x):
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    np.testing.assert_allclose(enc.embed_queries(photos), unit(raw.sum(1)), atol=1e-5)
+
+    for i, p in enumerate(photos):
+        p.save(tmp_path / f"p{i}.png")  # lossless: the centre is exactly their mean
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    centre, failed = calibrate(enc, photo_paths([tmp_path]))
+    assert centre.photos == 3
+    assert len(failed) == 1 and "broken.jpg" in failed[0]
+    assert centre.stamp == enc.stamp
+    np.testing.assert_allclose(centre.mean, raw.reshape(-1, base.dim).mean(0), atol=1e-5)
+    enc.set_centre(centre)
+    expected = unit(unit(raw - centre.mean).sum(1))
+    np.testing.assert_allclose(enc.embed_queries(photos), expected, atol=1e-5)
+    # a centre from another vector space is refused, not silently used
+    other = QueryCentre(centre.mean, "some-other-model", 3, ("full",))
+    enc.set_centre(other)
+    assert enc.centre is None
+
+
+def test_photo_paths_reads_only_the_image_column(tmp_path):
+    _photo(0).save(tmp_path / "a.jpg")
+    (tmp_path / "list.csv").write_text("image,product_id\na.jpg,SECRET-LABEL\n")
+    assert photo_paths([tmp_path / "list.csv"]) == [(tmp_path / "a.jpg").resolve()]
+    (tmp_path / "bad.csv").write_text("path\na.jpg\n")
+    with pytest.raises(MetadataError, match="image column"):
+        photo_paths([tmp_path / "bad.csv"])
+    with pytest.raises(InputPathError):
+        photo_paths([tmp_path / "missing"])
+
+
+def test_calibrate_command_changes_engine_queries(tmp_path, capsys):
+    from lookalike.cli import main
+    from lookalike.engine import Engine
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    lines = ["product_id,image"]
+    for i in range(3):
+        _photo(100 + i, (200, 200)).save(catalog / f"c{i}.png")
+        lines.append(f"P{i},c{i}.png")
+    (catalog / "catalog.csv").write_text("\n".join(lines) + "\n")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(4):
+        _photo(200 + i).save(photos / f"shop{i}.jpg")
+    home = tmp_path / "home"
+    assert (
+        main(["--home", str(home), "-q", "index", "--metadata", str(catalog / "catalog.csv")]) == 0
+    )
+    query = photos / "shop0.jpg"
+    with Engine(home) as engine:
+        before = engine.embed_queries([query])
+        assert query_pipeline(home, engine.encoder).centre is None
+    capsys.readouterr()
+    assert main(["--home", str(home), "calibrate", str(photos), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["photos"] == 4
+    assert (home / CENTRE_FILE).is_file()
+    with Engine(home) as engine:
+        assert query_pipeline(home, engine.encoder).centre is not None
+        after = engine.embed_queries([query])
+        results = engine.search([query], k=3)[0]
+    assert not np.allclose(before, after)
+    assert sorted(r.product_id for r in results) == ["P0", "P1", "P2"]
+    assert main(["--home", str(home), "calibrate", "--off"]) == 0
+    assert not (home / CENTRE_FILE).exists()
+    assert main(["--home", str(home), "calibrate"]) == 2  # no photos: a usage error
+    with Engine(home) as engine:
+        np.testing.assert_allclose(engine.embed_queries([query]), before, atol=1e-6)
+
+
+def test_query_pipeline_follows_the_home_files(base, tmp_path):
+    first = query_pipeline(tmp_path, base)
+    assert query_pipeline(tmp_path, base) is first  # cached while nothing changes
+    assert first.centre is None
+    save_centre(
+        tmp_path, QueryCentre(np.full(base.dim, 0.01, np.float32), base.stamp, 5, ("full",))
+    )
+    second = query_pipeline(tmp_path, base)
+    assert second is not first and second.centre is not None
+    (tmp_path / "quality.json").write_text(json.dumps({"centre": False}))
+    third = query_pipeline(tmp_path, base)
+    photo = [_photo(7)]
+    plain = base.embed(np.stack([base.prepare(photo[0])]))
+    np.testing.assert_allclose(third.embed_queries(photo), plain, atol=1e-6)
+    assert not np.allclose(second.embed_queries(photo), plain, atol=1e-4)
