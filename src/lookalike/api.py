@@ -472,8 +472,8 @@ def tune_encoder_for_serving(encoder: Any, threads: int) -> bool:
     """Give the encoder's ONNX Runtime session `threads` intra-op threads that do not
     spin-wait. A one-off CLI search wants every core on one image; a server runs several
     searches at once, and the spinning threads of one then steal the cores the others
-    need (docs/api.md: about half the CPU per search). Returns whether it was done
-    (encoders without `set_threads` are left as they are)."""
+    need (docs/api.md: about half the latency with searches side by side). Returns
+    whether it was done (encoders without `set_threads` are left as they are)."""
     set_threads = getattr(encoder, "set_threads", None)
     if set_threads is None:
         return False
