@@ -1,0 +1,276 @@
+"""`lookalike tune` on real grocery photos: a tuned model beats the base model on a
+held-out split this test makes itself; stamping, re-embedding, reset, unknown products,
+and the no-leakage rule.
+
+To stay fast the catalog is a subset of the grocery products (their catalog images) and
+the labelled photos a few per product from train.csv; held-out photos are other rows of
+train.csv for the same products (val.csv is never touched here)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require_data
+
+from lookalike.cli import main as cli_main
+from lookalike.engine import Engine
+from lookalike.errors import CatalogMismatchError, UsageError
+from lookalike.tune import (
+    FeatureCache,
+    TunedEncoder,
+    TuneSettings,
+    active_version,
+    base_of,
+    reset,
+    train_tuned_model,
+    tuned_root,
+)
+
+N_PRODUCTS = 24
+TRAIN_PER_PRODUCT = 8
+HELD_PER_PRODUCT = 4
+SETTINGS = TuneSettings(epochs=12, seed=0)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grocery_split(tmp_path_factory) -> dict[str, Path]:
+    """A catalog CSV of N_PRODUCTS products (one spread over the categories, the last one
+    given a second catalog image) and a train / held-out split of their train.csv photos,
+    every image path absolute."""
+    root = require_data("grocery")
+    out = tmp_path_factory.mktemp("grocery-split")
+    catalog = _rows(root / "catalog.csv")
+    step = len(catalog) / N_PRODUCTS
+    chosen = [catalog[int(i * step)] for i in range(N_PRODUCTS)]
+    ids = {row["product_id"] for row in chosen}
+    photos: dict[str, list[str]] = {pid: [] for pid in ids}
+    for row in _rows(root / "train.csv"):
+        if row["product_id"] in photos:
+            photos[row["product_id"]].append(str(root / row["image"]))
+    rng = np.random.default_rng(7)
+    train, held = [], []
+    for pid in sorted(photos):
+        files = list(rng.permutation(photos[pid]))
+        train += [{"image": f, "product_id": pid} for f in files[:TRAIN_PER_PRODUCT]]
+        held += [
+            {"image": f, "product_id": pid}
+            for f in files[TRAIN_PER_PRODUCT : TRAIN_PER_PRODUCT + HELD_PER_PRODUCT]
+        ]
+    cat_rows = [
+        {"product_id": r["product_id"], "image": str(root / r["image"]), "title": r["title"],
+         "category": r["category"]}
+        for r in chosen
+    ]  # fmt: skip
+    # a product with two catalog images: its catalog image plus one of its held-back photos
+    extra_pid = chosen[-1]["product_id"]
+    extra = list(rng.permutation(photos[extra_pid]))[-1]
+    cat_rows.append({**cat_rows[-1], "image": extra})
+    return {
+        "catalog": _write_csv(out / "catalog.csv", ["product_id", "image", "title", "category"],
+                              cat_rows),
+        "train": _write_csv(out / "train.csv", ["image", "product_id"], train),
+        "held": _write_csv(out / "held.csv", ["image", "product_id"], held),
+        "dir": out,
+    }  # fmt: skip
+
+
+def _recall_at_1(engine: Engine, labels: Path) -> float:
+    rows = _rows(labels)
+    results = engine.search([r["image"] for r in rows], k=5)
+    return float(np.mean([bool(res) and res[0].product_id == r["product_id"]
+                          for r, res in zip(rows, results, strict=True)]))  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tuned_home(grocery_split, tmp_path_factory):
+    """A home indexed with the split's catalog, base Recall@1 measured through search,
+    then tuned on the split's training photos (validated on the held-out ones)."""
+    home = tmp_path_factory.mktemp("tune-home")
+    with Engine(home) as engine:
+        engine.index([], metadata=grocery_split["catalog"], progress=False)
+        base_stamp = engine.encoder.stamp
+        base_r1 = _recall_at_1(engine, grocery_split["held"])
+        report = train_tuned_model(
+            engine, grocery_split["train"], grocery_split["held"], progress=False,
+            settings=SETTINGS,
+        )  # fmt: skip
+        tuned_r1 = _recall_at_1(engine, grocery_split["held"])
+    return {"home": home, "report": report, "base_stamp": base_stamp, "base_r1": base_r1,
+            "tuned_r1": tuned_r1}  # fmt: skip
+
+
+def test_tuned_model_beats_base_on_held_out_photos(tuned_home):
+    report = tuned_home["report"]
+    v = report.validation
+    assert v is not None and v["queries"] == N_PRODUCTS * HELD_PER_PRODUCT
+    # the figures the trainer reports ...
+    assert v["after"]["recall@1"] >= v["before"]["recall@1"] + 0.15, v
+    assert v["after"]["recall@5"] >= v["before"]["recall@5"], v
+    # ... are what search itself now does (searches use the tuned model at once)
+    assert tuned_home["base_r1"] == pytest.approx(v["before"]["recall@1"], abs=0.03)
+    assert tuned_home["tuned_r1"] == pytest.approx(v["after"]["recall@1"], abs=0.03)
+    assert tuned_home["tuned_r1"] >= tuned_home["base_r1"] + 0.15
+    # per-epoch loss and validation figures
+    assert len(report.epochs) == SETTINGS.epochs
+    assert report.epochs[-1]["loss"] < report.epochs[0]["loss"]
+    assert {"recall@1", "recall@5"} <= set(report.epochs[-1])
+
+
+def test_tuned_model_is_versioned_and_stamped(tuned_home, grocery_split):
+    home, report = tuned_home["home"], tuned_home["report"]
+    assert active_version(home) == report.version
+    info = json.loads((tuned_root(home) / report.version / "model.json").read_text())
+    assert info["base_stamp"] == tuned_home["base_stamp"]
+    assert info["stamp"] == report.stamp != tuned_home["base_stamp"]
+    assert report.stamp.startswith(tuned_home["base_stamp"] + "+tuned:")
+    assert info["validation"]["after"] == report.validation["after"]
+    import hashlib
+
+    assert info["labels_sha256"] == hashlib.sha256(grocery_split["train"].read_bytes()).hexdigest()
+    with Engine(home) as engine:  # a new process would see the same
+        assert isinstance(engine.encoder, TunedEncoder)
+        assert engine.encoder.stamp == report.stamp
+        assert engine.catalog.get_meta("stamp") == report.stamp
+        stamps = {row.stamp for rows in engine.catalog.iter_images() for row in rows}
+        assert stamps == {report.stamp}  # every catalog vector re-embedded
+        assert len(engine.store) == engine.catalog.count_images() == N_PRODUCTS + 1
+        assert engine.info()["tuned"] == report.version
+        # stored vectors are what the tuned encoder makes of the file
+        row = next(iter(engine.catalog.iter_images()))[0]
+        from lookalike.images import load_image
+
+        enc = engine.encoder
+        fresh = enc.embed(enc.prepare(load_image(row.source, draft_size=enc.draft_size))[None])
+        np.testing.assert_allclose(engine.catalog.vectors([row.image_id])[0], fresh[0], atol=1e-4)
+    # catalog re-embedding reused the cached backbone features
+    assert report.reembedded["from_cache"] == N_PRODUCTS + 1
+    assert report.reembedded["from_files"] == 0
+
+
+def test_two_models_are_never_mixed(tuned_home):
+    """With the tuned head gone from the active slot, the catalog's tuned vectors must
+    not be searched with base-model queries."""
+    home = tuned_home["home"]
+    active = tuned_root(home) / "active.json"
+    saved = active.read_bytes()
+    active.unlink()
+    try:
+        with Engine(home) as engine:
+            with pytest.raises(CatalogMismatchError):
+                engine.search(_any_image(engine))
+    finally:
+        active.write_bytes(saved)
+
+
+def _any_image(engine: Engine) -> str:
+    return next(iter(engine.catalog.iter_images()))[0].source
+
+
+def test_reset_restores_base_model_then_reuse(tuned_home, grocery_split):
+    home, report = tuned_home["home"], tuned_home["report"]
+    with Engine(home) as engine:
+        counts = reset(engine, progress=False)
+        assert counts == {"from_cache": N_PRODUCTS + 1, "from_files": 0}
+        assert not isinstance(engine.encoder, TunedEncoder)
+        assert engine.catalog.get_meta("stamp") == tuned_home["base_stamp"]
+        assert active_version(home) is None
+        assert not engine.info().get("tuned")
+        # restored vectors are the base model's own
+        row = next(iter(engine.catalog.iter_images()))[0]
+        from lookalike.images import load_image
+
+        enc = engine.encoder
+        fresh = enc.embed(enc.prepare(load_image(row.source, draft_size=enc.draft_size))[None])
+        np.testing.assert_allclose(engine.catalog.vectors([row.image_id])[0], fresh[0], atol=1e-4)
+        assert _recall_at_1(engine, grocery_split["held"]) == pytest.approx(
+            tuned_home["base_r1"], abs=1e-9
+        )
+    # and back to the saved tuned model through the CLI
+    assert cli_main(["--home", str(home), "-q", "tune", "--use", report.version]) == 0
+    with Engine(home) as engine:
+        assert engine.encoder.stamp == report.stamp
+        assert _recall_at_1(engine, grocery_split["held"]) == pytest.approx(
+            tuned_home["tuned_r1"], abs=1e-9
+        )
+
+
+def test_no_leakage_validation_file_does_not_change_the_model(tuned_home, grocery_split):
+    """Training reads only the labels file and the catalog: the same seed with or
+    without --validate (and with a validate file whose labels are all wrong) gives the
+    same head, bit for bit."""
+    home = tuned_home["home"]
+    rows = _rows(grocery_split["held"])
+    pids = [r["product_id"] for r in rows]
+    wrong = [{"image": r["image"], "product_id": pids[(i + 7) % len(pids)]}
+             for i, r in enumerate(rows)]  # fmt: skip
+    wrong_csv = _write_csv(grocery_split["dir"] / "wrong.csv", ["image", "product_id"], wrong)
+    with Engine(home) as engine:
+        a = train_tuned_model(engine, grocery_split["train"], None, progress=False,
+                              settings=SETTINGS, activate=False)  # fmt: skip
+        b = train_tuned_model(engine, grocery_split["train"], wrong_csv, progress=False,
+                              settings=SETTINGS, activate=False)  # fmt: skip
+    assert a.stamp == b.stamp == tuned_home["report"].stamp
+    assert a.validation is None and b.validation["after"]["recall@1"] < 0.5
+
+
+def test_unknown_products_are_reported_and_skipped(tuned_home, grocery_split, tmp_path):
+    rows = _rows(grocery_split["train"])[:40]
+    rows.append({"image": rows[0]["image"], "product_id": "No-Such-Product"})
+    labels = _write_csv(tmp_path / "labels.csv", ["image", "product_id"], rows)
+    with Engine(tuned_home["home"]) as engine:
+        report = train_tuned_model(engine, labels, progress=False,
+                                   settings=TuneSettings(epochs=2), activate=False)  # fmt: skip
+    assert report.photos_used == 40
+    assert len(report.skipped_unknown) == 1
+    assert "No-Such-Product" in report.skipped_unknown[0] and ":42:" in report.skipped_unknown[0]
+    # labels naming only some products: the others still have catalog images to learn from
+    assert report.products_labelled < report.catalog_products == N_PRODUCTS
+
+
+def test_labels_with_no_known_product_are_refused(tuned_home, tmp_path):
+    rows = [{"image": r["image"], "product_id": "Nope"} for r in
+            _rows(Path(tuned_home["report"].labels))[:3]]  # fmt: skip
+    labels = _write_csv(tmp_path / "labels.csv", ["image", "product_id"], rows)
+    with Engine(tuned_home["home"]) as engine, pytest.raises(UsageError, match="none of its"):
+        train_tuned_model(engine, labels, progress=False, activate=False)
+
+
+def test_tune_on_empty_catalog_is_a_usage_error(tmp_path, grocery_split):
+    assert cli_main(["--home", str(tmp_path / "h"), "-q", "tune", "--labels",
+                     str(grocery_split["train"])]) == UsageError.exit_code  # fmt: skip
+
+
+def test_cli_status_and_json(tuned_home, capsys):
+    home = str(tuned_home["home"])
+    assert cli_main(["--home", home, "tune", "--status", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] in {"tuned", "base"}
+    with Engine(home) as engine:
+        assert out["stamp"] == engine.encoder.stamp
+
+
+def test_feature_cache_holds_catalog_and_photos(tuned_home):
+    with Engine(tuned_home["home"]) as engine:
+        base = base_of(engine.encoder)
+        cache = FeatureCache.open(tuned_home["home"], base)
+        shas = {row.sha256 for rows in engine.catalog.iter_images() for row in rows}
+    assert shas <= set(cache.index)
+    assert cache.has_cells() and cache.cells.shape[1:3] == (3, 3)
+    assert cache.embeddings.shape[1] == base.dim
