@@ -751,6 +751,31 @@ def test_readiness_while_the_engine_opens_in_the_background(writable_home, tmp_p
         assert "disk on fire" in assert_error(c.get("/products"), 503)["detail"]
 
 
+def test_an_empty_catalog_serves_and_takes_products(tmp_path, catalog):
+    """`lookalike serve` on a new home: ready, searchable (nothing found), and products
+    added through the API are found by the next search."""
+    _, rows = catalog
+    app = create_app(home=tmp_path / "new-home", api_key=KEY)
+    with TestClient(app) as c:
+        assert app.state.engine_holder.wait(180)
+        ready = c.get("/readyz").json()
+        assert ready["status"] == "ready" and ready["products"] == 0
+        photo = image_bytes(rows[4])
+        assert search(c, photo).json()["results"] == []
+        assert c.get("/products").json() == {"products": [], "total": 0, "limit": 50, "offset": 0}
+        assert c.get("/categories").json() == {"categories": []}
+        added = c.post(
+            "/products",
+            data={"product_id": "first", "category": "Flats"},
+            files={"images": ("a.jpg", photo, "image/jpeg")},
+            headers=AUTH,
+        )
+        assert added.status_code == 201, added.text
+        top = search(c, photo).json()["results"]
+        assert [r["product_id"] for r in top] == ["first"] and top[0]["score"] > 0.99
+        assert c.get("/readyz").json()["products"] == 1
+
+
 def assert_error_free(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     return response.json()
