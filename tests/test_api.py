@@ -21,7 +21,13 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from lookalike.api import Limits, create_app, load_query_image, parse_crop
+from lookalike.api import (
+    Limits,
+    create_app,
+    load_query_image,
+    parse_crop,
+    tune_encoder_for_serving,
+)
 from lookalike.engine import Engine
 from lookalike.errors import UsageError
 
@@ -424,6 +430,22 @@ def test_server_gives_each_concurrent_search_its_share_of_the_cores(engine):
         options = engine.encoder.session.get_session_options()
         assert options.intra_op_num_threads == 1
         assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_session_resizing_reaches_through_wrapping_encoders():
+    calls = []
+
+    class Onnx:
+        def set_threads(self, threads, spinning=True):
+            calls.append((threads, spinning))
+
+    class Wrapper:  # like TunedEncoder: no set_threads of its own
+        def __init__(self, base):
+            self.base = base
+
+    assert tune_encoder_for_serving(Wrapper(Wrapper(Onnx())), 1)
+    assert calls == [(1, False)]
+    assert not tune_encoder_for_serving(Wrapper(object()), 1)
 
 
 def test_parse_crop_rounds_and_accepts_both_forms():

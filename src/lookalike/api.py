@@ -474,7 +474,14 @@ def tune_encoder_for_serving(encoder: Any, threads: int) -> bool:
     searches at once, and the spinning threads of one then steal the cores the others
     need (docs/api.md: about half the latency with searches side by side). Returns
     whether it was done (encoders without `set_threads` are left as they are)."""
-    set_threads = getattr(encoder, "set_threads", None)
+    target, set_threads = encoder, None
+    for _ in range(5):  # quality and tuned encoders wrap the ONNX one as `.base`
+        set_threads = getattr(target, "set_threads", None)
+        if set_threads is not None:
+            break
+        target = getattr(target, "base", None)
+        if target is None:
+            return False
     if set_threads is None:
         return False
     try:
