@@ -13,7 +13,7 @@ from PIL import Image
 from lookalike.errors import ModelError
 from lookalike.images import FIT_MODES, fit_square
 
-DEFAULT_FIT = "pad"
+DEFAULT_FIT = "crop"
 """Chosen by benchmarks/bench_preprocess_fit.py (see docs/preprocessing.md)."""
 
 
