@@ -128,6 +128,13 @@ def test_webp_and_avif_roundtrip():
         assert close(out.getpixel((28, 16)), BLUE, 40), fmt
 
 
+def test_mpo_multi_picture_jpeg_opens_first_picture():
+    data = encode(halves(32, 32), "MPO", save_all=True, append_images=[Image.new("RGB", (32, 32))])
+    assert Image.open(io.BytesIO(data)).format == "MPO"
+    out = load_image(data)
+    assert out.size == (32, 32) and close(out.getpixel((4, 16)), RED, 40)
+
+
 @pytest.mark.skipif(not HEIF_SUPPORTED, reason="pillow-heif is not installed")
 def test_heic_roundtrip():
     try:
@@ -179,6 +186,14 @@ def test_text_file_raises_image_error(tmp_path):
     text.write_text("this is not an image\n" * 20)
     with pytest.raises(ImageError, match="not a recognised image"):
         load_image(text)
+
+
+@pytest.mark.parametrize("fmt", ["EPS", "PCX", "ICO"])
+def test_formats_outside_the_allow_list_are_refused(fmt):
+    data = encode(Image.new("RGB", (32, 32), RED), fmt)
+    assert Image.open(io.BytesIO(data)).format == fmt  # Pillow itself would open it
+    with pytest.raises(ImageError, match="not a recognised image format"):
+        load_image(data)
 
 
 def test_corrupt_header_raises_image_error():

@@ -10,8 +10,8 @@ the same way:
 - every mode to RGB: palette / LA / RGBA transparency composited on white, CMYK (through
   its ICC profile when it has one), 16-bit and 32-bit integer greyscale scaled to 8 bits,
   float images, 1-bit and greyscale;
-- JPEG, PNG, WebP, GIF (first frame), TIFF, BMP, AVIF (Pillow), HEIC/HEIF (pillow-heif,
-  when installed);
+- JPEG, PNG, WebP, GIF (first frame), TIFF, BMP, PPM, JPEG 2000, AVIF (Pillow), HEIC/HEIF
+  (pillow-heif, when installed) and nothing else (see `FORMATS`);
 - optional JPEG draft decoding (`draft_size`) that lets libjpeg decode a big phone photo
   at 1/2, 1/4 or 1/8 scale, several times faster, while keeping the shorter side at
   least `draft_size` pixels.
@@ -48,6 +48,21 @@ DEFAULT_MAX_PIXELS = 100_000_000
 DEFAULT_MAX_BYTES = 50 * 1024 * 1024
 """File or upload size."""
 
+FORMATS: tuple[str, ...] = (
+    "JPEG",  # also opens MPO (JPEG with extra frames, as some phones write)
+    "PNG",
+    "WEBP",
+    "AVIF",
+    "HEIF",
+    "GIF",
+    "TIFF",
+    "BMP",
+    "PPM",
+    "JPEG2000",
+)
+"""Formats `load_image` opens. Pillow's other plugins (EPS runs Ghostscript, PSD, FITS,
+...) are not offered untrusted uploads."""
+
 FitMode = Literal["pad", "crop", "stretch"]
 FIT_MODES: tuple[str, ...] = ("pad", "crop", "stretch")
 RESAMPLE = Image.Resampling.BICUBIC
@@ -77,13 +92,15 @@ def load_image(
     if not data:
         raise ImageError(f"{label}: empty file (0 bytes), not an image")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as exc:
         raise ImageTooLargeError(
             f"{label}: image has too many pixels ({exc}); limit is {max_pixels:,}"
         ) from exc
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{label}: not a recognised image format") from exc
+        raise ImageError(
+            f"{label}: not a recognised image format (supported: {', '.join(FORMATS)})"
+        ) from exc
     except Exception as exc:  # Pillow plugins raise many types on bad headers
         raise ImageError(f"{label}: cannot read image header: {_reason(exc)}") from exc
 
