@@ -29,7 +29,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder
+from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder, file_sha256
 from lookalike.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -79,18 +79,10 @@ BUNDLED: dict[str, BundledModel] = {
 DEFAULT_MODEL = "efficientnet-lite2"
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def content_hash(model: BundledModel) -> str:
+def content_hash(model: BundledModel, cache_dir: Path | None = None) -> str:
     """16 hex digits over the weights file, the export code version and the model shape."""
     h = hashlib.sha256()
-    h.update(_sha256_file(model.weights_path()).encode())
+    h.update(file_sha256(model.weights_path(), cache_dir).encode())
     h.update(f"|{model.name}|{model.input_size}|export{EXPORT_VERSION}|opset{OPSET}".encode())
     h.update(f"|mean{MEAN_255}|std{STD_255}".encode())
     return h.hexdigest()[:16]
@@ -156,6 +148,7 @@ def export_onnx(name: str, dest: Path) -> Path:
         import onnx
 
         onnx.checker.check_model(str(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache must be readable
         os.replace(tmp, dest)
     except Exception as exc:
         raise ModelError(f"{name}: ONNX export failed: {exc}") from exc
@@ -170,7 +163,7 @@ def export_onnx(name: str, dest: Path) -> Path:
 def onnx_path(name: str, cache_dir: Path) -> Path:
     """Where the exported graph for `name` lives (exporting it first if needed)."""
     model = BUNDLED[name]
-    dest = Path(cache_dir) / f"{name}-{content_hash(model)}.onnx"
+    dest = Path(cache_dir) / f"{name}-{content_hash(model, cache_dir)}.onnx"
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -181,6 +174,9 @@ def onnx_path(name: str, cache_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not dest.is_file():
+                # leftovers of exports that were killed (we hold the lock: none is running)
+                for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
                 export_onnx(name, dest)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

@@ -62,14 +62,17 @@ and transformers are needed only for this step)::
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder, make_session
+from lookalike.encoders.runtime import (
+    DEFAULT_FIT,
+    InputSpec,
+    OnnxEncoder,
+    file_sha256,
+    make_session,
+)
 from lookalike.errors import InputPathError, ModelError, UsageError
 from lookalike.images import FIT_MODES
 
@@ -114,36 +117,6 @@ def _guess_layout(shape: list) -> str:
     if len(shape) == 4 and shape[-1] == 3 and shape[1] != 3:
         return "NHWC"
     return "NCHW"
-
-
-def _file_sha256(path: Path, cache_dir: Path | None) -> str:
-    """sha256 of a (possibly large) model file, remembered by (size, mtime) in cache_dir."""
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    memo_path = Path(cache_dir) / "onnx-sha256.json" if cache_dir else None
-    memo: dict[str, str] = {}
-    if memo_path and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (OSError, ValueError):
-            memo = {}
-    if key in memo:
-        return memo[key]
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo_path:
-        try:
-            memo_path.parent.mkdir(parents=True, exist_ok=True)
-            memo[key] = digest
-            tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(memo, indent=0))
-            os.replace(tmp, memo_path)
-        except OSError:
-            pass  # a read-only cache only costs a re-hash next time
-    return digest
 
 
 def load_onnx_file(
@@ -196,7 +169,7 @@ def load_onnx_file(
     output = options.get("output") or None
 
     spec_in = InputSpec(size=size, mean=mean, std=std, layout=layout, raw_uint8=raw_uint8)
-    digest = _file_sha256(path, cache_dir)[:16]
+    digest = file_sha256(path, cache_dir)[:16]
     preprocess = f"{fit}{size}-bicubic-{spec_in.ident()}-{output or 'out0'}-{pool}"
     try:
         return OnnxEncoder(

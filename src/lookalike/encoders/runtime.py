@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +25,37 @@ def cpu_count() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # pragma: no cover - non-Linux
         return max(1, os.cpu_count() or 1)
+
+
+def file_sha256(path: Path, cache_dir: Path | None) -> str:
+    """sha256 of a (possibly large) model file, remembered in `cache_dir` by path, size and
+    mtime so a 300 MB model is not re-read on every start."""
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    memo_path = Path(cache_dir) / "sha256-memo.json" if cache_dir else None
+    memo: dict[str, str] = {}
+    if memo_path and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (OSError, ValueError):
+            memo = {}
+    if key in memo:
+        return memo[key]
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    digest = h.hexdigest()
+    if memo_path:
+        try:
+            memo_path.parent.mkdir(parents=True, exist_ok=True)
+            memo[key] = digest
+            tmp = memo_path.with_name(f".{memo_path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(memo, indent=0))
+            os.replace(tmp, memo_path)
+        except OSError:
+            pass  # a read-only cache only costs a re-hash next time
+    return digest
 
 
 def make_session(
