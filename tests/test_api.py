@@ -809,6 +809,24 @@ def test_unknown_routes_and_methods_are_json(client):
     assert_error(client.get("/search"), 405, "MethodNotAllowed")
 
 
+def test_cross_origin_calls_only_from_configured_origins(engine, client):
+    shop = "https://shop.example"
+    preflight = {"Origin": shop, "Access-Control-Request-Method": "POST"}
+    with TestClient(create_app(engine, api_key="", cors_origins=[shop + "/"])) as c:
+        response = c.options("/search", headers=preflight)
+        assert response.status_code == 200
+        assert response.headers["access-control-allow-origin"] == shop
+        listed = c.get("/categories", headers={"Origin": shop})
+        assert listed.headers["access-control-allow-origin"] == shop
+        other = c.get("/categories", headers={"Origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+    # none configured: no CORS headers at all
+    assert (
+        "access-control-allow-origin"
+        not in client.get("/categories", headers={"Origin": shop}).headers
+    )
+
+
 def test_openapi_and_docs(client):
     spec = client.get("/openapi.json").json()
     for path in (

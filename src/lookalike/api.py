@@ -39,6 +39,7 @@ from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
@@ -56,6 +57,7 @@ log = logging.getLogger("lookalike.api")
 
 WEB_DIR = Path(__file__).parent / "web"
 API_KEY_ENV = "LOOKALIKE_API_KEY"
+CORS_ENV = "LOOKALIKE_CORS_ORIGINS"
 ATTR_PREFIX = "attr."
 """Attribute equality filters are fields/query parameters named `attr.<name>`."""
 
@@ -749,12 +751,15 @@ def create_app(
     model: str | None = None,
     vector_store: str | None = None,
     opener: Callable[..., Any] | None = None,
+    cors_origins: Iterable[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app over `engine`, or over the catalog at `home` (opened in the
     background at startup; /readyz says when it is open). `api_key` defaults to
     $LOOKALIKE_API_KEY; with none, the write endpoints answer 403. `limits` defaults to
     `Limits.from_env()`. `model`/`vector_store` go to `Engine.open`;
-    `opener(home) -> engine` replaces `Engine.open` altogether."""
+    `opener(home) -> engine` replaces `Engine.open` altogether. `cors_origins` (default
+    $LOOKALIKE_CORS_ORIGINS, comma-separated; none by default) lets storefront pages on
+    those origins call the API from the browser."""
     limits = limits or Limits.from_env()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
@@ -794,6 +799,17 @@ def create_app(
     app.state.engine_holder = holder
     app.state.limits = limits
     app.add_middleware(BodyLimitMiddleware, limits=limits)
+    if cors_origins is None:
+        cors_origins = os.environ.get(CORS_ENV, "").split(",")
+    origins = [o.strip().rstrip("/") for o in cors_origins if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Content-Type"],
+            max_age=600,
+        )
     _install_error_handlers(app)
 
     # -- dependencies ----------------------------------------------------------------
