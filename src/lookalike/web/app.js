@@ -44,6 +44,7 @@ const state = {
   mode: "photo", // "photo" or "similar"
   similarTo: null, // {product_id, title} in "similar" mode
   request: 0, // id of the newest request; older answers are dropped
+  revealResults: false, // on a phone, scroll to the results once they arrive
   controller: null,
   objectUrl: null,
 };
@@ -104,6 +105,7 @@ function setPhoto(file) {
   state.natural = null;
   state.mode = "photo";
   state.similarTo = null;
+  state.revealResults = true;
   hideError();
   if (state.objectUrl) URL.revokeObjectURL(state.objectUrl);
   state.objectUrl = URL.createObjectURL(file);
@@ -371,6 +373,10 @@ async function send(url, options, heading) {
   els.timing.textContent =
     `${count} result${count === 1 ? "" : "s"} · ${formatMs(body.took_ms)} on the server · ` +
     `${total} ms in all`;
+  if (state.revealResults && window.matchMedia("(max-width: 760px)").matches) {
+    els.heading.scrollIntoView({ behavior: "smooth", block: "start" });
+  }
+  state.revealResults = false;
 }
 
 function clearResults() {
@@ -481,6 +487,7 @@ function card(result) {
   body.append(meta, score);
   button.append(thumb, body);
   button.addEventListener("click", () => {
+    state.revealResults = true;
     runSimilar({ product_id: result.product_id, title: result.title });
     els.heading.scrollIntoView({ behavior: "smooth", block: "nearest" });
   });
