@@ -225,7 +225,8 @@ def run_eval(
     ks = parse_ks(ks)
     labels_path = Path(labels_csv).expanduser()
     labels = read_labels(labels_path)
-    check_known_products(labels, _catalog_product_ids(engine), labels_path)
+    known = _catalog_product_ids(engine)
+    check_known_products(labels, known, labels_path)
     depth = max(max(ks), keep_rankings)
     per_query: list[dict[str, Any]] = []
     times: list[float] = []
@@ -258,7 +259,7 @@ def run_eval(
         "mode": "queries",
         "labels": str(labels_path),
         "queries": len(per_query),
-        "products": len(_catalog_product_ids(engine)),
+        "products": len(known),
         "k": ks,
         **summarise_ranks(ranks, ks),
         "ms_per_query": statistics.fmean(times),
@@ -380,7 +381,10 @@ def run_leave_one_out(engine: Any, field: str, k: int = 10) -> dict[str, Any]:
         "products": len(products),
         **result,
         "seconds": time.perf_counter() - t0,
-        "pipeline": _pipeline_description(engine),
+        "pipeline": {  # stored catalog vectors only: the query pipeline plays no part
+            "model": engine.catalog.get_meta("model"),
+            "stamp": engine.catalog.get_meta("stamp"),
+        },
     }
 
 
@@ -396,15 +400,19 @@ def _catalog_product_ids(engine: Any) -> set[str]:
 
 
 def _catalog_vectors(engine: Any) -> tuple[list[int], list[str], np.ndarray]:
+    """Every catalog image that holds a vector of the catalog's current model."""
     catalog = engine.catalog
+    stamp = catalog.get_meta("stamp")
+    embedded = set(catalog.embedded_ids(stamp).tolist()) if stamp else set()
     image_ids: list[int] = []
     product_ids: list[str] = []
     for batch in catalog.iter_images():
         for row in batch:
-            image_ids.append(row.image_id)
-            product_ids.append(row.product_id)
+            if row.image_id in embedded:
+                image_ids.append(row.image_id)
+                product_ids.append(row.product_id)
     if not image_ids:
-        raise UsageError("the catalog is empty: index some images first")
+        raise UsageError("the catalog has no embedded images: index some images first")
     vectors = catalog.vectors(image_ids)
     return image_ids, product_ids, vectors
 
