@@ -206,6 +206,14 @@ def test_search_filters_keep_only_matching_products_and_lose_none(client, catalo
     )
     assert combined  # the sample has such products, so the test can fail
     assert ids(category="No Such Category") == set()
+    either = client.post(
+        "/search",
+        files={"image": ("q.jpg", data, "image/jpeg")},
+        data={"k": "100", "category": ["Flats", "Flip Flops"]},
+    ).json()["results"]
+    assert {r["product_id"] for r in either} == truth(
+        lambda r: r["category"] in ("Flats", "Flip Flops")
+    )
 
 
 def test_crop_box_searches_only_that_region(client, catalog):
@@ -488,6 +496,15 @@ def test_similar_with_filters(client, catalog):
         and r["product_id"] != row["product_id"]
     }
     assert got == want and want
+    either = client.get(
+        f"/products/{row['product_id']}/similar",
+        params=[("k", "100"), ("category", "Flats"), ("category", "Sports Shoes")],
+    ).json()["results"]
+    assert {r["category"] for r in either} == {"Flats", "Sports Shoes"}
+    assert len(either) == sum(
+        r["category"] in ("Flats", "Sports Shoes") and r["product_id"] != row["product_id"]
+        for r in rows
+    )
     strict = client.get(
         f"/products/{row['product_id']}/similar", params={"k": 10, "min_score": 0.999}
     )

@@ -29,7 +29,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -616,12 +616,16 @@ def attribute_filters(items: Iterable[tuple[str, Any]]) -> dict[str, str]:
 
 
 def make_filters(
-    category: str | None,
+    category: str | Sequence[str] | None,
     price_min: float | None,
     price_max: float | None,
     in_stock: bool | None,
     attrs: dict[str, str],
 ) -> Filters | None:
+    if category is not None and not isinstance(category, str):
+        category = [c for c in category if c] or None
+        if category is not None and len(category) == 1:
+            category = category[0]
     filters = Filters(
         category=category or None,
         price_min=price_min,
@@ -864,7 +868,9 @@ def create_app(
         urls: Urls,
         image: Annotated[UploadFile, File(description="The query photo")],
         k: Annotated[int, Form(ge=1, le=limits.max_k)] = 10,
-        category: Annotated[str | None, Form()] = None,
+        category: Annotated[
+            list[str] | None, Form(description="Repeat for any of several categories")
+        ] = None,
         price_min: Annotated[float | None, Form(ge=0)] = None,
         price_max: Annotated[float | None, Form(ge=0)] = None,
         in_stock: Annotated[bool | None, Form()] = None,
@@ -913,7 +919,9 @@ def create_app(
         urls: Urls,
         product_id: str,
         k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
-        category: str | None = None,
+        category: Annotated[
+            list[str] | None, Query(description="Repeat for any of several categories")
+        ] = None,
         price_min: Annotated[float | None, Query(ge=0)] = None,
         price_max: Annotated[float | None, Query(ge=0)] = None,
         in_stock: bool | None = None,
