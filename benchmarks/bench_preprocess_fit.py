@@ -108,35 +108,51 @@ def fashion(encoder, k: int = 10) -> tuple[dict[str, float], int, int]:
     return result, non_square(imgs), len(imgs)
 
 
-def throughput(encoder, seconds: float = 6.0) -> dict[tuple[str, int], float]:
-    """(engine, batch) -> images/s of the bare network on random pixels."""
+def throughput(encoder, seconds: float = 5.0) -> dict[tuple[str, int], tuple[float, float]]:
+    """(configuration, batch) -> (images per wall second, images per CPU second of this
+    process) of the bare network on random pixels. The CPU-second rate is the one to
+    compare on a busy machine: it does not count time other processes held the cores
+    (it does count worker threads spin-waiting)."""
     import torch
 
     from lookalike.encoders.efficientnet import build_torch_model
 
-    torch.set_num_threads(cpu_count())
     module = build_torch_model(encoder.name)
     s = encoder.input_size
     rng = np.random.default_rng(0)
+    cores = cpu_count()
+    configs = []  # (label, engine, threads, ORT spinning)
+    for threads in sorted({cores, 1}, reverse=True):
+        configs.append((f"onnxruntime, {threads} thr", "ort", threads, False))
+        if threads > 1:
+            configs.append((f"onnxruntime, {threads} thr, spinning", "ort", threads, True))
+        configs.append((f"torch eager, {threads} thr", "torch", threads, False))
     result = {}
     for batch in (1, 16):
         pixels = rng.integers(0, 256, (batch, s, s, 3), dtype=np.uint8)
         tensor = torch.from_numpy(pixels)
+        for label, engine, threads, spinning in configs:
+            if engine == "ort":
+                encoder.set_threads(threads, spinning=spinning)
 
-        def run_torch(t=tensor):
-            with torch.inference_mode():
-                module(t)
+                def fn(p=pixels):
+                    encoder.embed(p)
+            else:
+                torch.set_num_threads(threads)
 
-        for engine, fn in (
-            ("onnxruntime", lambda p=pixels: encoder.embed(p)),
-            ("torch", run_torch),
-        ):
+                def fn(t=tensor):
+                    with torch.inference_mode():
+                        module(t)
+
             fn()  # warm-up
-            n, start = 0, time.perf_counter()
+            n, start, cpu_start = 0, time.perf_counter(), time.process_time()
             while time.perf_counter() - start < seconds:
                 fn()
                 n += batch
-            result[(engine, batch)] = n / (time.perf_counter() - start)
+            wall = time.perf_counter() - start
+            cpu = time.process_time() - cpu_start
+            result[(label, batch)] = (n / wall, n / cpu)
+    encoder.set_threads(None)
     return result
 
 
@@ -213,10 +229,12 @@ def main() -> None:
     if not args.skip_throughput:
         tp = throughput(encoder)
         load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-        print(f"\nbare encoder throughput, images/s ({cpu_count()} threads; load average {load})")
-        print("batch   onnxruntime     torch eager")
-        for b in (1, 16):
-            print(f"{b:<8}{tp[('onnxruntime', b)]:>11.1f}{tp[('torch', b)]:>16.1f}")
+        print(f"\nbare encoder throughput (load average after the run {load})")
+        print("                                     batch 1               batch 16")
+        print("configuration                  img/s  img/CPU-s      img/s  img/CPU-s")
+        for label in dict.fromkeys(label for label, _ in tp):
+            (w1, c1), (w16, c16) = tp[(label, 1)], tp[(label, 16)]
+            print(f"{label:<29}{w1:>6.1f}{c1:>11.1f}{w16:>11.1f}{c16:>11.1f}")
 
     if not args.skip_normalisation:
         nc = normalisation_check(encoder)

@@ -59,11 +59,13 @@ def file_sha256(path: Path, cache_dir: Path | None) -> str:
 
 
 def make_session(
-    path: Path, threads: int | None = None, spinning: bool = True
+    path: Path, threads: int | None = None, spinning: bool = False
 ):  # -> onnxruntime.InferenceSession
     """An ORT CPU session with all graph optimisations and `threads` intra-op threads
-    (default one per core). `spinning=False` stops idle threads busy-waiting between
-    runs: slightly slower for one caller, much kinder to concurrent work (a server)."""
+    (default one per core). Worker threads do not spin-wait by default: on this 2-core
+    box, with other work running, spinning halved batch-1 throughput (18.0 -> 9.4 img/s,
+    benchmarks/bench_preprocess_fit.py); `spinning=True` brings it back for a caller
+    that knows it has the cores to itself."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -181,7 +183,7 @@ class OnnxEncoder:
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.stamp} dim={self.dim}>"
 
-    def set_threads(self, threads: int | None, spinning: bool = True) -> None:
+    def set_threads(self, threads: int | None, spinning: bool = False) -> None:
         """Replace the ORT session with one of `threads` intra-op threads (None: cores)."""
         self.session = make_session(self.model_path, threads, spinning)
 
