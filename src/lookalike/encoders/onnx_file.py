@@ -39,9 +39,9 @@ and transformers are needed only for this step)::
                       dynamic_axes={"pixel_values": {0: "n"}, "image_embeds": {0: "n"}},
                       opset_version=17)
 
-    CLIP="onnx:clip-b32.onnx?size=224&fit=crop"
+    CLIP="onnx:$PWD/clip-b32.onnx?size=224&fit=crop"
     CLIP="$CLIP&mean=0.4815,0.4578,0.4082&std=0.2686,0.2613,0.2758"
-    lookalike index --model "$CLIP" ...
+    lookalike --model "$CLIP" index my-catalog/
 
     # DINOv2 ViT-S/14 -> pooler_output (the normalised CLS token, N x 384)
     from transformers import AutoModel
@@ -54,10 +54,13 @@ and transformers are needed only for this step)::
                       dynamic_axes={"pixel_values": {0: "n"}, "cls": {0: "n"}},
                       opset_version=17)
 
-    lookalike index --model "onnx:dinov2-s14.onnx?size=224&fit=crop" ...   # ImageNet mean/std
+    lookalike --model "onnx:$PWD/dinov2-s14.onnx?size=224&fit=crop" index my-catalog/
 
-(DINOv2 input sides must be multiples of 14; 224 is the usual one. Exporting the whole
-`last_hidden_state` instead also works: pool=cls takes its first token.)
+(DINOv2 takes ImageNet mean/std, the default here, and sides that are multiples of 14;
+224 is the usual one. Exporting the whole `last_hidden_state` instead also works:
+pool=cls takes its first token. Give the model file as an absolute path: the catalog
+remembers the spec. These two recipes need `transformers` and the downloaded weights,
+which this project does not ship; they have not been run in its CI.)
 """
 
 from __future__ import annotations
