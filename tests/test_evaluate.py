@@ -411,6 +411,11 @@ def test_leave_one_out_on_real_fashion_subset(tmp_path):
     assert report["queries"] == len(lines[1:][::20])
     # far better than picking neighbours at random (Heels alone are ~47 % of the set)
     assert report["precision"] > 0.5
+    with Engine(tmp_path / "home") as engine:
+        by_colour = run_leave_one_out(engine, "colour", k=5)  # an attribute column
+    assert by_colour["field"] == "colour"
+    assert 0.0 < by_colour["precision"] < 1.0
+    assert "Black" in by_colour["per_value"]
     assert set(report["per_value"]) <= {
         "Heels", "Flats", "Sports Shoes", "Casual Shoes", "Flip Flops", "Sports Sandals", "Sandals"
     }  # fmt: skip

@@ -358,17 +358,15 @@ def run_leave_one_out(engine: Any, field: str, k: int = 10) -> dict[str, Any]:
     image_ids, product_ids, vectors = _catalog_vectors(engine)
     products = _catalog_products(engine, sorted(set(product_ids)))
     values = []
-    known_field = field in ("category", "title", "price", "in_stock")
+    column = field in ("category", "title", "price", "in_stock")
+    found = column
     for pid in product_ids:
         prod = products[pid]
-        if known_field:
-            value = getattr(prod, field)
-        else:
-            value = prod.attributes.get(field)
-            if value is not None:
-                known_field = True
+        value = getattr(prod, field) if column else prod.attributes.get(field)
+        if value is not None:
+            found = True
         values.append(None if value is None or value == "" else str(value))
-    if not known_field:
+    if not found:
         raise UsageError(
             f"no product has a field {field!r} (try category, or an attribute from the metadata)"
         )
