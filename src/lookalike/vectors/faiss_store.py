@@ -249,6 +249,7 @@ class FaissStore:
         self._rebuild_thread: threading.Thread | None = None
         self._last_rebuild: dict | None = None
         self._rebuild_hook = None  # tests: called inside the worker between stages
+        self._live_bits: np.ndarray | None = None  # bitmap of live slots, cached
         if self.dim <= 0:
             raise UsageError(f"vector dimension must be positive, got {dim}")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -514,6 +515,7 @@ class FaissStore:
             return None
 
     def _after_mutation(self) -> None:
+        self._live_bits = None
         if self._rebuild_thread is not None and self._rebuild_thread.is_alive():
             return
         reason = self.rebuild_reason()
@@ -604,6 +606,7 @@ class FaissStore:
                 self._raw, self._raw_gen = new_raw, raw_gen
                 self._index, self._plan = index, plan
                 self._slot_ids = new_slot_ids
+                self._live_bits = None
                 self._rebuild_key_map()
                 self._index_file, self._index_file_slots = index_name, n
                 self._built_at = time.time()
@@ -687,7 +690,9 @@ class FaissStore:
         sel = None
         bitmap = None
         if self._keys.shape[0] != self._slot_ids.shape[0]:  # tombstones: exclude them
-            bitmap = np.packbits(self._slot_ids >= 0, bitorder="little")
+            if self._live_bits is None:
+                self._live_bits = np.packbits(self._slot_ids >= 0, bitorder="little")
+            bitmap = self._live_bits
             sel = faiss.IDSelectorBitmap(bitmap.shape[0], faiss.swig_ptr(bitmap))
         params = search_parameters(self._plan, sel)
         scores, labels = self._index.search(q, k, params=params)
