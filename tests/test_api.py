@@ -263,6 +263,29 @@ def test_crop_box_on_a_large_jpeg_decoded_reduced(client, catalog):
     assert results[0]["product_id"] == distractor["product_id"]
 
 
+def test_crop_box_is_in_upright_pixels_of_an_exif_rotated_photo(client, catalog):
+    """A phone photo stored sideways with EXIF orientation 6: the box is given in the
+    photo as it is shown (upright), and lands there, also when decoded reduced."""
+    _, rows = catalog
+    top_row, bottom_row = rows[8], rows[28]
+    upright = Image.new("RGB", (2000, 4000), (245, 245, 245))
+    upright.paste(Image.open(top_row["image"]).convert("RGB").resize((1800, 1900)), (100, 50))
+    upright.paste(Image.open(bottom_row["image"]).convert("RGB").resize((1800, 1900)), (100, 2050))
+    stored = upright.rotate(90, expand=True)  # what the camera wrote: 4000 x 2000
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    buf = io.BytesIO()
+    stored.save(buf, format="JPEG", quality=90, exif=exif.tobytes())
+    data = buf.getvalue()
+
+    decoded = load_query_image(data, (100, 2050, 1800, 1900), 260, Limits())
+    assert decoded.size == (900, 950)  # decoded at 1/2 scale, upright, cut to the box
+    top = search(client, data, k=1, crop="100,50,1800,1900").json()["results"][0]
+    bottom = search(client, data, k=1, crop="100,2050,1800,1900").json()["results"][0]
+    assert top["product_id"] == top_row["product_id"]
+    assert bottom["product_id"] == bottom_row["product_id"]
+
+
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
