@@ -21,6 +21,7 @@ clients queues instead of oversubscribing the cores.
 """
 
 import argparse
+import functools
 import hmac
 import io
 import logging
@@ -35,6 +36,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Annotated, Any
 
+import anyio
+import anyio.to_thread
 from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
@@ -778,7 +781,7 @@ def create_app(
     holder = EngineHolder(
         engine, Path(home) if home else _default_home(), opener, limits.threads_per_search
     )
-    search_slots = threading.BoundedSemaphore(limits.search_concurrency)
+    cpu: list[anyio.CapacityLimiter] = []  # made on first use, inside the event loop
     thumbs = ThumbnailCache()
 
     @asynccontextmanager
@@ -817,12 +820,12 @@ def create_app(
     _install_error_handlers(app)
 
     # -- dependencies ----------------------------------------------------------------
-    def get_engine() -> Any:
+    async def get_engine() -> Any:
         return holder.get()
 
     bearer = HTTPBearer(auto_error=False)
 
-    def require_key(
+    async def require_key(
         credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
     ) -> None:
         if key_bytes is None:
@@ -837,15 +840,19 @@ def create_app(
         if not hmac.compare_digest(given, key_bytes):
             raise AuthError("wrong API key")
 
-    def urls_for(request: Request) -> UrlMaker:
+    async def urls_for(request: Request) -> UrlMaker:
         return UrlMaker(request.scope.get("root_path", ""), limits.thumbnail_size)
 
     EngineDep = Annotated[Any, Depends(get_engine)]
     Urls = Annotated[UrlMaker, Depends(urls_for)]
 
-    def run_limited(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        with search_slots:
-            return fn(*args, **kwargs)
+    async def run_cpu(fn: Callable[..., Any], *args: Any) -> Any:
+        """Run CPU-heavy work on a worker thread, at most `search_concurrency` at once;
+        the rest wait on the event loop, holding no thread (so cheap endpoints such as
+        /healthz keep answering under a burst)."""
+        if not cpu:
+            cpu.append(anyio.CapacityLimiter(limits.search_concurrency))
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=cpu[0])
 
     def product_payload(engine: Any, product_id: str, urls: UrlMaker) -> ProductOut:
         product = engine.get_product(product_id)
@@ -900,7 +907,7 @@ def create_app(
                 raise _named(exc, image.filename) from None
             return engine.search([img], k=k, filters=filters, min_score=min_score)[0]
 
-        results = await run_in_threadpool(run_limited, work)
+        results = await run_cpu(work)
         return SearchResponse(
             results=[result_out(r, urls) for r in results],
             took_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -913,7 +920,7 @@ def create_app(
         tags=["search"],
         summary="More like this: products that look like this product",
     )
-    def similar(
+    async def similar(
         request: Request,
         engine: EngineDep,
         urls: Urls,
@@ -936,9 +943,7 @@ def create_app(
             in_stock,
             attribute_filters(request.query_params.multi_items()),
         )
-        results = run_limited(
-            _similar, engine, product_id, k=k, filters=filters, min_score=min_score
-        )
+        results = await run_cpu(_similar, engine, product_id, k, filters, min_score)
         return SearchResponse(
             results=[result_out(r, urls) for r in results],
             took_ms=round((time.perf_counter() - started) * 1000, 2),
@@ -986,26 +991,20 @@ def create_app(
         tags=["catalog"],
         summary="A catalog image by id; ?size=N for a JPEG thumbnail (longest side N)",
     )
-    def get_image(
+    async def get_image(
         engine: EngineDep,
         image_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)],
         size: Annotated[int | None, Query(ge=16, le=1024)] = None,
     ) -> Response:
-        path = _image_path(engine, image_id)
+        path, stat = await run_in_threadpool(_locate_image, engine, image_id)
         headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
-        try:
-            stat = path.stat()
-        except OSError:
-            raise UnknownImageError(
-                f"image {image_id} is in the catalog but its file is gone"
-            ) from None
         if size is None:
             media = _MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
             return FileResponse(path, media_type=media, headers=headers)
         key = (image_id, size, stat.st_mtime_ns, stat.st_size)
         data = thumbs.get(key)
         if data is None:
-            data = run_limited(make_thumbnail, path, size, limits)
+            data = await run_cpu(make_thumbnail, path, size, limits)
             thumbs.put(key, data)
         return Response(data, media_type="image/jpeg", headers=headers)
 
@@ -1059,7 +1058,7 @@ def create_app(
             engine.add_product(fields_, blobs)
             return product_payload(engine, fields_["product_id"], urls)
 
-        product = await run_in_threadpool(run_limited, work)
+        product = await run_cpu(work)
         return JSONResponse(
             product.model_dump(),
             status_code=201,
@@ -1102,7 +1101,7 @@ def create_app(
 
     # -- health -----------------------------------------------------------------------
     @app.get("/healthz", response_model=Health, tags=["health"])
-    def healthz() -> Health:
+    async def healthz() -> Health:
         return Health(status="ok")
 
     @app.get(
@@ -1170,6 +1169,15 @@ def _image_ids_of(engine: Any, product_id: str) -> list[int]:
     if catalog is not None and hasattr(catalog, "images_of"):
         return [row.image_id for row in catalog.images_of(product_id)]
     return []
+
+
+def _locate_image(engine: Any, image_id: int) -> tuple[Path, os.stat_result]:
+    path = _image_path(engine, image_id)
+    try:
+        return path, path.stat()
+    except OSError:
+        message = f"image {image_id} is in the catalog but its file is gone"
+        raise UnknownImageError(message) from None
 
 
 def _image_path(engine: Any, image_id: int) -> Path:
