@@ -91,6 +91,24 @@ def ensure_catalog(home: Path, model: str | None) -> dict:
         return engine.info()
 
 
+def forward_pass_cpu_ms(home: Path, queries: list[tuple[str, bytes]], n: int = 40) -> float:
+    """CPU time of one encoder forward pass on one thread, as the server runs it (the
+    process's CPU time, so other jobs on the machine hardly change it)."""
+    from lookalike.api import tune_encoder_for_serving
+    from lookalike.engine import Engine
+    from lookalike.images import load_image
+
+    with Engine.open(home) as engine:
+        encoder = engine.encoder
+        tune_encoder_for_serving(encoder, 1)
+        batches = [np.stack([encoder.prepare(load_image(data))]) for _, data in queries[:n]]
+        encoder.embed(batches[0])
+        started = time.process_time()
+        for batch in batches:
+            encoder.embed(batch)
+        return (time.process_time() - started) * 1000 / len(batches)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -276,10 +294,12 @@ def main() -> None:
         args.home = bench_dir / ("home" if args.model is None else f"home-{args.model}")
     args.home.mkdir(parents=True, exist_ok=True)
     info = ensure_catalog(args.home, args.model)
+    queries = load_queries(300)
+    forward_ms = forward_pass_cpu_ms(args.home, queries)
+    print(f"encoder forward pass: {forward_ms:.1f} ms CPU per image on 1 thread", file=sys.stderr)
     key = secrets.token_urlsafe(16)
     log_path = args.home.parent / f"serve-{args.home.name}.log"
     proc, base = start_server(args.home, key, args.search_slots, args.encoder_threads, log_path)
-    queries = load_queries(300)
     write_photos = [data for _, data in queries[-20:]]
     phases: list[Phase] = []
     try:
@@ -334,6 +354,7 @@ def main() -> None:
             f" {s['load_avg_1m'][0]} / {s['load_avg_1m'][1]} |"
         )
     print(f"catalog after the run: {total:,} products (churn products all removed)")
+    print(f"encoder forward pass alone: {forward_ms:.1f} ms of CPU per image on one thread")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -341,6 +362,7 @@ def main() -> None:
                     "machine": env,
                     "catalog": {k: info[k] for k in ("products", "images", "model")},
                     "k": args.k,
+                    "forward_pass_cpu_ms": round(forward_ms, 2),
                     "search_slots": args.search_slots,
                     "encoder_threads": args.encoder_threads,
                     "phases": [p.summary() for p in phases],
