@@ -728,6 +728,14 @@ def test_add_product_with_several_images(writable):
     )
     assert response.status_code == 201, response.text
     assert len(response.json()["images"]) == 3
+    with_json = client.post(
+        "/products",
+        data={"product_id": "json-attrs", "attributes": '{"colour": "Teal", "size": 38}'},
+        files={"images": ("j.jpg", (DATA / "footwear300/data/footwear_0103.jpg").read_bytes())},
+        headers=AUTH,
+    )
+    assert with_json.status_code == 201, with_json.text
+    assert with_json.json()["attributes"] == {"colour": "Teal", "size": 38}
     for photo in photos:  # any of its images finds it
         assert search(client, photo, k=1).json()["results"][0]["product_id"] == "multi"
     similar = client.get("/products/multi/similar", params={"k": 3}).json()["results"]
@@ -753,6 +761,9 @@ def test_add_product_errors_change_nothing(writable, catalog):
     assert_error(add({"product_id": "p1", "price": "-3"}, [("images", img)]), 422)
     assert_error(add({"product_id": "p1", "in_stock": "perhaps"}, [("images", img)]), 422)
     assert_error(add({"title": "no id"}, [("images", img)]), 422)
+    assert_error(add({"product_id": "p1", "attributes": "{not json"}, [("images", img)]), 422)
+    assert_error(add({"product_id": "p1", "attributes": "[1, 2]"}, [("images", img)]), 422)
+    assert_error(add({"product_id": "p1", "attributes": '{"a": {"b": 1}}'}, [("images", img)]), 422)
     too_many = [("images", (f"{i}.jpg", good, "image/jpeg")) for i in range(11)]
     assert_error(add({"product_id": "p1"}, too_many), 422)
     assert_error(client.get("/products/p1"), 404)

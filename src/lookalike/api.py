@@ -24,6 +24,7 @@ import argparse
 import functools
 import hmac
 import io
+import json
 import logging
 import math
 import os
@@ -618,6 +619,22 @@ def attribute_filters(items: Iterable[tuple[str, Any]]) -> dict[str, str]:
     return attrs
 
 
+def parse_attributes(text: str | None) -> dict[str, Any]:
+    """The `attributes` form field: a JSON object of text, number or true/false values."""
+    if text is None or not text.strip():
+        return {}
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"attributes must be a JSON object: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError('attributes must be a JSON object such as {"colour": "Red"}')
+    for key, value in data.items():
+        if not isinstance(value, str | int | float | bool) or not key:
+            raise UsageError(f"attribute {key!r} must have a text, number or true/false value")
+    return data
+
+
 def make_filters(
     category: str | Sequence[str] | None,
     price_min: float | None,
@@ -1028,10 +1045,15 @@ def create_app(
         category: Annotated[str | None, Form()] = None,
         price: Annotated[float | None, Form(ge=0)] = None,
         in_stock: Annotated[bool, Form()] = True,
+        attributes: Annotated[
+            str | None, Form(description='JSON object of attributes, e.g. {"colour": "Red"}')
+        ] = None,
     ) -> JSONResponse:
-        """Attributes: extra form fields `attr.<name>=<value>`. Searchable at once."""
+        """Attributes: a JSON object in `attributes`, and/or form fields
+        `attr.<name>=<value>`. The product is searchable as soon as this returns."""
         form = await request.form()
-        attributes = attribute_filters(form.multi_items())
+        attributes_ = parse_attributes(attributes)
+        attributes_.update(attribute_filters(form.multi_items()))
         if len(images) > limits.max_images_per_product:
             raise UsageError(
                 f"{len(images)} images; at most {limits.max_images_per_product} per request"
@@ -1043,7 +1065,7 @@ def create_app(
             "category": category,
             "price": price,
             "in_stock": in_stock,
-            "attributes": attributes,
+            "attributes": attributes_,
         }
 
         def work() -> ProductOut:
