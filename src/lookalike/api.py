@@ -15,9 +15,10 @@ app; `serve(home, host, port, ...)` runs it under uvicorn. OpenAPI lives at /doc
 - GET  /                             the search page (src/lookalike/web/)
 
 Every error a client can cause is a 4xx with {"error": <type>, "detail": <message>}.
-Engine calls that burn CPU (decode, encode, search) run in the threadpool, never on the
-event loop; at most `Limits.max_concurrent_searches` of them run at once, so a burst of
-clients queues instead of oversubscribing the cores.
+Engine calls that burn CPU (decode, encode, search, thumbnails) run on worker threads,
+never on the event loop; at most `Limits.max_concurrent_searches` of them run at once,
+each with its share of the cores, and the rest queue on the event loop, so a burst of
+clients waits in line instead of oversubscribing the cores.
 """
 
 import argparse
