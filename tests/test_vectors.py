@@ -202,3 +202,31 @@ def test_parse_memory_budget() -> None:
     assert parse_memory_budget(None) is None and parse_memory_budget("auto") is None
     with pytest.raises(UsageError):
         parse_memory_budget("lots")
+
+
+def test_reader_never_overwrites_a_writers_save(tmp_path: Path, real_vectors) -> None:
+    writer = open_store(None, tmp_path, 512, "vgg")
+    writer.add(np.arange(100), real_vectors[:100])
+    writer.save()
+    reader = open_store(None, tmp_path, 512, "vgg")  # e.g. a `serve` process
+    assert len(reader.search(real_vectors[:1], 3)[1][0]) == 3
+    writer.add(np.arange(100, 200), real_vectors[100:200])  # e.g. `index` meanwhile
+    writer.close()
+    sidecar = (tmp_path / "vectors" / "store.json").read_text()
+    reader.close()  # nothing changed in the reader: it writes nothing
+    assert (tmp_path / "vectors" / "store.json").read_text() == sidecar
+    assert len(open_store(None, tmp_path, 512, "vgg")) == 200
+
+
+def test_opening_while_a_writer_appends_does_not_cut_its_rows(tmp_path: Path, real_vectors) -> None:
+    writer = open_store(None, tmp_path, 512, "vgg")
+    writer.add(np.arange(50), real_vectors[:50])
+    writer.save()
+    writer.add(np.arange(50, 120), real_vectors[50:120])  # appended, not yet saved
+    reader = open_store(None, tmp_path, 512, "vgg")
+    assert len(reader) == 50  # sees the last save only
+    writer.add(np.arange(120, 150), real_vectors[120:150])
+    writer.close()
+    again = open_store(None, tmp_path, 512, "vgg")
+    assert len(again) == 150
+    np.testing.assert_array_equal(again.get(np.array([60, 130])), real_vectors[[60, 130]])

@@ -136,8 +136,10 @@ class RawVectors:
             raise CatalogMismatchError(
                 f"{path} holds {size // self.row_bytes} vectors, the sidecar says {rows}"
             )
-        if size > rows * self.row_bytes:  # rows appended after the last save: drop them
-            os.truncate(path, rows * self.row_bytes)
+        # Rows past `rows` were appended after the last save (a crash, or another process
+        # writing right now): they are ignored here, and cut off only when this process
+        # appends itself (one writer at a time; a reader never touches the file).
+        self._truncate_first = size > rows * self.row_bytes
         self.rows = rows
         self._map: np.ndarray | None = None
         self._mapped_rows = 0
@@ -148,6 +150,9 @@ class RawVectors:
         """Append rows; returns the first new slot."""
         with self._lock:
             start = self.rows
+            if self._truncate_first:
+                self._fh.truncate(start * self.row_bytes)
+                self._truncate_first = False
             self._fh.seek(start * self.row_bytes)
             self._fh.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
             self.rows += vectors.shape[0]
@@ -250,6 +255,7 @@ class FaissStore:
         self._last_rebuild: dict | None = None
         self._rebuild_hook = None  # tests: called inside the worker between stages
         self._live_bits: np.ndarray | None = None  # bitmap of live slots, cached
+        self._dirty = True  # changed since the last save (cleared by save, set on load)
         if self.dim <= 0:
             raise UsageError(f"vector dimension must be positive, got {dim}")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -333,6 +339,7 @@ class FaissStore:
         if self._index.ntotal != self._index_file_slots:
             raise CatalogMismatchError("the saved index does not match its sidecar")
         self._add_rows(self._index, self._raw, self._index_file_slots, slots)
+        self._dirty = False
 
     @staticmethod
     def _add_rows(
@@ -352,8 +359,12 @@ class FaissStore:
     def save(self) -> None:
         """Persist atomically: new generation files first, then the sidecar, then cleanup.
         Cheap: the vectors are already in the append-only log; the approximate index file
-        is rewritten only when much of the log is not in it yet."""
+        is rewritten only when much of the log is not in it yet. A store nothing was
+        changed in writes nothing (so a read-only process never overwrites a writer's
+        newer save)."""
         with self._lock:
+            if not self._dirty:
+                return
             self._raw.flush()
             gen = self._generation + 1
             slots_name = f"slots-{gen}.npy"
@@ -406,6 +417,7 @@ class FaissStore:
         _write_atomic(self.directory / SIDECAR, json.dumps(meta, indent=1).encode())
         _fsync_dir(self.directory)
         self._generation = gen
+        self._dirty = False
         self._cleanup(meta)
 
     def _cleanup(self, meta: dict) -> None:
@@ -516,6 +528,7 @@ class FaissStore:
 
     def _after_mutation(self) -> None:
         self._live_bits = None
+        self._dirty = True
         if self._rebuild_thread is not None and self._rebuild_thread.is_alive():
             return
         reason = self.rebuild_reason()
@@ -618,14 +631,17 @@ class FaissStore:
                 )
                 self._last_rebuild = record
                 new_raw = None
+                self._dirty = True
                 self.save()
                 old_raw.close()
         except Exception as exc:  # the live index stays; the error is shown in info
             record.update(ok=False, error=f"{type(exc).__name__}: {exc}")
             with self._lock:
                 self._last_rebuild = record
-            if new_raw is not None:
+            if new_raw is not None:  # drop the unfinished rebuild's files
                 new_raw.close()
+                for stray in (new_raw.path, self.directory / f"index-r{raw_gen}.faiss"):
+                    stray.unlink(missing_ok=True)
 
     def _tune(self, index: faiss.Index, plan: IndexPlan, raw: RawVectors, n: int, rng) -> IndexPlan:
         """nprobe from Recall@10 of TUNE_QUERIES catalog vectors against exact search."""
