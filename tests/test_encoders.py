@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -239,11 +240,34 @@ def test_onnx_spec_parsing():
         parse_spec("onnx:")
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="session")
+def lite0_concurrent(tmp_path_factory):
+    """Three threads load lite0 at once into a fresh cache that holds the temp file of an
+    export that was killed: (cache dir, encoders, exports run, the stale temp file)."""
+    cache = tmp_path_factory.mktemp("lite0")
+    name = "efficientnet-lite0"
+    dest = cache / f"{name}-{effnet.content_hash(effnet.BUNDLED[name], cache)}.onnx"
+    stale = cache / f".{dest.name}.killed.tmp"
+    stale.write_bytes(b"half an export")
+    before = effnet.EXPORT_COUNT
+    with ThreadPoolExecutor(3) as pool:
+        encoders = list(pool.map(lambda _: load_encoder(name, cache), range(3)))
+    return cache, encoders, effnet.EXPORT_COUNT - before, stale
+
+
+def test_concurrent_first_loads_export_once(lite0_concurrent):
+    cache, encoders, exports, stale = lite0_concurrent
+    assert exports == 1
+    assert len({e.stamp for e in encoders}) == 1
+    assert [p.name for p in cache.glob("*.onnx")] == [encoders[0].model_path.name]
+    assert not stale.exists() and not list(cache.glob("*.tmp"))
+
+
 @needs_data
-def test_lite0_head_and_size(tmp_path_factory):
-    lite0 = load_encoder("efficientnet-lite0", tmp_path_factory.mktemp("lite0"))
+def test_lite0_head_and_size(lite0_concurrent):
+    lite0 = lite0_concurrent[1][0]
     assert lite0.input_size == 224 and lite0.dim == 1280
+    assert lite0.stamp.startswith("efficientnet-lite0:")
     pixels = lite0.prepare(load_image(grocery_catalog_image("Banana")))[None]
     assert BANANA in np.argsort(-lite0.logits(pixels)[0])[:5]
 
