@@ -45,6 +45,8 @@ log = logging.getLogger(__name__)
 SETTINGS_FILE = "quality.json"
 CENTRE_FILE = "query_centre.npz"
 PAD_COLOUR = (255, 255, 255)
+EMBED_BATCH = 16
+"""Most images per forward pass: memory grows with the batch, speed barely does."""
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic"}
 IMAGE_SUFFIXES |= {".heif", ".avif"}
 
@@ -227,7 +229,11 @@ class QueryPipeline:
         ]
         if not arrays:
             return np.zeros((0, len(views), self.dim), dtype=np.float32)
-        vectors = self.base.embed(np.stack(arrays))
+        # bounded batches: the network's activations grow with the batch (GBs at 300)
+        step = EMBED_BATCH
+        vectors = np.concatenate(
+            [self.base.embed(np.stack(arrays[i : i + step])) for i in range(0, len(arrays), step)]
+        )
         return vectors.reshape(len(images), len(views), -1)
 
     def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
