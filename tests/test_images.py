@@ -133,6 +133,18 @@ def test_mpo_multi_picture_jpeg_opens_first_picture():
     assert Image.open(io.BytesIO(data)).format == "MPO"
     out = load_image(data)
     assert out.size == (32, 32) and close(out.getpixel((4, 16)), RED, 40)
+    big = encode(halves(800, 600), "MPO", save_all=True, append_images=[Image.new("RGB", (8, 8))])
+    assert load_image(big, draft_size=100).size == (200, 150)  # draft works on MPO too
+
+
+def test_draft_keeps_cmyk_and_greyscale_jpegs_right():
+    cmyk = Image.new("CMYK", (800, 600), (0, 255, 255, 0))
+    cmyk.paste((0, 0, 0, 0), (0, 0, 400, 600))
+    out = load_image(encode(cmyk, "JPEG", quality=95), draft_size=100)
+    assert out.size == (200, 150) and out.mode == "RGB"
+    assert close(out.getpixel((10, 75)), WHITE, 10) and close(out.getpixel((190, 75)), RED, 30)
+    grey = load_image(encode(Image.new("L", (800, 600), 50), "JPEG"), draft_size=100)
+    assert grey.size == (200, 150) and close(grey.getpixel((5, 5)), (50, 50, 50), 2)
 
 
 @pytest.mark.skipif(not HEIF_SUPPORTED, reason="pillow-heif is not installed")

@@ -114,7 +114,7 @@ def load_image(
         )
 
     try:
-        if draft_size and img.format == "JPEG":
+        if draft_size and img.format in ("JPEG", "MPO"):
             img.draft("RGB", (draft_size, draft_size))
         img.load()
     except Image.DecompressionBombError as exc:
