@@ -64,12 +64,12 @@ class TuneSettings:
 
     dim: int = 512
     hidden: int = 1024  # 0: a linear projection
-    dropout: float = 0.2
-    epochs: int = 30
+    dropout: float = 0.5
+    epochs: int = 12
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    temperature: float = 0.05
+    temperature: float = 0.1
     crop_probability: float = 0.5
     catalog_weight: float = 1.0
     seed: int = 0
@@ -432,7 +432,9 @@ def compute_features(
             return image, base.prepare(load_image(image.path, draft_size=draft))
         except LookalikeError as exc:
             errors.append(f"{image.path}: {exc}")
-            return image, None
+        except Exception as exc:  # a decoder bug on one hostile file must not stop the run
+            errors.append(f"{image.path}: {type(exc).__name__}: {exc}")
+        return image, None
 
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -723,9 +725,8 @@ def train_tuned_model(
     photo_images = [_Image(p, _sha256_file(p)) for p, _ in known]
     cat_images = [_Image(Path(src), sha) for _, _, src, sha in cat_rows]
     val_images = [_Image(p, _sha256_file(p)) for p, _ in val_rows]
-    probe_source = next((img for img in cat_images if img.path.is_file()), photo_images[0])
     use_maps = cache.has_cells() or (
-        len(cache.index) == 0 and _maps_match_embedding(base, _prepared(base, probe_source.path))
+        len(cache.index) == 0 and _probe_maps(base, [*cat_images, *photo_images])
     )
     unreadable = compute_features(
         base, cache, cat_images, use_maps=use_maps, progress=progress, desc="catalog features"
@@ -863,6 +864,18 @@ def train_tuned_model(
     return report
 
 
+def _probe_maps(base: Any, images: Sequence[_Image]) -> bool:
+    """Whether this encoder's feature map can be cached as grid cells (tried on the
+    first readable image)."""
+    for image in images[:5]:
+        try:
+            sample = _prepared(base, image.path)
+        except (LookalikeError, OSError):
+            continue
+        return _maps_match_embedding(base, sample)
+    return False
+
+
 def _prepared(base: Any, path: Path) -> np.ndarray:
     from .images import load_image
 
@@ -978,13 +991,9 @@ def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
 def cli_tune(args: argparse.Namespace, engine: Any = None) -> int:
     own = engine is None
     if own:
-        from .engine import Engine
+        from .cli import _engine
 
-        engine = Engine(
-            args.home,
-            model=getattr(args, "model", None),
-            vector_store=getattr(args, "vector_store", None),
-        )
+        engine = _engine(args)
     progress = not getattr(args, "quiet", False) and not args.json
     try:
         if args.status:
