@@ -144,6 +144,13 @@ def test_fit_option_changes_the_stamp(cache_dir, lite2):
     assert other.stamp.split(":")[:2] == lite2.stamp.split(":")[:2]
 
 
+def test_unwritable_model_folder_is_a_model_error(tmp_path):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the model folder should be")
+    with pytest.raises(ModelError, match="not writable"):
+        load_encoder("efficientnet-lite0", blocker / "models")
+
+
 def test_unknown_model_and_bad_options(cache_dir, tmp_path):
     with pytest.raises(UsageError, match="unknown model"):
         load_encoder("resnet-50", cache_dir)

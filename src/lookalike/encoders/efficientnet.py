@@ -29,6 +29,8 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, OnnxEncoder, file_sha256
 from lookalike.errors import ModelError
 
@@ -166,11 +168,18 @@ def onnx_path(name: str, cache_dir: Path) -> Path:
     dest = Path(cache_dir) / f"{name}-{content_hash(model, cache_dir)}.onnx"
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
     # One exporter at a time per file; the others wait and then find it done. The lock
     # file stays (deleting it would let a third process lock a fresh inode meanwhile).
     lock_path = dest.with_suffix(".lock")
-    with lock_path.open("w") as lock:
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        lock = lock_path.open("w")
+    except OSError as exc:
+        raise ModelError(
+            f"{name} is not exported yet and the model folder {dest.parent} is not writable:"
+            f" {exc.strerror or exc}"
+        ) from exc
+    with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             if not dest.is_file():
@@ -186,12 +195,13 @@ def onnx_path(name: str, cache_dir: Path) -> Path:
 class EfficientNetLiteEncoder(OnnxEncoder):
     """A bundled EfficientNet-Lite on ONNX Runtime; see the module docstring."""
 
-    def features(self, batch):  # uint8 (N,S,S,3) -> float32 (N, 1280, h, w)
-        """The final conv feature map (non-negative), for pooling experiments."""
+    def features(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, 1280, h, w): the final conv feature map
+        (after ReLU6, so non-negative), for pooling and multi-crop experiments."""
         return self.run(batch, ["features"])[0]
 
-    def logits(self, batch):  # uint8 (N,S,S,3) -> float32 (N, 1000)
-        """ImageNet-1k logits of the model's own classifier head."""
+    def logits(self, batch: np.ndarray) -> np.ndarray:
+        """uint8 (N, S, S, 3) -> float32 (N, 1000): the ImageNet-1k classifier's logits."""
         return self.run(batch, ["logits"])[0]
 
 
