@@ -34,7 +34,18 @@ demo: setup
 	if [ -n "$$query" ]; then \
 	  $(LOOKALIKE) --home $(HOME_DIR) search "$$query" -k $(K) --sheet $(HOME_DIR)/results.png; fi
 
-run: demo
+# The search service: index CATALOG=DIR first when given; else the richest demo catalog
+# (fashion-footwear, with metadata) when ../shared/data is here; else an empty catalog
+# that products can be added to through the API.
+HOST ?= 127.0.0.1
+PORT ?= 8000
+run: setup
+	@set -e; if [ -n "$(CATALOG)" ]; then \
+	  exec $(LOOKALIKE) --home $(HOME_DIR) serve --catalog "$(CATALOG)" --host $(HOST) --port $(PORT); \
+	elif [ -f $(DATA)/fashion-footwear/catalog.csv ]; then \
+	  exec $(LOOKALIKE) --home $(HOME_DIR) serve --metadata $(DATA)/fashion-footwear/catalog.csv \
+	    --host $(HOST) --port $(PORT); \
+	else exec $(LOOKALIKE) --home $(HOME_DIR) serve --host $(HOST) --port $(PORT); fi
 
 # The browser tests drive Debian's chromium: installed with apt when missing.
 browser:

@@ -189,14 +189,16 @@ class Engine:
                 exc.args = (f"image {index + 1}: {exc}",)
                 raise
             decoded.append((data, pil))
+        self._refuse_existing(product.product_id)
+        # encode outside the lock, so searches go on meanwhile
+        encoder = self.encoder
+        vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
         with self._lock:
             self._switch_model_if_needed()
-            if self.catalog.find_product(product.product_id) is not None:
-                raise ProductExistsError(
-                    f"product {product.product_id} already exists (PATCH it, or DELETE it first)"
-                )
-            encoder = self.encoder
-            vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
+            self._refuse_existing(product.product_id)
+            if self.encoder.stamp != encoder.stamp:  # the model changed meanwhile (tune)
+                encoder = self.encoder
+                vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
             uploads = self.home / "uploads"
             uploads.mkdir(exist_ok=True)
             ids = []
@@ -215,6 +217,12 @@ class Engine:
                     ids.append(image_id)
             self._store.add(np.array(ids, dtype=np.int64), vectors)
         return product
+
+    def _refuse_existing(self, product_id: str) -> None:
+        if self.catalog.find_product(product_id) is not None:
+            raise ProductExistsError(
+                f"product {product_id} already exists (PATCH it, or DELETE it first)"
+            )
 
     def update_product(self, product_id: str, fields: dict[str, Any]) -> Product:
         changes = dict(fields)
@@ -236,9 +244,9 @@ class Engine:
         with self._lock:
             image_ids = self.catalog.remove_products(list(product_ids))
             if image_ids:
-                store = self.store
-                store.remove(np.array(image_ids, dtype=np.int64))
-                store.save()
+                # no save here: the catalog is the truth, the store is saved on close()
+                # and re-synced from the catalog on open if the process dies first
+                self.store.remove(np.array(image_ids, dtype=np.int64))
             return len(image_ids)
 
     # -- reading ----------------------------------------------------------------------
