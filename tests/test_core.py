@@ -336,3 +336,20 @@ def test_unreadable_paths_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(InputPathError, match="metadata file not found"):
         engine.index([], metadata=tmp_path / "missing.csv", progress=False)
     engine.close()
+
+
+def test_a_serving_engine_follows_a_model_switch_made_elsewhere(tmp_path: Path, shop: Path) -> None:
+    heels = shop / "heels"
+    query = next(heels.iterdir())
+    serving = Engine(tmp_path / "home")
+    serving.index([heels], progress=False)
+    before = serving.encoder.stamp
+    assert serving.search([query], k=1)[0][0].product_id == query.stem
+    other = Engine(tmp_path / "home", model="efficientnet-lite0")  # e.g. another process
+    other.index([heels], progress=False)
+    other.close()
+    top = serving.search([query], k=1)[0][0]  # no CatalogMismatchError: it reloads
+    assert serving.encoder.stamp != before
+    assert serving.encoder.stamp == serving.catalog.get_meta("stamp")
+    assert top.product_id == query.stem and top.score == pytest.approx(1.0, abs=1e-4)
+    serving.close()

@@ -58,6 +58,7 @@ class Engine:
         self._encoder = None
         self._store: VectorStore | None = None
         self._lock = threading.RLock()  # guards the vector store and model switches
+        self._followed: str | None = None
 
     @classmethod
     def open(cls, home=None, model: str | None = None, vector_store: str | None = None, **kw):
@@ -93,6 +94,23 @@ class Engine:
                 f" ({stored}); this search uses {self.encoder.stamp}. Re-run `lookalike index`"
                 " with the model you want to re-embed the catalog."
             )
+
+    def _follow_catalog_model(self) -> None:
+        """A long-running engine (`lookalike serve`) picks up a model switch that another
+        process made (`tune`, `tune --reset`, re-indexing with another model): when the
+        catalog's stamp is no longer the loaded encoder's, drop the encoder and the
+        in-memory index (not saved: it is stale) and load the live ones."""
+        if self._encoder is None or self.requested_model is not None:
+            return
+        stored = self.catalog.get_meta("stamp")
+        if stored is None or stored == self._encoder.stamp or stored == self._followed:
+            return
+        with self._lock:
+            self._followed = stored
+            if self._store is not None and hasattr(self._store, "wait_for_rebuild"):
+                self._store.wait_for_rebuild()
+            self._encoder = None
+            self._store = None
 
     def _open_store(self, reset: bool = False) -> VectorStore:
         encoder = self.encoder
@@ -153,6 +171,7 @@ class Engine:
         self.catalog.set_meta("model", self.model)
         self.catalog.set_meta("stamp", encoder.stamp)
         self.catalog.set_meta("dim", str(encoder.dim))
+        self.catalog.set_meta("tuned", getattr(encoder, "version", "") or "")
         if self.vector_store_uri:
             self.catalog.set_meta("vector_store", self.vector_store_uri)
 
@@ -277,6 +296,7 @@ class Engine:
             filters.validate()
         if not queries:
             return []
+        self._follow_catalog_model()
         store = self.store
         vectors = self.embed_queries(queries)
         with self._lock:
@@ -286,6 +306,7 @@ class Engine:
         """More like this: products closest to any of this product's images."""
         check_k(k)
         rows = self.catalog.images_of(self.catalog.get_product(product_id).product_id)
+        self._follow_catalog_model()
         store = self.store
         if not rows:
             return []
