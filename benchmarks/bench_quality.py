@@ -233,6 +233,13 @@ def main() -> None:
         query_vectors(full, True) @ cat.T,
         settings=QualitySettings(),
     )
+    few = 32
+    few_mean = calib_views["full"][:few].mean(axis=0)
+    add(
+        f"query centring, calibrated on only {few} photos",
+        "(default, fewer photos)",
+        l2(views["full"] - few_mean) @ cat.T,
+    )
     add(
         "centring + centre-80 % crop view",
         "option",
