@@ -11,7 +11,7 @@ The choice follows the catalog's size and a memory budget (`--memory-budget`):
    1280-d). The best recall/speed per byte measured here (docs/scale.md).
 3. `ivf-pq-sq4`: the same with a 4-bit re-rank copy (about dim/2 + dim/16 + 8 bytes).
 4. `opq-ivf-pq`: OPQ rotation to 4m dims + m 8-bit PQ codes only (m = dim/20, at most
-   64 bytes, + 8); for budgets
+   64 bytes, + 8), its candidates re-scored exactly from the on-disk log; for budgets
    where nothing else fits (the 10M-on-one-machine case). Lower recall, said so.
 
 The first that fits the budget wins. Approximate indexes are trained on a sample, then
@@ -23,6 +23,7 @@ TARGET_RECALL. `info` shows the plan, the reason, and the measured recall.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import faiss
@@ -33,6 +34,8 @@ TARGET_RECALL = 0.97  # tuned Recall@10 on catalog samples (the target is 0.95)
 NPROBES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 K_FACTOR = 16  # candidates re-ranked by the refine codes: k_factor * k
 K_FACTORS = (16, 64, 160)  # tried in this order for each nprobe
+DISK_RERANKED = ("opq-ivf-pq",)  # no re-rank copy in RAM: re-scored from the on-disk log
+DISK_K_FACTORS = (4, 10, 25)
 DEFAULT_BUDGET_FRACTION = 0.5  # default memory budget: half the machine's RAM
 
 
@@ -231,24 +234,34 @@ def tune_nprobe(
     k: int = 10,
     target: float = TARGET_RECALL,
     exclude: np.ndarray | None = None,
+    rescore: Callable[[np.ndarray, np.ndarray, int], np.ndarray] | None = None,
 ) -> IndexPlan:
     """The smallest nprobe whose Recall@k (vs `truth`, exact top-(k+1) labels, with the
     query's own label in `exclude`) reaches the target; the plan comes back with nprobe
-    and the measured recall."""
+    and the measured recall. For kinds re-ranked from the on-disk log (`rescore(queries,
+    candidate labels, k) -> labels`), the re-rank depth is tuned with nprobe."""
     nlist = plan.params["nlist"]
     refined = plan.kind in ("ivf-pq-sq8", "ivf-pq-sq4")
     # re-ranking more candidates is cheap next to scanning more lists: try it first
-    k_factors = K_FACTORS if refined else (K_FACTOR,)
+    if refined:
+        k_factors = K_FACTORS
+    elif plan.kind in DISK_RERANKED and rescore is not None:
+        k_factors = DISK_K_FACTORS
+    else:
+        k_factors = (K_FACTOR,)
     best = None
     for nprobe in sorted({p for p in NPROBES if p <= nlist} | {nlist}):
         for k_factor in k_factors:
             trial = plan.with_params(nprobe=nprobe, k_factor=k_factor)
-            _, labels = index.search(queries, k + 1, params=search_parameters(trial, None))
+            params = search_parameters(trial, None)
+            if plan.kind in DISK_RERANKED and rescore is not None:
+                _, cand = index.search(queries, (k + 1) * k_factor, params=params)
+                labels = rescore(queries, cand, k + 1)
+            else:
+                _, labels = index.search(queries, k + 1, params=params)
             r = recall_at(labels, truth, k, exclude)
             if best is None or r > best.params["tuned_recall_at_10"] + 1e-9:
-                best = trial.with_params(
-                    tuned_recall_at_10=round(r, 4), tuned_queries=len(queries)
-                )
+                best = trial.with_params(tuned_recall_at_10=round(r, 4), tuned_queries=len(queries))
             if r >= target:
                 return best
     assert best is not None

@@ -37,6 +37,7 @@ import numpy as np
 
 from lookalike.errors import CatalogMismatchError, UsageError
 from lookalike.vectors.faiss_index import (
+    DISK_RERANKED,
     EXACT_WORK,
     IndexPlan,
     choose_index,
@@ -657,7 +658,15 @@ class FaissStore:
             order = np.argsort(-all_s, axis=1, kind="stable")[:, :11]
             best_s = np.take_along_axis(all_s, order, 1)
             best_l = np.take_along_axis(alll, order, 1)
-        return tune_nprobe(index, plan, queries, best_l, 10, exclude=qslots)
+        return tune_nprobe(
+            index,
+            plan,
+            queries,
+            best_l,
+            10,
+            exclude=qslots,
+            rescore=lambda qs, cand, k: self._rescore_from_log(qs, cand, k, raw)[1],
+        )
 
     # ---------------------------------------------------------------- reads
 
@@ -711,9 +720,31 @@ class FaissStore:
             bitmap = self._live_bits
             sel = faiss.IDSelectorBitmap(bitmap.shape[0], faiss.swig_ptr(bitmap))
         params = search_parameters(self._plan, sel)
-        scores, labels = self._index.search(q, k, params=params)
+        scores, labels = self._search_index(q, k, params)
         del bitmap
         return self._labels_to_ids(scores, labels)
+
+    def _search_index(
+        self, q: np.ndarray, k: int, params: faiss.SearchParameters | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The live index's top-k slots; kinds without an in-RAM re-rank copy fetch
+        k_factor x k candidates and re-score them exactly from the log."""
+        if self._plan.kind not in DISK_RERANKED:
+            return self._index.search(q, k, params=params)
+        depth = k * int(self._plan.params.get("k_factor", 10))
+        _, cand = self._index.search(q, depth, params=params)
+        return self._rescore_from_log(q, cand, k, self._raw)
+
+    @staticmethod
+    def _rescore_from_log(
+        q: np.ndarray, cand: np.ndarray, k: int, raw: RawVectors
+    ) -> tuple[np.ndarray, np.ndarray]:
+        scores, out = _empty_result(q.shape[0], k)
+        for qi in range(q.shape[0]):
+            c = np.unique(cand[qi][cand[qi] >= 0])
+            s, lab = exact_topk(q[qi : qi + 1], raw.read(c), c, k)
+            scores[qi], out[qi] = s[0], lab[0]
+        return scores, out
 
     def _search_subset(
         self, q: np.ndarray, k: int, slots: np.ndarray
@@ -735,7 +766,7 @@ class FaissStore:
         # fewer candidates pass in each probed list: probe more lists
         frac = n_allowed / max(1, self._keys.shape[0])
         params = search_parameters(self._plan, sel, nprobe_scale=min(4.0, 1 / np.sqrt(frac)))
-        scores, labels = self._index.search(q, k, params=params)
+        scores, labels = self._search_index(q, k, params)
         del bits
         return self._labels_to_ids(scores, labels)
 
