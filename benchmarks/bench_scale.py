@@ -48,6 +48,8 @@ def catalog(n: int, gen: Generator) -> np.ndarray:
     path = CACHE / f"catalog-{n}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
+    for stale in CACHE.glob(f"truth-{n}-*.npz"):  # ground truth of an older catalog
+        stale.unlink()
     tmp = path.with_suffix(".tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, gen.dim))
     lo = 0
