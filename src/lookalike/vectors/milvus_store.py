@@ -32,6 +32,12 @@ from lookalike.errors import CatalogMismatchError, UsageError
 DEFAULT_COLLECTION = "lookalike_images"
 MAX_TOPK = 16384  # Milvus's limit on k
 PAYLOAD_FIELDS = ("product_id", "category", "price", "in_stock")
+INDEX_BUILD_PARAMS = {  # server-side index types (?index=...); Milvus Lite uses FLAT
+    "HNSW": {"M": 32, "efConstruction": 200},
+    "IVF_FLAT": {"nlist": 1024},
+    "IVF_SQ8": {"nlist": 1024},
+    "IVF_PQ": {"nlist": 1024, "m": 64, "nbits": 8},
+}
 
 
 def _quote(value: str) -> str:
@@ -159,7 +165,7 @@ class MilvusStore:
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
             index = self.client.prepare_index_params()
-            params = {"M": 32, "efConstruction": 200} if self.index_type == "HNSW" else {}
+            params = INDEX_BUILD_PARAMS.get(self.index_type, {})
             index.add_index(
                 field_name="vector",
                 index_type=self.index_type,
@@ -254,13 +260,20 @@ class MilvusStore:
             limit=limit,
             filter=" and ".join(conds),
             output_fields=[],
-            search_params={"metric_type": "IP"},
+            search_params={"metric_type": "IP", "params": self._search_params(limit)},
         )
         for qi, hits in enumerate(results):
             for j, hit in enumerate(hits[:limit]):
                 out[qi, j] = int(hit["id"])
                 scores[qi, j] = float(hit["distance"])
         return scores, out
+
+    def _search_params(self, k: int) -> dict:
+        if self.index_type == "HNSW":
+            return {"ef": max(128, k)}
+        if self.index_type.startswith("IVF"):
+            return {"nprobe": 32}
+        return {}
 
     def ids(self) -> np.ndarray:
         found: list[int] = []
