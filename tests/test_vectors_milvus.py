@@ -146,3 +146,34 @@ def test_filters_to_expr_quotes_values() -> None:
     expr = filters_to_expr({"category": 'Heels "x"', "in_stock": True, "attrs": {"c": "red"}})
     assert expr == 'category == "Heels \\"x\\"" and in_stock == true and attrs["c"] == "red"'
     assert filters_to_expr({}) is None
+
+
+def test_engine_answers_the_same_products_on_milvus_lite(tmp_path: Path) -> None:
+    """End to end: a catalog indexed with the FAISS store, then the same home opened with
+    `--vector-store vectors.db` (Milvus Lite, filled from the catalog's own vectors,
+    nothing re-embedded): the same products, in the same order, with the same scores."""
+    from lookalike.engine import Engine
+
+    folder = DATA / "footwear300" / "data"
+    if not folder.exists():
+        pytest.skip(f"real data not found at {DATA}")
+    files = sorted(folder.glob("*.jpg"))[:30]
+    queries = [files[3], files[17], DATA / "footwear300" / "search_image_01.jpg"]
+    home = tmp_path / "home"
+    engine = Engine.open(home)
+    engine.index(files, progress=False)
+    want = engine.search(queries, k=5)
+    engine.close()
+    on_milvus = Engine.open(home, vector_store="vectors.db")
+    try:
+        got = on_milvus.search(queries, k=5)
+        info = on_milvus.info()["vector_store"]
+        assert info["backend"] == "milvus-lite" and info["vectors"] == 30
+        assert (home / "vectors.db").exists()
+    finally:
+        on_milvus.close()
+    assert [[r.product_id for r in rs] for rs in got] == [[r.product_id for r in rs] for rs in want]
+    assert got[0][0].product_id == files[3].stem
+    np.testing.assert_allclose(
+        [[r.score for r in rs] for rs in got], [[r.score for r in rs] for rs in want], atol=1e-4
+    )
