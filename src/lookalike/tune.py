@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LookalikeError, ModelError, UsageError
+from .ingest import sha256_of
 
 GRID = 3
 """Feature maps are pooled into GRID x GRID cells for the feature-level crops."""
@@ -389,14 +390,6 @@ class _Image:
     sha256: str
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def compute_features(
     base: Any,
     cache: FeatureCache,
@@ -722,9 +715,9 @@ def train_tuned_model(
     # ---- features (cached by file content)
     t0 = time.perf_counter()
     cache = FeatureCache.open(home, base)
-    photo_images = [_Image(p, _sha256_file(p)) for p, _ in known]
+    photo_images = [_Image(p, sha256_of(p)) for p, _ in known]
     cat_images = [_Image(Path(src), sha) for _, _, src, sha in cat_rows]
-    val_images = [_Image(p, _sha256_file(p)) for p, _ in val_rows]
+    val_images = [_Image(p, sha256_of(p)) for p, _ in val_rows]
     use_maps = cache.has_cells() or (
         len(cache.index) == 0 and _probe_maps(base, [*cat_images, *photo_images])
     )
@@ -794,7 +787,7 @@ def train_tuned_model(
         after = _recall(head.apply(val_emb), val_y, head.apply(cat_emb), cat_y, len(products))
         validation = {
             "file": str(validate_csv),
-            "file_sha256": _sha256_file(Path(validate_csv).expanduser()),
+            "file_sha256": sha256_of(Path(validate_csv).expanduser()),
             "queries": int(len(val_y)),
             "skipped_unknown": val_unknown,
             "before": before,
@@ -802,7 +795,7 @@ def train_tuned_model(
         }
 
     # ---- save
-    labels_sha = _sha256_file(labels_path)
+    labels_sha = sha256_of(labels_path)
     digest = head.digest()
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]
     tuned = TunedEncoder(base, head, version)
