@@ -177,3 +177,65 @@ def test_engine_answers_the_same_products_on_milvus_lite(tmp_path: Path) -> None
     np.testing.assert_allclose(
         [[r.score for r in rs] for rs in got], [[r.score for r in rs] for rs in want], atol=1e-4
     )
+
+
+def test_engine_pushes_metadata_filters_down_to_milvus(tmp_path: Path) -> None:
+    """Filters reach Milvus as expressions on the products' fields (not as id lists), give
+    the same products as the FAISS store, and follow product edits at once; a payload
+    left stale by a crash is re-sent on the next open."""
+    import csv
+
+    from lookalike.catalog import Filters
+    from lookalike.engine import Engine, PayloadStore
+
+    folder = DATA / "fashion-footwear"
+    if not folder.exists():
+        pytest.skip(f"real data not found at {DATA}")
+    with open(folder / "catalog.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:50]
+    meta = tmp_path / "products.csv"
+    with open(meta, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "price", "in_stock"])
+        writer.writeheader()
+        for i, row in enumerate(rows):
+            row["image"] = str(folder / row["image"])
+            writer.writerow({**row, "price": 10 + i, "in_stock": "yes" if i % 3 else "no"})
+    query = folder / rows[0]["image"]
+    filters = [
+        Filters(category="Heels", price_max=40),
+        Filters(in_stock=True, attrs={"colour": "Black"}),
+        Filters(category=["Flats", "Casual Shoes"]),
+    ]
+    faiss_home, milvus_home = tmp_path / "f", tmp_path / "m"
+    with Engine(faiss_home) as engine:
+        engine.index([], metadata=meta, progress=False)
+        want = [engine.search([query], k=8, filters=f)[0] for f in filters]
+    engine = Engine(milvus_home, vector_store="vectors.db")
+    engine.index([], metadata=meta, progress=False)
+    assert isinstance(engine.store, PayloadStore)
+    calls = []
+    inner_search = engine.store._inner.search
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return inner_search(*args, **kwargs)
+
+    engine.store._inner.search = spy
+    got = [engine.search([query], k=8, filters=f)[0] for f in filters]
+    assert [[r.product_id for r in rs] for rs in got] == [[r.product_id for r in rs] for rs in want]
+    assert calls and all(c.get("allowed_ids") is None and c.get("expr") for c in calls)
+    assert 'category == "Heels" and price <= 40.0' in calls[0]["expr"]
+
+    target = want[0][0].product_id
+    engine.update_product(target, {"category": "Sandals"})
+    assert target not in [r.product_id for r in engine.search([query], k=8, filters=filters[0])[0]]
+    sandals = engine.search([query], k=8, filters=Filters(category="Sandals"))[0]
+    assert target in [r.product_id for r in sandals]
+    # a crash between a catalog edit and the payload update: repaired on the next open
+    engine.catalog.update_product(target, {"category": "Heels"})
+    engine.catalog.set_meta("payload_dirty", "1")
+    engine.close()
+    with Engine(milvus_home) as reopened:  # the catalog remembers the store URI
+        heels = reopened.search([query], k=8, filters=filters[0])[0]
+        assert [r.product_id for r in heels] == [r.product_id for r in want[0]]
+        assert not reopened.catalog.get_meta("payload_dirty")

@@ -440,6 +440,14 @@ class Catalog:
                 out.update((r[0], (r[1], r[2])) for r in rows)
         return out
 
+    def count_images_matching(self, filters: Filters) -> int:
+        where, params = filters.where()
+        with self._lock:
+            return self._db.execute(
+                f"SELECT COUNT(*) FROM images i JOIN products p USING(product_id) WHERE {where}",
+                params,
+            ).fetchone()[0]
+
     def image_ids_matching(self, filters: Filters) -> np.ndarray:
         """Ids of the images whose product passes the filters."""
         where, params = filters.where()

@@ -122,6 +122,8 @@ class Engine:
             reset=reset,
             memory_budget_bytes=self.memory_budget,
         )
+        if getattr(store, "backend", None) == "milvus":
+            store = PayloadStore(store, self.catalog)
         return store
 
     @property
@@ -136,6 +138,8 @@ class Engine:
                     # the catalog is the truth, rebuild the store from it
                     self._store = self._open_store(reset=True)
                 self.sync_vectors()
+                if self.catalog.get_meta("payload_dirty"):
+                    self._refresh_payload()
             return self._store
 
     def sync_vectors(self) -> dict[str, int]:
@@ -157,6 +161,33 @@ class Engine:
             if missing.size or extra.size:
                 store.save()
             return {"added": int(missing.size), "removed": int(extra.size)}
+
+    def _payload_changing(self) -> bool:
+        """Before product fields change: if the store keeps them as filter payload, mark
+        it stale until `_refresh_payload` has run (a crash in between is repaired on the
+        next open)."""
+        if isinstance(self._store, PayloadStore):
+            self.catalog.set_meta("payload_dirty", "1")
+            return True
+        return False
+
+    def _refresh_payload(self, product_ids: Iterable[str] | None = None) -> None:
+        """Re-send the filter payload (product fields) of these products' images, or of
+        every image, to a store that keeps it."""
+        store = self._store
+        if isinstance(store, PayloadStore):
+            if product_ids is None:
+                batches = ([row.image_id for row in rows] for rows in self.catalog.iter_images())
+            else:
+                ids = [row.image_id for pid in product_ids for row in self.catalog.images_of(pid)]
+                batches = (ids[i : i + 1000] for i in range(0, len(ids), 1000))
+            stamp = self.encoder.stamp
+            live = set(self.catalog.embedded_ids(stamp).tolist())
+            for batch in batches:
+                batch = [i for i in batch if i in live]
+                if batch:
+                    store.add(np.array(batch, dtype=np.int64), self.catalog.vectors(batch))
+        self.catalog.set_meta("payload_dirty", "")
 
     def _switch_model_if_needed(self) -> None:
         stored_stamp = self.catalog.get_meta("stamp")
@@ -186,10 +217,13 @@ class Engine:
         """Index folders/files and/or a metadata file (see lookalike.ingest)."""
         with self._lock:
             self._switch_model_if_needed()
+            payload = metadata is not None and self._payload_changing()
             report = ingest(
                 self.catalog, self._store, self.encoder, paths, metadata, progress=progress, **kw
             )
             reembed(self.catalog, self._store, self.encoder, report, progress=progress)
+            if payload:
+                self._refresh_payload()
             self._store.save()
             return report
 
@@ -255,7 +289,15 @@ class Engine:
                 changes["in_stock"] = parse_bool(changes["in_stock"])
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-        return self.catalog.update_product(product_id, changes)
+        with self._lock:
+            if self._store is None and (self.vector_store_uri or "faiss") != "faiss":
+                # not opened here: the next opening re-sends all the filter payload
+                self.catalog.set_meta("payload_dirty", "1")
+            payload = self._payload_changing()
+            product = self.catalog.update_product(product_id, changes)
+            if payload:
+                self._refresh_payload([product_id])
+            return product
 
     def remove(self, product_ids: Sequence[str]) -> int:
         """Remove products (all or nothing): gone from results at once. Returns how many
@@ -385,6 +427,45 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class PayloadStore:
+    """A vector store that can filter on per-vector payload (Milvus), fed by the catalog:
+    every vector it is given goes in with its product's category, price, stock and
+    attributes, so search filters go down to it as expressions (`filter_expression`)
+    instead of as lists of allowed image ids. Everything else is the wrapped store's."""
+
+    def __init__(self, store: VectorStore, catalog: Catalog):
+        self._inner = store
+        self._catalog = catalog
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        from .vectors.milvus_store import payload_from_products
+
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        owners = self._catalog.image_products(ids.tolist())
+        products = self._catalog.products(sorted({pid for pid, _ in owners.values()}))
+        rows = []
+        for image_id in ids.tolist():
+            product = products.get(owners.get(image_id, ("", ""))[0])
+            rows.append(payload_from_products([product.to_dict()])[0] if product else {})
+        self._inner.add(ids, vectors, payload=rows)
+
+    def filter_expression(self, filters: Filters) -> str | None:
+        """The Milvus expression for these filters; None when they cannot be expressed
+        (an attribute name Milvus cannot address): the caller then sends allowed ids."""
+        from .vectors.milvus_store import filters_to_expr
+
+        try:
+            return filters_to_expr(filters)
+        except UsageError:
+            return None
 
 
 def _active_encoder(home: Path, base):

@@ -69,15 +69,22 @@ def rank_products(
     check_k(k)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     allowed: np.ndarray | None = None
+    expr: str | None = None
+    total = len(store)
     if filters is not None and not filters.is_empty():
-        allowed = catalog.image_ids_matching(filters)
-        if allowed.size == 0:
-            return [[] for _ in range(len(queries))]
-    total = len(store) if allowed is None else int(allowed.size)
+        # a store that holds the products' fields (Milvus) filters itself; otherwise the
+        # catalog says which images pass and the store searches only those
+        pushdown = getattr(store, "filter_expression", None)
+        expr = pushdown(filters) if pushdown is not None else None
+        if expr is not None:
+            total = catalog.count_images_matching(filters)
+        else:
+            allowed = catalog.image_ids_matching(filters)
+            total = int(allowed.size)
     if total == 0:
         return [[] for _ in range(len(queries))]
     return [
-        _rank_one(catalog, store, query, k, allowed, total, min_score, set(exclude_products))
+        _rank_one(catalog, store, query, k, allowed, expr, total, min_score, set(exclude_products))
         for query in queries
     ]
 
@@ -88,6 +95,7 @@ def _rank_one(
     query: np.ndarray,
     k: int,
     allowed: np.ndarray | None,
+    expr: str | None,
     total: int,
     min_score: float | None,
     exclude: set[str],
@@ -96,7 +104,8 @@ def _rank_one(
     # the search until k distinct products are found or every candidate has been seen.
     want = min(total, max(4 * (k + len(exclude)), 32))
     while True:
-        scores, ids = store.search(query[None, :], want, allowed_ids=allowed)
+        pushed = {"expr": expr} if expr is not None else {}
+        scores, ids = store.search(query[None, :], want, allowed_ids=allowed, **pushed)
         scores, ids = scores[0], ids[0]
         valid = ids >= 0
         scores, ids = scores[valid], ids[valid]
