@@ -391,11 +391,9 @@ def reembed(
     if not stale:
         return
     started = time.perf_counter()
-    before_added = report.added
+    # every stale image already has its row, so _write_batch counts them as updated
     _encode_items(
         catalog, store, encoder, stale, report, {}, None,
         progress=progress, batch_size=batch_size, workers=workers, on_batch=None,
     )  # fmt: skip
-    report.updated += report.added - before_added
-    report.added = before_added
     report.seconds += time.perf_counter() - started
