@@ -314,7 +314,7 @@ class Engine:
     def embed_queries(self, queries: Sequence[QuerySource]) -> np.ndarray:
         """Decode and embed query images with the catalog's encoder and preprocessing."""
         encoder = self.encoder
-        draft = 2 * int(getattr(encoder, "input_size", 256))
+        draft = encoder.draft_size
         images = [
             (q if isinstance(q, Image.Image) else load_image(q, draft_size=draft)).convert("RGB")
             for q in queries

@@ -288,7 +288,7 @@ def _encode_items(
     while the encoder works on the previous batch; write each batch in one transaction."""
     if not items:
         return
-    draft = 2 * int(getattr(encoder, "input_size", 256))
+    draft = encoder.draft_size
 
     def decode(item: _Item) -> tuple[_Item, np.ndarray | None, str | None]:
         try:

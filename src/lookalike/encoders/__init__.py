@@ -4,7 +4,8 @@ Contract (every implementation):
 - `name`: the spec it was loaded from, e.g. "efficientnet-lite2" or "onnx:/path/model.onnx".
 - `stamp`: identifies the exact vector space (model id + weights/graph content hash +
   preprocessing + pooling). Vectors with different stamps are never compared.
-- `input_size`: the square side the network takes; `dim`: the embedding length.
+- `input_size`: the square side the network takes; `dim`: the embedding length;
+  `draft_size`: what to pass to `load_image(draft_size=)` (JPEGs decode at >= 2x the input).
 - `prepare(img: PIL.Image.Image) -> np.ndarray`: an RGB image (already decoded by
   lookalike.images) to a uint8 (S, S, 3) array; pure and thread/process safe, so
   ingest runs it in parallel with `embed`.
@@ -36,6 +37,7 @@ class Encoder(Protocol):
     stamp: str
     input_size: int
     dim: int
+    draft_size: int
 
     def prepare(self, img: Image.Image) -> np.ndarray: ...
 
