@@ -333,7 +333,7 @@ def calibrate(
     total = np.zeros(encoder.dim, dtype=np.float64)
     count = 0
     failed: list[str] = []
-    draft = 2 * int(encoder.input_size)
+    draft = encoder.draft_size
     chunks = range(0, len(paths), batch)
     if progress:
         from tqdm import tqdm
