@@ -197,6 +197,7 @@ class QueryPipeline:
         self.settings = settings or QualitySettings()
         self.stamp = base.stamp  # the vector space a centre must have been calibrated in
         self.input_size = base.input_size
+        self.draft_size = base.draft_size
         self.dim = base.dim
         self.centre: QueryCentre | None = None
         if centre is not None:
