@@ -312,17 +312,20 @@ def test_home_comes_from_environment(tmp_path: Path, shop: Path, monkeypatch, ca
     assert json.loads(capsys.readouterr().out)["products"] == 12
 
 
-def test_search_with_another_model_than_the_catalog_is_refused(tmp_path: Path, shop: Path) -> None:
+@pytest.mark.parametrize("model", ["efficientnet-lite0", "efficientnet-lite2-int8"])
+def test_search_with_another_model_than_the_catalog_is_refused(
+    tmp_path: Path, shop: Path, model: str
+) -> None:
     engine = Engine(tmp_path / "home")
     engine.index([shop / "heels"], progress=False)
     engine.close()
-    other = Engine(tmp_path / "home", model="efficientnet-lite0")
+    other = Engine(tmp_path / "home", model=model)
     with pytest.raises(CatalogMismatchError, match="Re-run `lookalike index`"):
         other.search([next((shop / "heels").iterdir())], k=3)
     # indexing with the new model re-embeds everything, and then search works
     report = other.index([shop / "heels"], progress=False)
     assert report.updated == 12 and report.encoded == 12
-    assert other.info()["model"] == "efficientnet-lite0"
+    assert other.info()["model"] == model
     assert np.isclose(
         other.search([next((shop / "heels").iterdir())], k=1)[0][0].score, 1, atol=1e-4
     )

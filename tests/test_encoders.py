@@ -127,7 +127,7 @@ def test_torch_eager_and_onnx_runtime_agree(lite2, sample_batch):
 
 
 def test_second_load_reuses_the_exported_file(lite2, cache_dir):
-    files = list(cache_dir.glob("efficientnet-lite2-*.onnx"))
+    files = [f for f in cache_dir.glob("efficientnet-lite2-*.onnx") if "-int8-" not in f.name]
     assert len(files) == 1
     before = (effnet.EXPORT_COUNT, files[0].stat().st_mtime_ns)
     again = load_encoder("efficientnet-lite2", cache_dir)
@@ -135,6 +135,56 @@ def test_second_load_reuses_the_exported_file(lite2, cache_dir):
     assert again.stamp == lite2.stamp
     assert again.model_path == files[0]
     assert not list(cache_dir.glob("*.tmp"))  # no leftovers of the atomic export
+
+
+@pytest.fixture(scope="session")
+def lite2_int8(cache_dir, lite2):
+    return load_encoder("efficientnet-lite2-int8", cache_dir)
+
+
+def test_int8_model_agrees_with_float32(lite2, lite2_int8, sample_batch):
+    assert isinstance(lite2_int8, Encoder)
+    assert (lite2_int8.input_size, lite2_int8.dim) == (lite2.input_size, lite2.dim)
+    name, digest, preprocess = lite2_int8.stamp.split(":")
+    assert name == "efficientnet-lite2-int8" and preprocess == lite2.stamp.split(":")[2]
+    assert digest != lite2.stamp.split(":")[1]  # its own vector space: never mixed
+    assert lite2_int8.model_path.stat().st_size < lite2.model_path.stat().st_size / 3
+    vecs = lite2_int8.embed(sample_batch)
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    cos = (vecs * lite2.embed(sample_batch)).sum(axis=1)
+    assert cos.min() > 0.98, cos
+    # still the same network: different images stay apart
+    assert (vecs @ vecs.T)[0, 1] < 0.95
+
+
+@needs_data
+def test_int8_imagenet_head_still_recognises_the_apple(lite2_int8):
+    pixels = lite2_int8.prepare(load_image(grocery_catalog_image("Granny-Smith")))[None]
+    assert GRANNY_SMITH in np.argsort(-lite2_int8.logits(pixels)[0])[:5]
+
+
+def test_int8_build_is_deterministic(lite2, lite2_int8, tmp_path):
+    """The stamp is computed before the file is built, so every build must give the
+    same bytes: rebuild from the same float32 graph in another folder and compare."""
+    import shutil
+
+    from lookalike.encoders import quantize
+
+    assert np.array_equal(quantize.calibration_batch(64)[:4], quantize.calibration_batch(64)[:4])
+    shutil.copy(lite2.model_path, tmp_path / lite2.model_path.name)
+    again = load_encoder("efficientnet-lite2-int8", tmp_path)
+    assert again.stamp == lite2_int8.stamp
+    assert again.model_path.read_bytes() == lite2_int8.model_path.read_bytes()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no leftovers
+
+
+def test_int8_stamp_follows_the_recipe(cache_dir, lite2, monkeypatch):
+    from lookalike.encoders import quantize
+
+    model = effnet.BUNDLED["efficientnet-lite2-int8"]
+    before = effnet.content_hash(model, cache_dir)
+    monkeypatch.setattr(quantize, "QUANT_VERSION", "test")
+    assert effnet.content_hash(model, cache_dir) != before
 
 
 def test_fit_option_changes_the_stamp(cache_dir, lite2):

