@@ -38,13 +38,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--home", help="an already indexed home (default: index into a temp one)")
+    parser.add_argument("--model", help="encoder to index with (default: the engine's default)")
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(args.home) if args.home else Path(tmp) / "home"
-        engine = Engine(home)
+        engine = Engine(home, model=args.model)
         if engine.catalog.count_products() == 0:
             report = engine.index(
                 [], metadata=DATA / "fashion-footwear/catalog.csv", progress=False

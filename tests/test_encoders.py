@@ -64,15 +64,15 @@ def test_bundled_encoder_follows_the_contract(lite2, sample_batch):
     assert isinstance(lite2, Encoder)
     assert lite2.name == "efficientnet-lite2"
     assert lite2.input_size == 260
-    assert lite2.dim == 1280
+    assert lite2.dim == 1280 + 352
     name, digest, preprocess = lite2.stamp.split(":")
     assert name == "efficientnet-lite2" and len(digest) == 16
     assert preprocess.startswith(lite2.fit) and "260" in preprocess
     vecs = lite2.embed(sample_batch)
-    assert vecs.shape == (4, 1280) and vecs.dtype == np.float32
+    assert vecs.shape == (4, 1632) and vecs.dtype == np.float32
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    assert (vecs >= 0).all()  # average of ReLU6 features
-    assert lite2.embed(sample_batch[:0]).shape == (0, 1280)
+    assert (vecs[:, :1280] >= 0).all()  # the head part averages ReLU6 features
+    assert lite2.embed(sample_batch[:0]).shape == (0, 1632)
 
 
 def test_set_threads_keeps_the_vectors(cache_dir, sample_batch):
@@ -118,8 +118,17 @@ def test_torch_eager_and_onnx_runtime_agree(lite2, sample_batch):
     assert np.allclose(emb.numpy(), ort_emb, atol=1e-4)
     assert np.allclose(logits.numpy(), lite2.logits(sample_batch), atol=1e-2)
     ort_feats = lite2.features(sample_batch)
-    assert ort_feats.shape == tuple(feats.shape) == (4, 1280, 9, 9)
+    assert ort_feats.shape == tuple(feats.shape) == (4, 1632, 9, 9)
     assert np.allclose(feats.numpy(), ort_feats, atol=1e-3)
+    # the head's 1280 channels, then the last MBConv block's 352, scaled
+    last = []
+    hook = module.net._blocks[-1].register_forward_hook(lambda m, i, out: last.append(out))
+    with torch.no_grad():
+        module(torch.from_numpy(sample_batch))
+    hook.remove()
+    block = effnet.BLOCK_WEIGHT * last[0].numpy()
+    assert np.allclose(ort_feats[:, 1280:], block, atol=1e-3)
+    assert (ort_feats[:, :1280] >= 0).all()  # ReLU6
     # the embedding is the normalised global average of the feature map
     pooled = ort_feats.mean(axis=(2, 3))
     pooled /= np.linalg.norm(pooled, axis=1, keepdims=True)
@@ -260,7 +269,10 @@ def test_onnx_file_encoder_matches_bundled(
     assert user.stamp.startswith("onnx:") and user.stamp != lite2.stamp
     vecs = user.embed(sample_batch)
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
-    assert ((vecs * lite2.embed(sample_batch)).sum(axis=1) > 0.9999).all()
+    # the bundled graph's head features, pooled the same way
+    head = lite2.features(sample_batch)[:, :1280].mean(axis=(2, 3))
+    head /= np.linalg.norm(head, axis=1, keepdims=True)
+    assert ((vecs * head).sum(axis=1) > 0.9999).all()
     # same options as keyword arguments -> same vector space
     kw = load_encoder(
         f"onnx:{model}",
@@ -323,7 +335,7 @@ def test_concurrent_first_loads_export_once(lite0_concurrent):
 @needs_data
 def test_lite0_head_and_size(lite0_concurrent):
     lite0 = lite0_concurrent[1][0]
-    assert lite0.input_size == 224 and lite0.dim == 1280
+    assert lite0.input_size == 224 and lite0.dim == 1280 + 320
     assert lite0.stamp.startswith("efficientnet-lite0:")
     pixels = lite0.prepare(load_image(grocery_catalog_image("Banana")))[None]
     assert BANANA in np.argsort(-lite0.logits(pixels)[0])[:5]
