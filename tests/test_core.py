@@ -21,7 +21,7 @@ from PIL import Image
 
 from lookalike.catalog import Filters
 from lookalike.cli import main as cli_main
-from lookalike.engine import Engine
+from lookalike.engine import DEFAULT_MODEL, Engine
 from lookalike.errors import (
     CatalogMismatchError,
     InputPathError,
@@ -81,7 +81,7 @@ def test_index_then_search_finds_the_image_itself(tmp_path: Path, shop: Path) ->
     assert [r.score for r in results] == sorted((r.score for r in results), reverse=True)
     assert len({r.product_id for r in results}) == 5
     info = engine.info()
-    assert info["products"] == 24 and info["images"] == 24 and info["model"] == "efficientnet-lite2"
+    assert info["products"] == 24 and info["images"] == 24 and info["model"] == DEFAULT_MODEL
     assert info["vector_store"]["vectors"] == 24
     engine.close()
 
@@ -312,7 +312,7 @@ def test_home_comes_from_environment(tmp_path: Path, shop: Path, monkeypatch, ca
     assert json.loads(capsys.readouterr().out)["products"] == 12
 
 
-@pytest.mark.parametrize("model", ["efficientnet-lite0", "efficientnet-lite2-int8"])
+@pytest.mark.parametrize("model", ["efficientnet-lite0", "efficientnet-lite2"])
 def test_search_with_another_model_than_the_catalog_is_refused(
     tmp_path: Path, shop: Path, model: str
 ) -> None:

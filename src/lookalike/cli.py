@@ -200,8 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model",
         default=None,
-        help="encoder: efficientnet-lite2 (default), efficientnet-lite0, or onnx:PATH[?size=..."
-        "&mean=...&std=...]; the catalog remembers it",
+        help="encoder: efficientnet-lite2-int8 (default), efficientnet-lite2 (float32),"
+        " efficientnet-lite0[-int8], or onnx:PATH[?size=...&mean=...&std=...];"
+        " the catalog remembers it",
     )
     parser.add_argument(
         "--vector-store",

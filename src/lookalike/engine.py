@@ -33,7 +33,7 @@ from .search import Result, check_k, rank_products
 from .vectors import open_store
 from .vectors.base import VectorStore
 
-DEFAULT_MODEL = "efficientnet-lite2"
+DEFAULT_MODEL = "efficientnet-lite2-int8"
 QuerySource = str | os.PathLike | bytes | Image.Image
 
 
@@ -438,6 +438,7 @@ class PayloadStore:
     def __init__(self, store: VectorStore, catalog: Catalog):
         self._inner = store
         self._catalog = catalog
+        self._fractions: dict[str, float] = {}  # expression -> share of images passing
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -463,9 +464,28 @@ class PayloadStore:
         from .vectors.milvus_store import filters_to_expr
 
         try:
-            return filters_to_expr(filters)
+            expr = filters_to_expr(filters)
         except UsageError:
             return None
+        if expr and getattr(self._inner, "approximate", False):
+            # an approximate server index searches wider for selective filters
+            if len(self._fractions) > 256:
+                self._fractions.clear()
+            total = max(1, self._catalog.count_images())
+            self._fractions[expr] = self._catalog.count_images_matching(filters) / total
+        return expr
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        allowed_ids: np.ndarray | None = None,
+        expr: str | None = None,
+        **kw: Any,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        if expr is not None and expr in self._fractions:
+            kw.setdefault("filter_fraction", self._fractions[expr])
+        return self._inner.search(queries, k, allowed_ids=allowed_ids, expr=expr, **kw)
 
 
 def _active_encoder(home: Path, base):

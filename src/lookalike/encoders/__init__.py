@@ -25,7 +25,7 @@ from PIL import Image
 
 from lookalike.errors import UsageError
 
-DEFAULT_MODEL = "efficientnet-lite2"
+DEFAULT_MODEL = "efficientnet-lite2-int8"
 BUNDLED_MODELS = (
     "efficientnet-lite2",
     "efficientnet-lite0",
@@ -63,10 +63,11 @@ def load_encoder(
 ) -> Encoder:
     """Build an encoder from `spec`.
 
-    - "efficientnet-lite2" (default, 260 px) or "efficientnet-lite0" (224 px): the bundled
-      ImageNet EfficientNet-Lite, exported to ONNX into `cache_dir` on first use
-      (normally `<home>/models/`) and reused afterwards; "-int8" after either name: the
-      same model quantised to INT8 (lookalike.encoders.quantize), about 2x faster;
+    - "efficientnet-lite2-int8" (the default, 260 px), "efficientnet-lite2",
+      "efficientnet-lite0-int8", "efficientnet-lite0" (224 px): the bundled ImageNet
+      EfficientNet-Lite, exported to ONNX into `cache_dir` on first use (normally
+      `<home>/models/`) and reused afterwards; the "-int8" ones are quantised to INT8
+      from that export (lookalike.encoders.quantize): about 2x less CPU, same quality;
     - "onnx:/path/model.onnx[?size=..&mean=..&std=..&layout=..&fit=..&output=..&pool=..]":
       a user's own ONNX image model (see lookalike.encoders.onnx_file for the options
       and how to export CLIP or DINOv2); `options` may give the same keys.
