@@ -10,9 +10,11 @@ catalog images (query-side choices leave it unchanged: it compares stored catalo
 vectors). Cost: forward passes per query and the measured p50 of embedding one query
 (decode excluded) on this machine, single queries, as `lookalike search` runs them.
 
-Every row runs the shipped code (lookalike.quality.QueryPipeline around the bundled
-EfficientNet-Lite2 on ONNX Runtime); the rows marked "not shipped" pool the encoder's
-feature map (`features` output) the way the retrieval literature suggests.
+Every row runs the shipped code (lookalike.quality.QueryPipeline around the default
+encoder, INT8 EfficientNet-Lite2 on ONNX Runtime, or `--model`); the rows marked "not
+shipped" pool the encoder's feature map (`features` output) the way the retrieval
+literature suggests. The "head only" rows pool just the head conv's 1280 channels of
+that map: the embedding of export version 1, before the last block's channels joined.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 DATA = (ROOT / "../shared/data").resolve()
 
-from lookalike.encoders import load_encoder  # noqa: E402
+from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
 from lookalike.quality import (  # noqa: E402
@@ -45,6 +47,8 @@ from lookalike.quality import (  # noqa: E402
 )
 
 BATCH = 16
+HEAD = 1280
+"""The head conv's channels at the front of the bundled encoders' `features` map."""
 
 
 def l2(x: np.ndarray) -> np.ndarray:
@@ -116,13 +120,14 @@ def main() -> None:
     parser.add_argument("--latency", type=int, default=40, help="single queries timed per row")
     parser.add_argument("--no-fashion", action="store_true", help="skip fashion-footwear")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"encoder (default {DEFAULT_MODEL})")
     args = parser.parse_args()
 
     grocery = DATA / "grocery"
     if not grocery.is_dir():
         sys.exit(f"real data not found: {grocery}")
     models = Path(os.environ.get("LOOKALIKE_MODELS") or Path(tempfile.gettempdir()) / "lk-models")
-    base = load_encoder("efficientnet-lite2", models)
+    base = load_encoder(args.model, models)
     draft = 2 * base.input_size
     t_start = time.time()
 
@@ -194,13 +199,15 @@ def main() -> None:
             return leave_one_out_precision(vectors, fashion_ids, fashion_cats, 10)["precision"]
 
         # one pass over the feature maps gives the GAP vectors (what `embed` returns) and GeM
-        pooled = {"gap": [], "gem": []}
+        pooled = {"gap": [], "gem": [], "head": []}
         for i in range(0, len(fashion_images), BATCH):
             maps = features(base, fashion_images[i : i + BATCH])
             pooled["gap"].append(l2(maps.mean(axis=(2, 3))))
-            pooled["gem"].append(l2(gem(maps)))
+            pooled["gem"].append(l2(gem(maps[:, :HEAD])))
+            pooled["head"].append(l2(maps[:, :HEAD].mean(axis=(2, 3))))
         fashion_gap = np.concatenate(pooled["gap"])
         fashion_gem = np.concatenate(pooled["gem"])
+        fashion_head = np.concatenate(pooled["head"])
         assert np.allclose(fashion_gap[:16], base.embed(np.stack(
             [base.prepare(im) for im in fashion_images[:16]])), atol=1e-4)  # fmt: skip
         fashion[1.0] = fashion_p10(fashion_gap)
@@ -222,8 +229,8 @@ def main() -> None:
     cat = catalog[1.0]
     n_cal = len(calib_paths)
     add(
-        "plain: full photo, GAP, cosine (baseline)",
-        "before",
+        "plain: full photo, head + last block GAP, cosine",
+        "plain",
         query_vectors(full, False) @ cat.T,
         settings=QualitySettings(centre=False),
     )
@@ -286,9 +293,36 @@ def main() -> None:
         qmaps = features(base, val_images)
         cmaps = features(base, cat_images)
         cat_gap = catalog[1.0]
-        add("query GeM p=3 (catalog GAP)", "not shipped", l2(gem(qmaps)) @ cat_gap.T)
-        add("GeM p=3 on both sides", "not shipped", l2(gem(qmaps)) @ l2(gem(cmaps)).T)
-        add("query R-MAC regions (9x9 + 6x6 cells)", "not shipped", rmac(qmaps) @ cat_gap.T)
+        q_head, c_head = (
+            l2(qmaps[:, :HEAD].mean(axis=(2, 3))),
+            l2(cmaps[:, :HEAD].mean(axis=(2, 3))),
+        )
+        calib_head = l2(features(base, calib_images)[:, :HEAD].mean(axis=(2, 3))).mean(axis=0)
+        add("head only (export v1 embedding), plain", "before (v1)", q_head @ c_head.T)
+        add(
+            "head only (export v1 embedding) + centring",
+            "before (v1)",
+            l2(q_head - calib_head) @ c_head.T,
+        )
+        if fashion_images is not None:
+            for back in (2, 1):
+                label, status, scores, _, fw, ms = table[-back]
+                table[-back] = (label, status, scores, fashion_p10(fashion_head), fw, ms)
+        qmaps, cmaps = qmaps[:, :HEAD], cmaps[:, :HEAD]
+        c_head_gap = c_head
+        add(
+            "query GeM p=3, head channels (catalog head GAP)",
+            "not shipped",
+            l2(gem(qmaps)) @ c_head_gap.T,
+        )
+        add(
+            "GeM p=3 on both sides, head channels", "not shipped", l2(gem(qmaps)) @ l2(gem(cmaps)).T
+        )
+        add(
+            "query R-MAC regions (9x9 + 6x6 cells), head channels",
+            "not shipped",
+            rmac(qmaps) @ c_head_gap.T,
+        )
         q = query_vectors(("full",), True)
         sims = q @ cat_gap.T
         top = np.argsort(-sims, axis=1)[:, :2]
@@ -309,7 +343,7 @@ def main() -> None:
 
     print(
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()},"
-        f" ONNX Runtime, efficientnet-lite2 @ {base.input_size} px; {len(truth)} grocery val"
+        f" ONNX Runtime, {args.model} @ {base.input_size} px; {len(truth)} grocery val"
         f" photos vs {len(cat_ids)} catalog images; {time.time() - t_start:.0f} s in all."
     )
     print()
