@@ -3,7 +3,9 @@
 URIs (what `--vector-store` takes):
 
 - `milvus://HOST:PORT` -> a Milvus standalone or cluster (its proxy) at http://HOST:PORT
-  (`milvus+https://HOST:PORT` for TLS). Query options: `?collection=NAME&db=DB&index=HNSW`.
+  (`milvus+https://HOST:PORT` for TLS). Query options: `?collection=NAME&db=DB&index=HNSW`,
+  and the index knobs `nlist=` (IVF lists), `nprobe=` (IVF lists searched), `ef=` (HNSW
+  search breadth, at least k).
   Credentials come from the environment, never the command line: LOOKALIKE_MILVUS_TOKEN
   ("user:password" or an API key).
 - a path ending in `.db` -> Milvus Lite, embedded, in that file.
@@ -88,12 +90,22 @@ def parse_uri(uri: str) -> dict:
     if scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"bad Milvus URI {uri!r}: use milvus://HOST:PORT")
     port = parts.port or 19530
+    knobs = {}
+    for name in ("nlist", "nprobe", "ef"):
+        if name in query:
+            try:
+                knobs[name] = int(query[name])
+            except ValueError:
+                raise UsageError(f"bad Milvus URI {uri!r}: {name} must be an integer") from None
+            if knobs[name] <= 0:
+                raise UsageError(f"bad Milvus URI {uri!r}: {name} must be positive")
     return {
         "uri": f"{scheme}://{parts.hostname}:{port}",
         "collection": query.get("collection", DEFAULT_COLLECTION),
         "db_name": query.get("db", ""),
         "index": query.get("index", "AUTOINDEX").upper(),
         "lite": False,
+        "knobs": knobs,
     }
 
 
@@ -136,6 +148,7 @@ class MilvusStore:
         self.collection = opts["collection"]
         self.index_type = opts["index"]
         self.lite = opts["lite"]
+        self.knobs = opts.get("knobs", {})
         kwargs: dict = {"uri": opts["uri"]}
         if opts.get("db_name"):
             kwargs["db_name"] = opts["db_name"]
@@ -165,7 +178,9 @@ class MilvusStore:
             schema.add_field("id", DataType.INT64, is_primary=True)
             schema.add_field("vector", DataType.FLOAT_VECTOR, dim=self.dim)
             index = self.client.prepare_index_params()
-            params = INDEX_BUILD_PARAMS.get(self.index_type, {})
+            params = dict(INDEX_BUILD_PARAMS.get(self.index_type, {}))
+            if "nlist" in self.knobs and "nlist" in params:
+                params["nlist"] = self.knobs["nlist"]
             index.add_index(
                 field_name="vector",
                 index_type=self.index_type,
@@ -231,9 +246,13 @@ class MilvusStore:
         k: int,
         allowed_ids: np.ndarray | None = None,
         expr: str | None = None,
+        filter_fraction: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by inner product. `allowed_ids` is pushed down as `id in [...]`, `expr`
-        (a Milvus boolean expression on the payload, see filters_to_expr) as is."""
+        (a Milvus boolean expression on the payload, see filters_to_expr) as is.
+        `filter_fraction` (the share of vectors that pass, when the caller knows it)
+        widens an approximate index's search for selective filters: IVF probes and HNSW
+        ef grow by 1/fraction, at most 8x (docs/scale.md: measured on a server)."""
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q.reshape(1, -1)
@@ -254,13 +273,16 @@ class MilvusStore:
         if expr:
             conds.append(f"({expr})")
         limit = min(k, MAX_TOPK)
+        widen = 1.0
+        if filter_fraction is not None and conds:
+            widen = min(8.0, 1.0 / max(float(filter_fraction), 1e-9))
         results = self.client.search(
             self.collection,
             data=[row.tolist() for row in q],
             limit=limit,
             filter=" and ".join(conds),
             output_fields=[],
-            search_params={"metric_type": "IP", "params": self._search_params(limit)},
+            search_params={"metric_type": "IP", "params": self._search_params(limit, widen)},
         )
         for qi, hits in enumerate(results):
             for j, hit in enumerate(hits[:limit]):
@@ -268,12 +290,46 @@ class MilvusStore:
                 scores[qi, j] = float(hit["distance"])
         return scores, out
 
-    def _search_params(self, k: int) -> dict:
+    def _search_params(self, k: int, widen: float = 1.0) -> dict:
         if self.index_type == "HNSW":
-            return {"ef": max(128, k)}
+            return {"ef": max(int(self.knobs.get("ef", 128) * widen), k)}
         if self.index_type.startswith("IVF"):
-            return {"nprobe": 32}
+            nlist = self.knobs.get("nlist", INDEX_BUILD_PARAMS["IVF_FLAT"]["nlist"])
+            return {"nprobe": min(nlist, int(self.knobs.get("nprobe", 32) * widen))}
         return {}
+
+    @property
+    def approximate(self) -> bool:
+        """Whether searches go through an approximate server-side index (a filter's
+        selectivity then matters: see `filter_fraction`)."""
+        return not self.lite and self.index_type in ("HNSW", *INDEX_BUILD_PARAMS, "AUTOINDEX")
+
+    def index_progress(self) -> dict:
+        """The server's view of the vector index: index_type, total_rows, indexed_rows,
+        pending_index_rows, state (Milvus builds it per sealed segment, in the
+        background)."""
+        return dict(self.client.describe_index(self.collection, "vector") or {})
+
+    def wait_for_index(self, timeout: float = 300.0) -> dict:
+        """Flush, then wait until the server has built the index on every row and the
+        query node serves the indexed segments (until then searches go to the growing
+        segments' interim index, not the configured one), or timeout. Returns
+        index_progress() plus `served_indexed_rows`."""
+        import time
+
+        self.client.flush(self.collection)
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.index_progress()
+            total = int(info.get("total_rows", 0))
+            served = 0
+            if int(info.get("indexed_rows", 0)) >= total and not self.lite:
+                segments = self.client.list_loaded_segments(self.collection)
+                served = sum(int(s.num_rows) for s in segments if s.index_id)
+            info["served_indexed_rows"] = served
+            if self.lite or served >= total or time.monotonic() > deadline:
+                return info
+            time.sleep(0.5)
 
     def ids(self) -> np.ndarray:
         found: list[int] = []
@@ -303,7 +359,7 @@ class MilvusStore:
         return np.asarray([by_id[i] for i in ids], dtype=np.float32).reshape(len(ids), self.dim)
 
     def describe(self) -> dict:
-        return {
+        out = {
             "backend": "milvus-lite" if self.lite else "milvus",
             "uri": self.uri,
             "collection": self.collection,
@@ -318,6 +374,17 @@ class MilvusStore:
             ),
             "filter_pushdown": "payload fields (" + ", ".join(PAYLOAD_FIELDS) + ") and ids",
         }
+        if not self.lite:
+            try:
+                progress = self.index_progress()
+            except Exception:  # noqa: BLE001 - informative only
+                progress = {}
+            for key in ("indexed_rows", "pending_index_rows"):
+                if key in progress:
+                    out[key] = int(progress[key])
+            if self.knobs:
+                out["index_params"] = dict(self.knobs)
+        return out
 
 
 def payload_from_products(products: Sequence[Mapping[str, Any]]) -> list[dict]:
