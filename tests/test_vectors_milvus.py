@@ -239,3 +239,56 @@ def test_engine_pushes_metadata_filters_down_to_milvus(tmp_path: Path) -> None:
         heels = reopened.search([query], k=8, filters=filters[0])[0]
         assert [r.product_id for r in heels] == [r.product_id for r in want[0]]
         assert not reopened.catalog.get_meta("payload_dirty")
+
+
+def test_reindexing_metadata_resends_only_changed_products(tmp_path: Path, monkeypatch) -> None:
+    """Re-indexing with a metadata file sends Milvus the payload of the products whose
+    fields changed, not the whole catalog's: nothing when nothing changed, one product's
+    images when one price changed, and filters follow the new value."""
+    import csv
+
+    from lookalike.catalog import Filters
+    from lookalike.engine import Engine
+
+    folder = DATA / "fashion-footwear"
+    if not folder.exists():
+        pytest.skip(f"real data not found at {DATA}")
+    with open(folder / "catalog.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:20]
+    meta = tmp_path / "products.csv"
+
+    def write(prices: list[int]) -> None:
+        with open(meta, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=[*rows[0], "price"])
+            writer.writeheader()
+            for row, price in zip(rows, prices, strict=True):
+                writer.writerow({**row, "image": str(folder / row["image"]), "price": price})
+
+    prices = [10 + i for i in range(len(rows))]
+    write(prices)
+    sent: list[int] = []
+    real_add = MilvusStore.add
+
+    def spy(self, ids, vectors, payload=None):
+        sent.extend(np.asarray(ids).tolist())
+        return real_add(self, ids, vectors, payload=payload)
+
+    monkeypatch.setattr(MilvusStore, "add", spy)
+    engine = Engine(tmp_path / "m", vector_store="vectors.db")
+    report = engine.index([], metadata=meta, progress=False)
+    assert report.added == len(rows) and len(sent) == len(rows)  # each image once
+
+    sent.clear()
+    report = engine.index([], metadata=meta, progress=False)
+    assert report.unchanged == len(rows) and sent == []  # nothing changed: nothing sent
+
+    target = rows[3]["product_id"]
+    prices[3] = 500
+    write(prices)
+    report = engine.index([], metadata=meta, progress=False)
+    assert report.changed_products == [target]
+    assert sorted(sent) == sorted(r.image_id for r in engine.catalog.images_of(target))
+    expensive = engine.search([folder / rows[3]["image"]], k=5, filters=Filters(price_min=400))
+    assert [r.product_id for r in expensive[0]] == [target]
+    assert not engine.catalog.get_meta("payload_dirty")
+    engine.close()

@@ -188,10 +188,11 @@ class Catalog:
     # -- products -----------------------------------------------------------------
     def upsert_product(
         self, product: Product, *, replace_fields: Iterable[str] | None = None
-    ) -> None:
+    ) -> bool:
         """Insert a product, or update it. With `replace_fields`, only those of title,
         category, price, in_stock and attributes are overwritten (a metadata file without a
-        price column must not erase prices set elsewhere)."""
+        price column must not erase prices set elsewhere). Returns whether anything
+        changed (a new product, or a field with a new value)."""
         fields = set(replace_fields) if replace_fields is not None else None
         with self._lock:
             existing = self.find_product(product.product_id)
@@ -208,12 +209,18 @@ class Catalog:
                         json.dumps(product.attributes, sort_keys=True),
                     ),
                 )
-                return
+                return True
             merged = existing
-            for name in (*PRODUCT_FIELDS, "attributes"):
+            names = (*PRODUCT_FIELDS, "attributes")
+            before = [getattr(merged, name) for name in names]
+            before[-1] = dict(before[-1])
+            for name in names:
                 if fields is None or name in fields:
                     setattr(merged, name, getattr(product, name))
+            if [getattr(merged, name) for name in names] == before:
+                return False
             self._write_product(merged)
+            return True
 
     def update_product(self, product_id: str, changes: dict[str, Any]) -> Product:
         """Change some fields of a product. Attribute changes merge into the existing

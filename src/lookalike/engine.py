@@ -223,7 +223,9 @@ class Engine:
             )
             reembed(self.catalog, self._store, self.encoder, report, progress=progress)
             if payload:
-                self._refresh_payload()
+                # new and re-encoded images went in with their payload; the products
+                # whose fields changed need theirs re-sent for their other images
+                self._refresh_payload(dict.fromkeys(report.changed_products))
             self._store.save()
             return report
 

@@ -43,6 +43,7 @@ class IngestReport:
     removed: int = 0
     reused: int = 0  # identical bytes already embedded elsewhere: vector copied, not encoded
     products_updated: int = 0
+    changed_products: list[str] = field(default_factory=list)  # fields changed, image moved in
     failed: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     metadata_errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -204,14 +205,15 @@ def ingest(
             row = catalog.image_by_source(str(item.path))
             if row is not None and row.sha256 == item.sha256 and row.stamp == stamp:
                 report.unchanged += 1
-                _ensure_product(catalog, item.product_id, meta_products, meta)
+                _ensure_product(catalog, item.product_id, meta_products, meta, report)
                 if row.product_id != item.product_id:
                     catalog.set_image_product(row.image_id, item.product_id)
+                    report.changed_products.append(item.product_id)
                 continue
             item.image_id = None if row is None else row.image_id
             reused = catalog.vector_by_sha(item.sha256, stamp)
             if reused is not None:
-                _ensure_product(catalog, item.product_id, meta_products, meta)
+                _ensure_product(catalog, item.product_id, meta_products, meta, report)
                 image_id, created = catalog.put_image(
                     item.product_id, str(item.path), item.sha256, reused, stamp, item.origin
                 )
@@ -225,7 +227,8 @@ def ingest(
         if meta is not None:
             for product in meta.products.values():
                 if catalog.find_product(product.product_id) is not None:
-                    catalog.upsert_product(product, replace_fields=meta.fields)
+                    if catalog.upsert_product(product, replace_fields=meta.fields):
+                        report.changed_products.append(product.product_id)
                     report.products_updated += 1
 
     _encode_items(
@@ -261,11 +264,21 @@ def ingest(
 
 
 def _ensure_product(
-    catalog: Catalog, product_id: str, meta_products: dict[str, Product], meta: MetadataFile | None
+    catalog: Catalog,
+    product_id: str,
+    meta_products: dict[str, Product],
+    meta: MetadataFile | None,
+    report: IngestReport,
 ) -> None:
+    """Create or update the product an image belongs to; a product whose fields changed
+    is recorded in `report.changed_products` (its other images' filter payload is
+    re-sent)."""
     product = meta_products.get(product_id)
     if product is not None:
-        catalog.upsert_product(product, replace_fields=meta.fields if meta else None)
+        existed = catalog.find_product(product_id) is not None
+        changed = catalog.upsert_product(product, replace_fields=meta.fields if meta else None)
+        if existed and changed:  # a new product's images all go in with their payload
+            report.changed_products.append(product_id)
     elif catalog.find_product(product_id) is None:
         catalog.upsert_product(Product(product_id=product_id))
 
@@ -342,7 +355,7 @@ def _write_batch(
     ids: list[int] = []
     with catalog.transaction():
         for (item, _), vector in zip(batch, vectors, strict=True):
-            _ensure_product(catalog, item.product_id, meta_products, meta)
+            _ensure_product(catalog, item.product_id, meta_products, meta, report)
             image_id, created = catalog.put_image(
                 item.product_id, str(item.path), item.sha256, vector, encoder.stamp,
                 item.origin or None,
