@@ -34,7 +34,7 @@ import faiss
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scale_data import CACHE, Generator, seed_embeddings  # noqa: E402
+from bench_scale_data import CACHE, V1_SEEDS, Generator, seed_embeddings  # noqa: E402
 
 from lookalike.vectors import parse_memory_budget  # noqa: E402
 from lookalike.vectors.faiss_index import choose_nlist  # noqa: E402
@@ -45,10 +45,11 @@ K = 10
 
 def catalog(n: int, gen: Generator) -> np.ndarray:
     """The n-vector catalog as a float32 memmap, generated once and cached."""
-    path = CACHE / f"catalog-{n}.npy"
+    suffix = "" if gen.dim == 1280 else f"-{gen.dim}d"  # 1280: the V1_SEEDS tables
+    path = CACHE / f"catalog-{n}{suffix}.npy"
     if path.exists():
         return np.load(path, mmap_mode="r")
-    for stale in CACHE.glob(f"truth-{n}-*.npz"):  # ground truth of an older catalog
+    for stale in CACHE.glob(f"truth-{n}{suffix}-*.npz"):  # ground truth of an older catalog
         stale.unlink()
     tmp = path.with_suffix(".tmp.npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n, gen.dim))
@@ -293,9 +294,15 @@ def main() -> None:
         "--store-batch", type=int, default=50_000, help="vectors a store.add call (growth)"
     )
     ap.add_argument("--memory-budget", default=None, help="the store's budget, e.g. 1G")
+    ap.add_argument(
+        "--seeds",
+        default=V1_SEEDS,
+        help=f"model whose real embeddings the vectors are drawn around (default {V1_SEEDS},"
+        " 1280-d; e.g. efficientnet-lite2-int8 for the default model's 1,632-d)",
+    )
     args = ap.parse_args()
 
-    seeds = seed_embeddings()
+    seeds = seed_embeddings(model=args.seeds)
     gen = Generator(seeds)
     dim = gen.dim
     t = time.perf_counter()
@@ -303,7 +310,8 @@ def main() -> None:
     q = gen.draw(args.queries, seed=99)
     rng = np.random.default_rng(5)
     allowed = np.sort(rng.choice(args.n, max(1, args.n // 100), replace=False))
-    cached = CACHE / f"truth-{args.n}-{args.queries}.npz"
+    suffix = "" if dim == 1280 else f"-{dim}d"
+    cached = CACHE / f"truth-{args.n}{suffix}-{args.queries}.npz"
     if cached.exists():
         saved = np.load(cached)
         truth, truth_f = saved["truth"], saved["truth_f"]

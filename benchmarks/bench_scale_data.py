@@ -70,26 +70,42 @@ def _torch_embedder():
     return "torch:efficientnet-lite0-gap", prepare, embed
 
 
-def _embedder():
+V1_SEEDS = "efficientnet-lite0-v1"
+"""The seeds the 100k/1M/10M tables were measured with: EfficientNet-Lite0's head
+features, global-average pooled, 1280-d (the embedding of export version 1)."""
+
+
+def _embedder(model: str):
     try:
         from lookalike.encoders import load_encoder  # type: ignore[attr-defined]
 
-        enc = load_encoder("efficientnet-lite0", CACHE / "models")
+        if model == V1_SEEDS:
+            enc = load_encoder("efficientnet-lite0", CACHE / "models")
+
+            def head_gap(batch: np.ndarray) -> np.ndarray:
+                f = enc.features(batch)[:, :1280].mean(axis=(2, 3))
+                return f / np.linalg.norm(f, axis=1, keepdims=True)
+
+            return model, enc.prepare, head_gap
+        enc = load_encoder(model, CACHE / "models")
         return enc.stamp, enc.prepare, enc.embed
     except Exception as exc:  # the project encoder may not be there yet
+        if model != V1_SEEDS:
+            raise
         print(f"(project encoder unavailable: {exc!r}; using torch directly)", file=sys.stderr)
         return _torch_embedder()
 
 
-def seed_embeddings(refresh: bool = False) -> np.ndarray:
-    """Real embeddings (N, 1280) of the shared product photos, cached."""
-    out = CACHE / "seeds.npy"
+def seed_embeddings(refresh: bool = False, model: str = V1_SEEDS) -> np.ndarray:
+    """Real embeddings (N, dim) of the shared product photos by `model` (V1_SEEDS, or
+    any `--model` spec such as the default efficientnet-lite2-int8), cached."""
+    out = CACHE / ("seeds.npy" if model == V1_SEEDS else f"seeds-{model}.npy")
     if out.exists() and not refresh:
         return np.load(out)
     from PIL import Image
 
     CACHE.mkdir(parents=True, exist_ok=True)
-    name, prepare, embed = _embedder()
+    name, prepare, embed = _embedder(model)
     paths = real_image_paths()
     rows = []
     t0 = time.perf_counter()
@@ -100,7 +116,7 @@ def seed_embeddings(refresh: bool = False) -> np.ndarray:
     print(f"\nembedded {len(paths)} in {time.perf_counter() - t0:.0f} s with {name}")
     seeds = np.concatenate(rows)
     np.save(out, seeds)
-    (CACHE / "seeds.txt").write_text(name + "\n")
+    out.with_suffix(".txt").write_text(name + "\n")
     return seeds
 
 

@@ -219,6 +219,28 @@ def test_memory_budget_chooses_the_index() -> None:
     # hysteresis: an approximate index stays until the catalog is well below the limit
     assert choose_index(11_000, 1280, current=big).kind == "ivf-pq-sq8"
     assert choose_index(5_000, 1280, current=big).kind == "flat"
+    # the default model's 1,632-d: the 8-bit re-rank copy would pass 1.5 KB a vector
+    wide = choose_index(1_000_000, 1632, 8 * gib)
+    assert wide.kind == "ivf-pq-sq6" and wide.params["bytes_per_vector"] <= 1.5 * 1024
+
+
+def test_six_bit_rerank_store_for_wide_vectors(tmp_path: Path, data) -> None:
+    """A 1,632-d catalog gets the 6-bit re-rank index; it finds the exact neighbours
+    and honours removals like the others."""
+    x, q = data
+    rng = np.random.default_rng(1)
+    lift = rng.standard_normal((512, 1632)).astype(np.float32) / np.sqrt(512)
+    wide = x @ lift
+    wide /= np.linalg.norm(wide, axis=1, keepdims=True)
+    wq = q @ lift
+    wq /= np.linalg.norm(wq, axis=1, keepdims=True)
+    store = grown_store(tmp_path / "v", wide)
+    assert store.describe()["index_type"] == "ivf-pq-sq6"
+    truth = exact_topk(wq, wide, np.arange(len(wide)), 10)[1]
+    assert recall10(store.search(wq, 10)[1], truth) >= 0.9
+    store.remove(truth[:, 0])
+    assert not np.isin(store.search(wq, 10)[1], truth[:, 0]).any()
+    store.close()
 
 
 def test_open_store_passes_the_memory_budget(tmp_path: Path) -> None:

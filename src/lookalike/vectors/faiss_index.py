@@ -9,12 +9,17 @@ The choice follows the catalog's size and a memory budget (`--memory-budget`):
    product-quantised codes (dim/8 bytes), re-ranked exactly enough by an 8-bit
    scalar-quantised copy (dim bytes): about dim + dim/16 + 8 bytes a vector (1.37 KB at
    1280-d). The best recall/speed per byte measured here (docs/scale.md).
-3. `ivf-pq-sq4`: the same with a 4-bit re-rank copy (about dim/2 + dim/16 + 8 bytes).
-4. `opq-ivf-pq`: OPQ rotation to 4m dims + m 8-bit PQ codes only (m = dim/20, at most
+   Used while it stays within MAX_BYTES_PER_VECTOR (1280-d and below).
+3. `ivf-pq-sq6`: the same with a 6-bit re-rank copy (about 0.75*dim + dim/16 + 8 bytes):
+   for wider embeddings, where the 8-bit copy would pass MAX_BYTES_PER_VECTOR (1,334 B
+   at the default model's 1,632-d against 1,742 B with 8 bits).
+4. `ivf-pq-sq4`: the same with a 4-bit re-rank copy (about dim/2 + dim/16 + 8 bytes).
+5. `opq-ivf-pq`: OPQ rotation to 4m dims + m 8-bit PQ codes only (m = dim/20, at most
    64 bytes, + 8), its candidates re-scored exactly from the on-disk log; for budgets
    where nothing else fits (the 10M-on-one-machine case). Lower recall, said so.
 
-The first that fits the budget wins. Approximate indexes are trained on a sample, then
+The first that fits the budget (and, unless the budget leaves room for nothing else, the
+per-vector ceiling) wins. Approximate indexes are trained on a sample, then
 `nprobe` is tuned on the catalog itself: the smallest number of probed lists whose
 Recall@10 against exact search, for sampled catalog vectors as queries, reaches
 TARGET_RECALL. `info` shows the plan, the reason, and the measured recall.
@@ -37,13 +42,15 @@ K_FACTORS = (16, 64, 160)  # tried in this order for each nprobe
 DISK_RERANKED = ("opq-ivf-pq",)  # no re-rank copy in RAM: re-scored from the on-disk log
 DISK_K_FACTORS = (4, 10, 25)
 DEFAULT_BUDGET_FRACTION = 0.5  # default memory budget: half the machine's RAM
+MAX_BYTES_PER_VECTOR = 1536  # approximate indexes stay under 1.5 KB a vector (the 1M target)
+REFINED = ("ivf-pq-sq8", "ivf-pq-sq6", "ivf-pq-sq4")  # re-ranked by an in-RAM SQ copy
 
 
 @dataclass(frozen=True)
 class IndexPlan:
     """Which FAISS index to build and why (what `info` shows)."""
 
-    kind: str  # flat | ivf-pq-sq8 | ivf-pq-sq4 | opq-ivf-pq
+    kind: str  # flat | ivf-pq-sq8 | ivf-pq-sq6 | ivf-pq-sq4 | opq-ivf-pq
     reason: str
     params: dict = field(default_factory=dict)
 
@@ -105,6 +112,12 @@ def candidate_plans(n: int, dim: int) -> list[tuple[str, str, float, dict]]:
             {"nlist": nlist, "pq_m": m16, "refine": "SQ8"},
         ),
         (
+            "ivf-pq-sq6",
+            f"IVF{nlist},PQ{m16}x4fs,Refine(SQ6)",
+            dim * 0.75 + m16 / 2 + 8,
+            {"nlist": nlist, "pq_m": m16, "refine": "SQ6"},
+        ),
+        (
             "ivf-pq-sq4",
             f"IVF{nlist},PQ{m16}x4fs,Refine(SQ4)",
             dim / 2 + m16 / 2 + 8,
@@ -151,7 +164,9 @@ def choose_index(
     else:
         why = f"exact search needs {_mb(flat_bytes)} > the {_mb(budget)} budget"
     plans = candidate_plans(n, dim)
-    for kind, factory, bpv, params in plans:
+    # the per-vector ceiling drops plans over it, unless it would drop them all
+    within = [p for p in plans if p[2] <= MAX_BYTES_PER_VECTOR] or plans
+    for kind, factory, bpv, params in within:
         need = n * bpv * 1.1 + (8 << 20)
         if need <= budget:
             return IndexPlan(
@@ -203,7 +218,7 @@ def search_parameters(
     ivf.nprobe = nprobe
     if sel is not None:
         ivf.sel = sel
-    if plan.kind in ("ivf-pq-sq8", "ivf-pq-sq4"):
+    if plan.kind in REFINED:
         params = faiss.IndexRefineSearchParameters()
         params.k_factor = float(plan.params.get("k_factor", K_FACTOR))
         params.base_index_params = ivf
@@ -241,7 +256,7 @@ def tune_nprobe(
     and the measured recall. For kinds re-ranked from the on-disk log (`rescore(queries,
     candidate labels, k) -> labels`), the re-rank depth is tuned with nprobe."""
     nlist = plan.params["nlist"]
-    refined = plan.kind in ("ivf-pq-sq8", "ivf-pq-sq4")
+    refined = plan.kind in REFINED
     # re-ranking more candidates is cheap next to scanning more lists: try it first
     if refined:
         k_factors = K_FACTORS
