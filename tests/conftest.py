@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import csv
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -30,3 +32,20 @@ def shared_model_cache(tmp_path_factory) -> Path:
         os.environ.pop("LOOKALIKE_MODELS", None)
     else:
         os.environ["LOOKALIKE_MODELS"] = old
+
+
+def fashion_products(path: Path, n: int, **columns: Callable[[int], object]) -> list[dict]:
+    """Write the first n fashion-footwear products as a metadata CSV at `path` (image
+    paths made absolute), with extra columns computed from the row number, e.g.
+    `price=lambda i: 10 + i`. Returns the rows written."""
+    folder = require_data("fashion-footwear")
+    with open(folder / "catalog.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))[:n]
+    for i, row in enumerate(rows):
+        row["image"] = str(folder / row["image"])
+        row.update({name: make(i) for name, make in columns.items()})
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return rows

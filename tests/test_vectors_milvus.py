@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fashion_products
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -183,24 +184,14 @@ def test_engine_pushes_metadata_filters_down_to_milvus(tmp_path: Path) -> None:
     """Filters reach Milvus as expressions on the products' fields (not as id lists), give
     the same products as the FAISS store, and follow product edits at once; a payload
     left stale by a crash is re-sent on the next open."""
-    import csv
-
     from lookalike.catalog import Filters
     from lookalike.engine import Engine, PayloadStore
 
-    folder = DATA / "fashion-footwear"
-    if not folder.exists():
-        pytest.skip(f"real data not found at {DATA}")
-    with open(folder / "catalog.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:50]
     meta = tmp_path / "products.csv"
-    with open(meta, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "price", "in_stock"])
-        writer.writeheader()
-        for i, row in enumerate(rows):
-            row["image"] = str(folder / row["image"])
-            writer.writerow({**row, "price": 10 + i, "in_stock": "yes" if i % 3 else "no"})
-    query = folder / rows[0]["image"]
+    rows = fashion_products(
+        meta, 50, price=lambda i: 10 + i, in_stock=lambda i: "yes" if i % 3 else "no"
+    )
+    query = rows[0]["image"]
     filters = [
         Filters(category="Heels", price_max=40),
         Filters(in_stock=True, attrs={"colour": "Black"}),
@@ -245,27 +236,12 @@ def test_reindexing_metadata_resends_only_changed_products(tmp_path: Path, monke
     """Re-indexing with a metadata file sends Milvus the payload of the products whose
     fields changed, not the whole catalog's: nothing when nothing changed, one product's
     images when one price changed, and filters follow the new value."""
-    import csv
-
     from lookalike.catalog import Filters
     from lookalike.engine import Engine
 
-    folder = DATA / "fashion-footwear"
-    if not folder.exists():
-        pytest.skip(f"real data not found at {DATA}")
-    with open(folder / "catalog.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:20]
     meta = tmp_path / "products.csv"
-
-    def write(prices: list[int]) -> None:
-        with open(meta, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=[*rows[0], "price"])
-            writer.writeheader()
-            for row, price in zip(rows, prices, strict=True):
-                writer.writerow({**row, "image": str(folder / row["image"]), "price": price})
-
-    prices = [10 + i for i in range(len(rows))]
-    write(prices)
+    prices = [10 + i for i in range(20)]
+    rows = fashion_products(meta, 20, price=lambda i: prices[i])
     sent: list[int] = []
     real_add = MilvusStore.add
 
@@ -284,11 +260,11 @@ def test_reindexing_metadata_resends_only_changed_products(tmp_path: Path, monke
 
     target = rows[3]["product_id"]
     prices[3] = 500
-    write(prices)
+    fashion_products(meta, 20, price=lambda i: prices[i])
     report = engine.index([], metadata=meta, progress=False)
     assert report.changed_products == [target]
     assert sorted(sent) == sorted(r.image_id for r in engine.catalog.images_of(target))
-    expensive = engine.search([folder / rows[3]["image"]], k=5, filters=Filters(price_min=400))
+    expensive = engine.search([rows[3]["image"]], k=5, filters=Filters(price_min=400))
     assert [r.product_id for r in expensive[0]] == [target]
     assert not engine.catalog.get_meta("payload_dirty")
     engine.close()

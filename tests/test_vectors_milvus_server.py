@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import fashion_products
 
 pytest.importorskip("pymilvus")
 
@@ -190,24 +191,12 @@ def test_server_deletes_and_upserts_on_an_indexed_collection(server, vectors) ->
 def test_engine_end_to_end_on_the_server(server, tmp_path: Path) -> None:
     """A catalog with metadata indexed straight into the server (HNSW): the same products
     as the FAISS store for plain and filtered searches, and removals followed."""
-    import csv
-
     from lookalike.catalog import Filters
     from lookalike.engine import Engine
 
-    folder = DATA / "fashion-footwear"
-    if not folder.exists():
-        pytest.skip(f"real data not found at {DATA}")
-    with open(folder / "catalog.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))[:40]
     meta = tmp_path / "products.csv"
-    with open(meta, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=[*rows[0], "price"])
-        writer.writeheader()
-        for i, row in enumerate(rows):
-            row["image"] = str(folder / row["image"])
-            writer.writerow({**row, "price": 10 + i})
-    query = folder / rows[0]["image"]
+    rows = fashion_products(meta, 40, price=lambda i: 10 + i)
+    query = rows[0]["image"]
     filt = Filters(price_max=30)
     with Engine(tmp_path / "f") as engine:
         engine.index([], metadata=meta, progress=False)
