@@ -39,6 +39,7 @@ from lookalike.errors import CatalogMismatchError, UsageError
 from lookalike.vectors.faiss_index import (
     DISK_RERANKED,
     EXACT_WORK,
+    LOG_RESCORED,
     IndexPlan,
     choose_index,
     new_index,
@@ -728,7 +729,11 @@ class FaissStore:
         self, q: np.ndarray, k: int, params: faiss.SearchParameters | None
     ) -> tuple[np.ndarray, np.ndarray]:
         """The live index's top-k slots; kinds without an in-RAM re-rank copy fetch
-        k_factor x k candidates and re-score them exactly from the log."""
+        k_factor x k candidates and re-score them exactly from the log, and LOG_RESCORED
+        kinds re-score their re-ranked best few the same way."""
+        if self._plan.kind in LOG_RESCORED:
+            _, cand = self._index.search(q, k * LOG_RESCORED[self._plan.kind], params=params)
+            return self._rescore_from_log(q, cand, k, self._raw)
         if self._plan.kind not in DISK_RERANKED:
             return self._index.search(q, k, params=params)
         depth = k * int(self._plan.params.get("k_factor", 10))
