@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .catalog import Catalog, Filters, Product
+from .encoders import DEFAULT_MODEL
 from .errors import (
     CatalogMismatchError,
     ProductExistsError,
@@ -33,7 +34,6 @@ from .search import Result, check_k, rank_products
 from .vectors import open_store
 from .vectors.base import VectorStore
 
-DEFAULT_MODEL = "efficientnet-lite2-int8"
 QuerySource = str | os.PathLike | bytes | Image.Image
 
 

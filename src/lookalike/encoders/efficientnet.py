@@ -107,7 +107,6 @@ for _base in list(BUNDLED.values()):
         _base.weights_class,
         int8_of=_base.name,
     )
-DEFAULT_MODEL = "efficientnet-lite2-int8"
 
 
 def content_hash(model: BundledModel, cache_dir: Path | None = None) -> str:
