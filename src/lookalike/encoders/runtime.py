@@ -59,11 +59,12 @@ def file_sha256(path: Path, cache_dir: Path | None) -> str:
 
 
 def make_session(
-    path: Path, threads: int | None = None, spinning: bool = False
+    path: Path | bytes, threads: int | None = None, spinning: bool = False
 ):  # -> onnxruntime.InferenceSession
-    """An ORT CPU session with all graph optimisations and `threads` intra-op threads
-    (default one per core). Worker threads do not spin-wait by default: on this 2-core
-    box, with other work running, spinning halved batch-1 throughput (18.0 -> 9.4 img/s,
+    """An ORT CPU session (of a file, or of a serialised model) with all graph
+    optimisations and `threads` intra-op threads (default one per core). Worker threads
+    do not spin-wait by default: on this 2-core box, with other work running, spinning
+    halved batch-1 throughput (18.0 -> 9.4 img/s,
     benchmarks/bench_preprocess_fit.py); `spinning=True` brings it back for a caller
     that knows it has the cores to itself."""
     import onnxruntime as ort
@@ -77,9 +78,11 @@ def make_session(
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelError(f"{path}: cannot load ONNX model: {exc}") from exc
+        what = "serialised model" if isinstance(path, bytes) else path
+        raise ModelError(f"{what}: cannot load ONNX model: {exc}") from exc
 
 
 @dataclass(frozen=True)
