@@ -64,8 +64,8 @@ ACTIVE_FILE = "active.json"
 
 @dataclass
 class TuneSettings:
-    """Training hyper-parameters (defaults chosen on a split of grocery's train.csv; see
-    docs/quality.md). `None` fields take the method's default (METHOD_DEFAULTS)."""
+    """Training hyper-parameters (defaults chosen on grocery; docs/quality.md says how).
+    `None` fields take the method's default (METHOD_DEFAULTS)."""
 
     method: str = "auto"  # "finetune", "head", or "auto": finetune where the base allows
     dim: int = 512
@@ -346,7 +346,9 @@ class FeatureCache:
                 with np.load(cache.path, allow_pickle=False) as z:
                     shas = [str(s) for s in z["sha256"]]
                     emb = z["embeddings"].astype(np.float32)
-                    spatial = z["spatial"] if "spatial" in z.files else None
+                    # "cells": what caches written before the finetune method called it
+                    key = next((k for k in ("spatial", "cells") if k in z.files), None)
+                    spatial = z[key] if key else None
                     stamp = str(z["stamp"])
                 if stamp == base.stamp and emb.shape[1:] == (cache.dim,):
                     cache.index = {s: i for i, s in enumerate(shas)}
