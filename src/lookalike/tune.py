@@ -74,7 +74,7 @@ class TuneSettings:
     epochs: int | None = None
     batch_size: int | None = None
     lr: float = 1e-3
-    block_lr: float = 1e-4  # finetune: the network's own layers learn 10x slower
+    block_lr: float = 3e-4  # finetune: the network's own layers learn at 0.3x the head's rate
     weight_decay: float = 1e-4
     temperature: float = 0.1
     crop_probability: float = 0.5
