@@ -379,3 +379,27 @@ def test_head_learns_from_embeddings_alone_and_round_trips(tmp_path):
     assert again.digest() == head.digest()
     np.testing.assert_array_equal(again.apply(held_x), head.apply(held_x))
     assert np.allclose(np.linalg.norm(head.apply(held_x), axis=1), 1, atol=1e-5)
+
+
+def test_a_damaged_tail_is_refused(tuned_home, tmp_path):
+    """Re-embedding from cached maps runs tail.onnx alone: a file that no longer matches
+    model.json must not make catalog vectors that queries (model.onnx) would not."""
+    import shutil
+
+    from lookalike.errors import ModelError
+    from lookalike.finetune import FinetunedEncoder
+
+    version = tuned_home["report"].version
+    folder = tmp_path / version
+    shutil.copytree(tuned_root(tuned_home["home"]) / version, folder)
+    info = json.loads((folder / "model.json").read_text())
+    with Engine(tuned_home["home"]) as engine:
+        base = base_of(engine.encoder)
+        cache = FeatureCache.open(tuned_home["home"], base, "trunk")
+        maps = cache.spatial[:2]
+        good = FinetunedEncoder(base, folder, version, info).from_trunk_maps(maps)
+        assert good.shape == (2, info["dim"])
+        with (folder / "tail.onnx").open("ab") as fh:
+            fh.write(b"\0")
+        with pytest.raises(ModelError, match="tail.onnx does not match"):
+            FinetunedEncoder(base, folder, version, info).from_trunk_maps(maps)

@@ -445,6 +445,8 @@ class FinetunedEncoder(OnnxEncoder):
         from .encoders.runtime import l2_normalise
 
         if self._tail is None:
+            if file_sha256(self._tail_path, None) != self.info.get("tail_sha256"):
+                raise ModelError(f"tuned model {self.version}: tail.onnx does not match model.json")
             self._tail = make_session(self._tail_path)
         (out,) = self._tail.run(["embedding"], {TRUNK_INPUT: np.asarray(maps, dtype=np.float32)})
         return l2_normalise(out)

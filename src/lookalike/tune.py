@@ -938,6 +938,7 @@ def train_tuned_model(
                 " L2-normalised"
             )
             kind_info = {"kind": "finetune", "model_sha256": digest,
+                         "tail_sha256": file_sha256(folder / "tail.onnx", None),
                          "first_block": trunk.cut.first_block, "trunk_tensor": trunk.cut.tensor,
                          "input": f"trunk maps of each image and {settings.views} (photos) /"
                                   f" {settings.catalog_views} (catalog) augmented views;"
