@@ -77,19 +77,10 @@ def find_cut(model: Any) -> Cut:
     raise ModelError(f"cannot find {want} in the exported graph")
 
 
-def _atomic_save(model: Any, dest: Path) -> None:
-    import onnx
+def _save(model: Any, dest: Path) -> None:
+    from .tune import _atomic_write
 
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+    _atomic_write(dest, lambda fh: fh.write(model.SerializeToString()))
 
 
 class Trunk:
@@ -142,22 +133,6 @@ def random_view(img: Any, sha256: str, view: int) -> Any:
 # --------------------------------------------------------------------------- the tail
 
 
-@dataclass
-class FinetuneSettings:
-    hidden: int
-    dim: int
-    dropout: float
-    epochs: int
-    batch_size: int
-    catalog_per_step: int
-    lr: float
-    block_lr: float
-    weight_decay: float
-    temperature: float
-    crop_probability: float
-    seed: int
-
-
 def build_tail(base_name: str, first_block: int, hidden: int, dim: int, dropout: float):
     """The torch tail: trunk map -> L2-normalised tuned embedding, starting from the
     bundled weights (blocks `first_block`.. and the head conv) and a fresh MLP head."""
@@ -203,7 +178,7 @@ def build_tail(base_name: str, first_block: int, hidden: int, dim: int, dropout:
 
 
 def train_tail(
-    settings: FinetuneSettings,
+    settings: Any,
     base_name: str,
     first_block: int,
     photo_maps: np.ndarray,
@@ -218,6 +193,7 @@ def train_tail(
     on_epoch: Callable[[int, float, Any], None] | None = None,
 ):
     """Fine-tune the tail on cached trunk maps; returns the torch module (eval mode).
+    `settings` is the resolved tune.TuneSettings of the run.
     `*_views` (N, V, C, h, w): trunk maps of V augmented views of each image
     (random_view); each sample then takes the image or one of its views at random."""
     import torch
@@ -325,16 +301,6 @@ def embed_maps(tail: Any, maps: np.ndarray) -> np.ndarray:
         return _batched(tail, x).numpy().astype(np.float32)
 
 
-def base_embed_maps(base_name: str, first_block: int, maps: np.ndarray) -> np.ndarray:
-    """The base model's embedding recomputed from trunk maps (float32 tail)."""
-    import torch
-
-    tail = build_tail(base_name, first_block, 8, 8, 0.0).eval()
-    with torch.no_grad():
-        x = torch.from_numpy(np.ascontiguousarray(maps, dtype=np.float32))
-        return _batched(tail.pooled, x).numpy().astype(np.float32)
-
-
 # --------------------------------------------------------------------------- export
 
 
@@ -384,8 +350,8 @@ def export_tuned(
             )
             tail_model = onnx.load(str(tail_path))
         else:
-            tail_model = onnx.load(tmp)
-            _atomic_save(tail_model, tail_path)
+            os.replace(tmp, tail_path)
+            tail_model = onnx.load(str(tail_path))
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -411,7 +377,7 @@ def export_tuned(
             out.name = "embedding"
     onnx.checker.check_model(merged)
     model_path = folder / "model.onnx"
-    _atomic_save(merged, model_path)
+    _save(merged, model_path)
     return model_path
 
 

@@ -417,12 +417,9 @@ Featurize = Callable[[np.ndarray], tuple[np.ndarray, "np.ndarray | None"]]
 """A prepared uint8 batch -> (base embeddings (N, D), spatial array or None)."""
 
 
-def _featurizer(base: Any, kind: str, use_cells: bool = False) -> Featurize:
-    """What goes into a FeatureCache of `kind` for this base encoder."""
-    if kind == "trunk":
-        from .finetune import Trunk
-
-        return Trunk(base).run
+def _featurizer(base: Any, use_cells: bool) -> Featurize:
+    """What goes into the head method's FeatureCache ("cells") for this base encoder (the
+    finetune method's "trunk" cache is filled by finetune.Trunk.run)."""
     if use_cells:
 
         def cells(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -811,14 +808,17 @@ def train_tuned_model(
     cat_images = [_Image(Path(src), sha) for _, _, src, sha in cat_rows]
     val_images = [_Image(p, sha256_of(p)) for p, _ in val_rows]
     if finetuning:
+        from . import finetune
+
+        trunk = finetune.Trunk(base)  # one ONNX load and session: features, then export
         cache = FeatureCache.open(home, base, "trunk")
-        featurize = _featurizer(base, "trunk")
+        featurize: Featurize = trunk.run
     else:
         cache = FeatureCache.open(home, base, "cells")
         use_cells = cache.has_spatial() or (
             len(cache.index) == 0 and _probe_maps(base, [*cat_images, *photo_images])
         )
-        featurize = _featurizer(base, "cells", use_cells)
+        featurize = _featurizer(base, use_cells)
     unreadable: list[str] = []
     for images, desc in ((cat_images, "catalog features"), (photo_images, "photo features"),
                          (val_images, "validation")):  # fmt: skip
@@ -853,12 +853,9 @@ def train_tuned_model(
         if not (finetuning and count):
             return None
         kept = [img for img in images if img.sha256 in cache]
-        keys = [
-            _Image(img.path, img.sha256, k).key if _Image(img.path, img.sha256, k).key in cache
-            else img.sha256  # an unreadable view (never seen): the image itself
-            for img in kept
-            for k in range(1, count + 1)
-        ]  # fmt: skip
+        views = [_Image(img.path, img.sha256, k).key for img in kept for k in range(1, count + 1)]
+        # an unreadable view (never cached) stands in as the image itself
+        keys = [key if key in cache else key.split("#", 1)[0] for key in views]
         maps = cache.spatial[cache.rows(keys)]
         return maps.reshape(len(kept), count, *maps.shape[1:])
 
@@ -908,18 +905,8 @@ def train_tuned_model(
     folder = Path(tempfile.mkdtemp(prefix=".new-", dir=_mkdir(tuned_root(home))))
     try:
         if finetuning:
-            from . import finetune
-
-            trunk = finetune.Trunk(base)
             tail = finetune.train_tail(
-                finetune.FinetuneSettings(
-                    hidden=settings.hidden, dim=settings.dim, dropout=settings.dropout,
-                    epochs=settings.epochs, batch_size=settings.batch_size,
-                    catalog_per_step=settings.catalog_per_step, lr=settings.lr,
-                    block_lr=settings.block_lr, weight_decay=settings.weight_decay,
-                    temperature=settings.temperature,
-                    crop_probability=settings.crop_probability, seed=settings.seed,
-                ),
+                settings,
                 base.name, trunk.cut.first_block, photo_x, photo_y, cat_x, cat_y, len(products),
                 photo_views=photo_views, cat_views=cat_views,
                 on_step=lambda: bar.update(1),
