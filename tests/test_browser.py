@@ -209,6 +209,11 @@ def test_upload_a_photo_and_see_results(page, catalog):
     assert found[0]["title"] == row["title"]
     shown = [float(c["score"].removeprefix("similarity ")) for c in found]
     assert shown == sorted(shown, reverse=True) and 0.9 < shown[0] <= 1.0
+    # thumbnails load after the cards render: wait until each has loaded or failed
+    page.wait_for_function(
+        "[...document.querySelectorAll('#grid .card img')].every(img => img.complete)"
+    )
+    found = cards(page)
     assert all(c["imageLoaded"] for c in found), "every result shows its thumbnail"
     expect(page.locator("#timing")).to_contain_text("12 results")
     expect(page.locator("#timing")).to_contain_text("ms on the server")
