@@ -38,7 +38,7 @@ DATA = (ROOT / "../shared/data").resolve()
 from lookalike.encoders import load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
-from lookalike.quality import QualitySettings, QueryPipeline, calibrate  # noqa: E402
+from lookalike.query import QualitySettings, QueryPipeline, calibrate  # noqa: E402
 
 BATCH = 16
 DEFAULT_MODELS = ",".join(

@@ -10,7 +10,7 @@ catalog images (query-side choices leave it unchanged: it compares stored catalo
 vectors). Cost: forward passes per query and the measured p50 of embedding one query
 (decode excluded) on this machine, single queries, as `lookalike search` runs them.
 
-Every row runs the shipped code (lookalike.quality.QueryPipeline around the default
+Every row runs the shipped code (lookalike.query.QueryPipeline around the default
 encoder, INT8 EfficientNet-Lite2 on ONNX Runtime, or `--model`); the rows marked "not
 shipped" pool the encoder's feature map (`features` output) the way the retrieval
 literature suggests. The "head only" rows pool just the head conv's 1280 channels of
@@ -37,7 +37,7 @@ DATA = (ROOT / "../shared/data").resolve()
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
-from lookalike.quality import (  # noqa: E402
+from lookalike.query import (  # noqa: E402
     QUERY_VIEWS,
     QualitySettings,
     QueryCentre,

@@ -321,7 +321,7 @@ class Engine:
             (q if isinstance(q, Image.Image) else load_image(q, draft_size=draft)).convert("RGB")
             for q in queries
         ]
-        from .quality import query_pipeline  # views + calibrated centring (docs/quality.md)
+        from .query import query_pipeline  # views + calibrated centring (docs/quality.md)
 
         return query_pipeline(self.home, encoder).embed_queries(images)
 

@@ -20,11 +20,9 @@ a typed error from `lookalike.errors`.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -420,7 +418,7 @@ def _catalog_products(engine: Any, product_ids: Sequence[str]) -> dict[str, Any]
 
 
 def _pipeline_description(engine: Any) -> dict[str, Any]:
-    from .quality import describe, query_pipeline
+    from .query import describe, query_pipeline
 
     try:
         encoder = engine.encoder
@@ -563,80 +561,3 @@ def _an_image_of(engine: Any, product_id: str) -> str | None:
 def _wrap(text: str, width: int) -> list[str]:
     width = max(4, width)
     return [text[i : i + width] for i in range(0, len(text), width)] or [""]
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_eval_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `lookalike eval` on the CLI's subparsers; the handler is `cli_eval(args)`
-    (set as `func`), which opens the engine from the global options (--home, --model...)."""
-    p = subparsers.add_parser(
-        "eval",
-        help="measure retrieval quality (Recall@K, mAP@K, leave-one-out precision@K)",
-        description=(
-            "Evaluate the catalog in the home folder. Either --queries LABELS.csv (columns"
-            " image,product_id; paths relative to the CSV): Recall@K and mAP@K of the"
-            " labelled product, or --leave-one-out --field FIELD: each catalog image queries"
-            " the other products; precision@K = share of the top K sharing its FIELD value."
-        ),
-    )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--queries", metavar="LABELS.csv", help="labelled query photos")
-    mode.add_argument(
-        "--leave-one-out", action="store_true", help="each catalog image queries the rest"
-    )
-    p.add_argument("--field", default="category", help="leave-one-out: field to match on")
-    p.add_argument(
-        "-k",
-        dest="ks",
-        default=None,
-        help="K values, comma-separated (default 1,5,10; leave-one-out: 10)",
-    )
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument(
-        "--per-query", action="store_true", help="with --json: include every query's ranking"
-    )
-    p.add_argument("--failures", metavar="FILE.png", help="draw the worst misses to this PNG")
-    p.add_argument("--failures-count", type=int, default=12, help="rows in --failures")
-    p.set_defaults(func=cli_eval)
-    from .quality import add_calibrate_command
-
-    add_calibrate_command(subparsers)  # its companion: the label-free query calibration
-    return p
-
-
-def cli_eval(args: argparse.Namespace, engine: Any = None) -> int:
-    """Run `lookalike eval` from parsed arguments; prints the report, returns exit code."""
-    own = engine is None
-    if own:
-        from .cli import _engine
-
-        engine = _engine(args)
-    try:
-        if args.leave_one_out:
-            if args.failures:
-                raise UsageError("--failures needs --queries (labelled photos)")
-            ks = parse_ks(args.ks or "10")
-            if len(ks) != 1:
-                raise UsageError("leave-one-out takes a single K, e.g. -k 10")
-            report = run_leave_one_out(engine, args.field, ks[0])
-        else:
-            report = run_eval(
-                engine,
-                args.queries,
-                parse_ks(args.ks or "1,5,10"),
-                progress=not getattr(args, "quiet", False) and sys.stderr.isatty(),
-            )
-        if args.json:
-            print(report_json(report, per_query=args.per_query))
-        else:
-            print(format_report(report))
-        if args.failures:
-            path = draw_failures(report, args.failures, engine, limit=args.failures_count)
-            if not args.json:
-                print(f"worst misses drawn to {path}")
-    finally:
-        if own:
-            engine.close()
-    return 0

@@ -32,7 +32,6 @@ features where they exist.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -1149,106 +1148,6 @@ def describe_active(home: str | os.PathLike, encoder: Any) -> dict[str, Any]:
             "validation": info.get("validation"),
         }
     return {"model": "base", "stamp": encoder.stamp, "tuned_versions": len(list_models(home))}
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_tune_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `lookalike tune` on the CLI's subparsers."""
-    p = subparsers.add_parser(
-        "tune",
-        help="learn from labelled shop photos (image,product_id CSV); --reset to undo",
-        description=(
-            "Adapt the model to labelled photos of catalog products (CSV with"
-            " image,product_id; image paths relative to the CSV) and the catalog images:"
-            " fine-tune the network's last blocks plus a head (--method finetune, the"
-            " default for the bundled models) or learn a head on frozen features (--method"
-            " head, any model). The catalog is then re-embedded: searches use"
-            " the tuned model at once. Rows naming unknown products are reported and"
-            " skipped. --validate FILE prints Recall@1/@5 before and after (never used for"
-            " training). --reset goes back to the base model; --use VERSION re-activates"
-            " a saved one; --status shows the active model."
-        ),
-    )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--labels", metavar="PHOTOS.csv", help="labelled photos to learn from")
-    mode.add_argument("--reset", action="store_true", help="go back to the base model")
-    mode.add_argument("--use", metavar="VERSION", help="activate a saved tuned model")
-    mode.add_argument("--status", action="store_true", help="show the active model")
-    p.add_argument("--validate", metavar="HELD.csv", help="held-out labelled photos to score")
-    p.add_argument(
-        "--method",
-        choices=["auto", "finetune", "head"],
-        default="auto",
-        help="finetune: the network's last blocks and a head (bundled models; the default);"
-        " head: a head on frozen features (any model, faster, less accurate)",
-    )
-    p.add_argument(
-        "--epochs",
-        type=int,
-        help=", ".join(f"default {v['epochs']} for {k}" for k, v in METHOD_DEFAULTS.items()),
-    )
-    p.add_argument("--dim", type=int, default=TuneSettings.dim, help="tuned vector length")
-    p.add_argument("--seed", type=int, default=TuneSettings.seed)
-    p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.set_defaults(func=cli_tune)
-    return p
-
-
-def cli_tune(args: argparse.Namespace, engine: Any = None) -> int:
-    own = engine is None
-    if own:
-        from .cli import _engine
-
-        engine = _engine(args)
-    progress = not getattr(args, "quiet", False) and not args.json
-    try:
-        if args.status:
-            out = describe_active(engine.home, engine.encoder)
-            print(json.dumps(out) if args.json else _format_status(out))
-            return 0
-        if args.reset or args.use:
-            if args.validate:
-                raise UsageError("--validate goes with --labels")
-            counts = use_model(engine, None if args.reset else args.use, progress=progress)
-            out = {**describe_active(engine.home, engine.encoder), "reembedded": counts}
-            if args.json:
-                print(json.dumps(out))
-            else:
-                what = "base model" if args.reset else f"tuned model {args.use}"
-                print(
-                    f"now using the {what} ({engine.encoder.stamp});"
-                    f" re-embedded {counts['from_cache']} catalog images from cached features"
-                    f" and {counts['from_files']} from their files"
-                )
-            return 0
-        if (args.epochs is not None and args.epochs < 1) or args.dim < 2:
-            raise UsageError("--epochs must be >= 1 and --dim >= 2")
-        settings = TuneSettings(method=args.method, epochs=args.epochs, dim=args.dim,
-                                seed=args.seed)  # fmt: skip
-        report = train_tuned_model(
-            engine, args.labels, args.validate, progress=progress, settings=settings
-        )
-        print(json.dumps(report.to_dict()) if args.json else report.summary())
-        return 0
-    finally:
-        if own:
-            engine.close()
-
-
-def _format_status(out: dict[str, Any]) -> str:
-    if out["model"] == "base":
-        return f"base model ({out['stamp']}); {out['tuned_versions']} tuned model(s) saved"
-    text = f"tuned model {out['version']}, {out.get('method', 'head')} ({out['stamp']})"
-    v = out.get("validation")
-    if v:
-        text += (
-            f"; validation Recall@1 {v['before']['recall@1']:.3f} ->"
-            f" {v['after']['recall@1']:.3f}, Recall@5 {v['before']['recall@5']:.3f} ->"
-            f" {v['after']['recall@5']:.3f}"
-        )
-    return text
 
 
 # --------------------------------------------------------------------------- helpers

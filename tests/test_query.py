@@ -1,4 +1,4 @@
-"""lookalike.quality: settings, catalog margin, query views, calibration of the query
+"""lookalike.query: settings, catalog margin, query views, calibration of the query
 centre and its use by the Engine, on the real bundled encoder and generated images."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from lookalike.errors import InputPathError, MetadataError, UsageError
-from lookalike.quality import (
+from lookalike.query import (
     CENTRE_FILE,
     QualitySettings,
     QueryCentre,

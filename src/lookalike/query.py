@@ -24,10 +24,8 @@ re-read when they change, so a running server picks up a new calibration.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -366,6 +364,34 @@ def save_centre(home: str | Path, centre: QueryCentre) -> Path:
     return path
 
 
+def calibrate_home(
+    home: str | Path,
+    encoder: Any,
+    photos: Sequence[str | Path],
+    *,
+    limit: int | None = 1000,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """`lookalike calibrate`: the centre of unlabelled photos (folders, images, or CSVs with
+    an image column) for this home's encoder, saved in the home. Returns the summary."""
+    if not photos:
+        raise UsageError("give folders, image files or CSVs of unlabelled photos")
+    if limit is not None and limit < 1:
+        raise UsageError("--limit must be at least 1")
+    pipeline = QueryPipeline(encoder, load_settings(home))
+    paths = photo_paths(photos)
+    centre, failed = calibrate(pipeline, paths, limit=limit, progress=progress)
+    path = save_centre(home, centre)
+    return {
+        "photos": centre.photos,
+        "found": len(paths),
+        "failed": failed,
+        "views": list(centre.views),
+        "stamp": centre.stamp,
+        "path": str(path),
+    }
+
+
 def remove_centre(home: str | Path) -> bool:
     path = Path(home) / CENTRE_FILE
     if path.is_file():
@@ -380,71 +406,3 @@ def describe(pipeline: QueryPipeline) -> dict[str, Any]:
     used = pipeline.centre is not None and pipeline.settings.centre
     out["query_centre"] = {"photos": pipeline.centre.photos} if used else None
     return out
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def add_calibrate_command(subparsers: Any) -> argparse.ArgumentParser:
-    """Register `lookalike calibrate` (handler `cli_calibrate`)."""
-    p = subparsers.add_parser(
-        "calibrate",
-        help="learn the query-photo centre from unlabelled shopper photos",
-        description=(
-            "Average the query vectors of unlabelled photos like the ones shoppers will send"
-            " (folders, image files, or CSV files with an image column; labels are never"
-            " read) and store that centre in the home folder. Every later search subtracts"
-            " it from the query vector, which removes what all shop photos share. No"
-            " re-index is needed. See docs/quality.md."
-        ),
-    )
-    p.add_argument("photos", nargs="*", help="folders, image files or CSVs with an image column")
-    p.add_argument("--limit", type=int, default=1000, help="at most this many photos (sampled)")
-    p.add_argument("--off", action="store_true", help="remove the stored centre")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.set_defaults(func=cli_calibrate)
-    return p
-
-
-def cli_calibrate(args: argparse.Namespace) -> int:
-    from .cli import _engine
-
-    engine = _engine(args)
-    try:
-        if args.off:
-            if args.photos:
-                raise UsageError("--off takes no photos")
-            removed = remove_centre(engine.home)
-            summary: dict[str, Any] = {"removed": removed}
-            text = "query centre removed" if removed else "no query centre was stored"
-        else:
-            if not args.photos:
-                raise UsageError("give folders, image files or CSVs of unlabelled photos")
-            if args.limit is not None and args.limit < 1:
-                raise UsageError("--limit must be at least 1")
-            encoder = QueryPipeline(engine.encoder, load_settings(engine.home))
-            paths = photo_paths(args.photos)
-            centre, failed = calibrate(
-                encoder,
-                paths,
-                limit=args.limit,
-                progress=not args.quiet and sys.stderr.isatty(),
-            )
-            path = save_centre(engine.home, centre)
-            summary = {
-                "photos": centre.photos,
-                "found": len(paths),
-                "failed": failed,
-                "views": list(centre.views),
-                "stamp": centre.stamp,
-                "path": str(path),
-            }
-            text = (
-                f"query centre from {centre.photos} photos ({len(paths)} found"
-                + (f", {len(failed)} unreadable" if failed else "")
-                + f") saved to {path}"
-            )
-        print(json.dumps(summary, indent=2) if args.json else text)
-    finally:
-        engine.close()
-    return 0
