@@ -903,6 +903,8 @@ def test_page_and_static_files(client):
     for asset in ("/static/app.js", "/static/style.css"):
         assert client.get(asset).status_code == 200
     assert_error(client.get("/static/../api.py"), 404)
+    # encoded, so the dots reach StaticFiles: web/../api/app.py exists but is not served
+    assert_error(client.get("/static/%2e%2e/api/app.py"), 404)
 
 
 # ------------------------------------------------------------------ a real server, threads

@@ -1,0 +1,1 @@
+"""One APIRouter each: search, catalog (reads), images, catalog_writes, meta."""

@@ -1,0 +1,58 @@
+"""GET /images/{image_id}: catalog images by id (never by a path), whole or as
+thumbnails (?size=N) made on demand and cached."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import FileResponse, Response
+
+from ..adapters import locate_image
+from ..deps import Cpu, EngineDep, LimitsDep
+from ..schemas import ERRORS
+from ..thumbnails import make_thumbnail
+
+router = APIRouter(tags=["catalog"])
+
+MEDIA_TYPES = {
+    ".jpg": "image/jpeg",
+    ".jpeg": "image/jpeg",
+    ".png": "image/png",
+    ".webp": "image/webp",
+    ".gif": "image/gif",
+    ".bmp": "image/bmp",
+    ".tif": "image/tiff",
+    ".tiff": "image/tiff",
+    ".heic": "image/heic",
+    ".heif": "image/heif",
+    ".avif": "image/avif",
+}
+
+
+@router.get(
+    "/images/{image_id}",
+    responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+    response_class=Response,
+    summary="A catalog image by id; ?size=N for a JPEG thumbnail (longest side N)",
+)
+async def get_image(
+    request: Request,
+    engine: EngineDep,
+    cpu: Cpu,
+    limits: LimitsDep,
+    image_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)],
+    size: Annotated[int | None, Query(ge=16, le=1024)] = None,
+) -> Response:
+    path, stat = await run_in_threadpool(locate_image, engine, image_id)
+    headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
+    if size is None:
+        media = MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        return FileResponse(path, media_type=media, headers=headers)
+    thumbs = request.app.state.thumbnails
+    key = (image_id, size, stat.st_mtime_ns, stat.st_size)
+    data = thumbs.get(key)
+    if data is None:
+        data = await cpu.run(make_thumbnail, path, size, limits)
+        thumbs.put(key, data)
+    return Response(data, media_type="image/jpeg", headers=headers)

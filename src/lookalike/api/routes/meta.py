@@ -1,0 +1,54 @@
+"""GET /healthz (the process is up), GET /readyz (the model is loaded and the catalog
+open), and the search page at / (its files are mounted at /static by `create_app`)."""
+
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import FileResponse, JSONResponse
+
+from ..adapters import engine_info
+from ..schemas import Health, Readiness
+
+WEB_DIR = Path(__file__).parents[2] / "web"
+"""The search page: src/lookalike/web/."""
+
+PAGE_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; "
+        "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+router = APIRouter()
+
+
+@router.get("/healthz", response_model=Health, tags=["health"])
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz", response_model=Readiness, responses={503: {"model": Readiness}}, tags=["health"]
+)
+def readyz(request: Request) -> Any:
+    holder = request.app.state.engine_holder
+    if holder.engine is None:
+        status = "failed" if holder.error else "loading"
+        return JSONResponse(
+            Readiness(status=status, detail=holder.error).model_dump(), status_code=503
+        )
+    info = engine_info(holder.engine)
+    return Readiness(
+        status="ready",
+        products=info.get("products"),
+        images=info.get("images"),
+        model=info.get("model"),
+    )
+
+
+@router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+def index() -> FileResponse:
+    return FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)

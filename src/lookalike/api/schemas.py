@@ -1,0 +1,94 @@
+"""The request and response bodies of the API (pydantic models), as OpenAPI shows them."""
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import __version__
+
+
+class SearchResult(BaseModel):
+    product_id: str
+    score: float = Field(description="Cosine similarity of the best-matching product image")
+    title: str | None = None
+    category: str | None = None
+    price: float | None = None
+    in_stock: bool | None = None
+    image_id: int = Field(description="The product image that matched best")
+    image_url: str = Field(description="Thumbnail of that image, sized for result grids")
+    full_image_url: str
+    attributes: dict[str, Any] = Field(default_factory=dict)
+
+
+class SearchResponse(BaseModel):
+    results: list[SearchResult]
+    took_ms: float = Field(description="Server time for this request, decode to ranking")
+
+
+class ProductImage(BaseModel):
+    image_id: int
+    image_url: str
+    full_image_url: str
+
+
+class ProductOut(BaseModel):
+    product_id: str
+    title: str | None = None
+    category: str | None = None
+    price: float | None = None
+    in_stock: bool
+    attributes: dict[str, Any] = Field(default_factory=dict)
+    images: list[ProductImage] = Field(default_factory=list)
+
+
+class ProductPage(BaseModel):
+    products: list[ProductOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ProductPatch(BaseModel):
+    """Fields to change; omitted fields stay. Attribute changes merge into the existing
+    attributes; an attribute set to null is removed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    title: str | None = None
+    category: str | None = None
+    price: float | None = Field(default=None, ge=0)
+    in_stock: bool | None = None
+    attributes: dict[str, str | int | float | bool | None] | None = None
+
+
+class Category(BaseModel):
+    name: str
+    count: int
+
+
+class CategoryList(BaseModel):
+    categories: list[Category]
+
+
+class Health(BaseModel):
+    status: str
+    version: str = __version__
+
+
+class Readiness(BaseModel):
+    status: str
+    products: int | None = None
+    images: int | None = None
+    model: str | None = None
+    detail: str | None = None
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+# The error statuses an endpoint may answer, for its OpenAPI `responses`.
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 503)
+}
