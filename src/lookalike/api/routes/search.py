@@ -8,7 +8,7 @@ from fastapi import APIRouter, File, Form, Query, Request, UploadFile
 
 from ...errors import LookalikeError
 from ..adapters import result_out, similar_products
-from ..deps import Cpu, EngineDep, Urls
+from ..deps import Cpu, EngineDep, UrlMaker, Urls
 from ..limits import Limits
 from ..params import attribute_filters, make_filters
 from ..schemas import ERRORS, SearchResponse
@@ -65,10 +65,7 @@ def make_router(limits: Limits) -> APIRouter:
             return engine.search([img], k=k, filters=filters, min_score=min_score)[0]
 
         results = await cpu.run(work)
-        return SearchResponse(
-            results=[result_out(r, urls) for r in results],
-            took_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
+        return _response(results, urls, started)
 
     @router.get(
         "/products/{product_id}/similar",
@@ -101,9 +98,14 @@ def make_router(limits: Limits) -> APIRouter:
             attribute_filters(request.query_params.multi_items()),
         )
         results = await cpu.run(similar_products, engine, product_id, k, filters, min_score)
-        return SearchResponse(
-            results=[result_out(r, urls) for r in results],
-            took_ms=round((time.perf_counter() - started) * 1000, 2),
-        )
+        return _response(results, urls, started)
 
     return router
+
+
+def _response(results: list[Any], urls: UrlMaker, started: float) -> SearchResponse:
+    """The ranked results as the API answers them, with the time since `started`."""
+    return SearchResponse(
+        results=[result_out(r, urls) for r in results],
+        took_ms=round((time.perf_counter() - started) * 1000, 2),
+    )
