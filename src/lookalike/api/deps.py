@@ -68,7 +68,7 @@ async def require_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> None:
-    """Catalog writes need `Authorization: Bearer <key>`; with no key configured, none."""
+    """Catalog writes need `Authorization: Bearer <key>`; with no key configured, 403."""
     key_bytes: bytes | None = request.app.state.api_key
     if key_bytes is None:
         raise WritesDisabledError(
