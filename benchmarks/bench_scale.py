@@ -37,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale_data import CACHE, V1_SEEDS, Generator, seed_embeddings  # noqa: E402
 
 from lookalike.vectors import parse_memory_budget  # noqa: E402
-from lookalike.vectors.faiss_index import choose_nlist  # noqa: E402
-from lookalike.vectors.faiss_store import FaissStore, build_threads  # noqa: E402
+from lookalike.vectors.faiss_index import build_threads  # noqa: E402
+from lookalike.vectors.faiss_store import FaissStore  # noqa: E402
+from lookalike.vectors.planning import choose_nlist  # noqa: E402
 
 K = 10
 

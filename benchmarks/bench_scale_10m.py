@@ -45,8 +45,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_scale_data import Generator, seed_embeddings  # noqa: E402
 
-from lookalike.vectors.faiss_index import choose_nlist  # noqa: E402
-from lookalike.vectors.faiss_store import build_threads  # noqa: E402
+from lookalike.vectors.faiss_index import build_threads  # noqa: E402
+from lookalike.vectors.planning import choose_nlist  # noqa: E402
 
 K = 10
 

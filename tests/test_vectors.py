@@ -11,7 +11,7 @@ import pytest
 
 from lookalike.errors import CatalogMismatchError, UsageError
 from lookalike.vectors import FaissStore, VectorStore, open_store, parse_memory_budget
-from lookalike.vectors.faiss_store import exact_topk
+from lookalike.vectors.faiss_index import exact_topk
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data"
 VGG = DATA / "footwear300/models/feature_vector_store.p"

@@ -15,8 +15,9 @@ import numpy as np
 import pytest
 
 from lookalike.vectors import open_store
-from lookalike.vectors.faiss_index import choose_index
-from lookalike.vectors.faiss_store import FaissStore, exact_topk
+from lookalike.vectors.faiss_index import exact_topk
+from lookalike.vectors.faiss_store import FaissStore
+from lookalike.vectors.planning import choose_index
 
 DATA = Path(__file__).resolve().parents[1] / "../shared/data"
 VGG = DATA / "footwear300/models/feature_vector_store.p"

@@ -13,31 +13,9 @@ from pathlib import Path
 from lookalike.errors import UsageError
 from lookalike.vectors.base import VectorStore
 from lookalike.vectors.faiss_store import FaissStore
+from lookalike.vectors.planning import parse_memory_budget
 
 __all__ = ["FaissStore", "VectorStore", "open_store", "parse_memory_budget"]
-
-
-def parse_memory_budget(text: str | int | None) -> int | None:
-    """'4G', '512M', '1.5GiB', '2000000000' -> bytes; None/''/'auto' -> None (the default)."""
-    if text is None:
-        return None
-    if isinstance(text, int):
-        return text
-    s = text.strip().lower().replace("ib", "").replace("b", "")
-    if s in ("", "auto"):
-        return None
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-    mult = 1
-    if s[-1] in units:
-        mult = units[s[-1]]
-        s = s[:-1]
-    try:
-        value = float(s)
-    except ValueError:
-        raise UsageError(f"bad memory budget {text!r}: use e.g. 512M, 4G") from None
-    if value <= 0:
-        raise UsageError(f"memory budget must be positive, got {text!r}")
-    return int(value * mult)
 
 
 def open_store(

@@ -1,192 +1,107 @@
-"""Which FAISS index a catalog gets, how it is built, tuned and searched.
+"""Building, training, tuning and searching the FAISS index an `IndexPlan` names
+(planning.py decides which one). Indexes here are labelled by row number (the store's
+slots) and re-score candidates exactly from a `RawVectors` log; nothing here knows
+image ids, tombstones or the files of the store (faiss_store.py).
 
-The choice follows the catalog's size and a memory budget (`--memory-budget`):
-
-1. `flat` (exact inner product, 4*dim bytes a vector) while exact search is fast
-   enough: n*dim <= EXACT_WORK multiply-adds a query (12,500 vectors at 1280-d, a few
-   ms on one core) and the vectors fit the budget.
-2. `ivf-pq-sq8`: an inverted file (nlist ~ 2*sqrt(n) lists) over 4-bit fast-scan
-   product-quantised codes (dim/8 bytes), re-ranked exactly enough by an 8-bit
-   scalar-quantised copy (dim bytes): about dim + dim/16 + 8 bytes a vector (1.37 KB at
-   1280-d). The best recall/speed per byte measured here (docs/scale.md).
-   Used while it stays within MAX_BYTES_PER_VECTOR (1280-d and below).
-3. `ivf-pq-sq6`: the same with a 6-bit re-rank copy (about 0.75*dim + dim/16 + 8 bytes),
-   its best 4k re-scored exactly from the on-disk log: for wider embeddings, where the
-   8-bit copy would pass MAX_BYTES_PER_VECTOR (1,334 B at the default model's 1,632-d
-   against 1,742 B with 8 bits).
-4. `ivf-pq-sq4`: the same with a 4-bit re-rank copy (about dim/2 + dim/16 + 8 bytes).
-5. `opq-ivf-pq`: OPQ rotation to 4m dims + m 8-bit PQ codes only (m = dim/20, at most
-   64 bytes, + 8), its candidates re-scored exactly from the on-disk log; for budgets
-   where nothing else fits (the 10M-on-one-machine case). Lower recall, said so.
-
-The first that fits the budget (and, unless the budget leaves room for nothing else, the
-per-vector ceiling) wins. Approximate indexes are trained on a sample, then
 `nprobe` is tuned on the catalog itself: the smallest number of probed lists whose
 Recall@10 against exact search, for sampled catalog vectors as queries, reaches
-TARGET_RECALL. `info` shows the plan, the reason, and the measured recall.
+TARGET_RECALL (and for re-ranked kinds the re-rank depth with it).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import faiss
 import numpy as np
 
-EXACT_WORK = 16_000_000  # n*dim: exact search stays below a few ms a query on one core
+from lookalike.vectors.planning import (
+    DISK_RERANKED,
+    LOG_RESCORED,
+    REFINED,
+    IndexPlan,
+    training_size,
+)
+from lookalike.vectors.store_files import RawVectors
+
 TARGET_RECALL = 0.97  # tuned Recall@10 on catalog samples (the target is 0.95)
 NPROBES = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 K_FACTOR = 16  # candidates re-ranked by the refine codes: k_factor * k
 K_FACTORS = (16, 64, 160)  # tried in this order for each nprobe
-DISK_RERANKED = ("opq-ivf-pq",)  # no re-rank copy in RAM: re-scored from the on-disk log
 DISK_K_FACTORS = (4, 10, 25)
-LOG_RESCORED = {"ivf-pq-sq6": 4}
-"""Kinds whose re-ranked top (k x this) is re-scored exactly from the on-disk log: a
-6-bit copy orders near neighbours too coarsely for Recall@10 0.95 on its own (0.947 at
-1M, 1,632-d), and a few exact reads a query settle the final order."""
-DEFAULT_BUDGET_FRACTION = 0.5  # default memory budget: half the machine's RAM
-MAX_BYTES_PER_VECTOR = 1536  # approximate indexes stay under 1.5 KB a vector (the 1M target)
-REFINED = ("ivf-pq-sq8", "ivf-pq-sq6", "ivf-pq-sq4")  # re-ranked by an in-RAM SQ copy
+TUNE_QUERIES = 200
+ROW_CHUNK = 50_000  # rows read from the log at a time when adding or scanning
 
 
-@dataclass(frozen=True)
-class IndexPlan:
-    """Which FAISS index to build and why (what `info` shows)."""
-
-    kind: str  # flat | ivf-pq-sq8 | ivf-pq-sq6 | ivf-pq-sq4 | opq-ivf-pq
-    reason: str
-    params: dict = field(default_factory=dict)
-
-    def to_json(self) -> dict:
-        return {"kind": self.kind, "reason": self.reason, "params": dict(self.params)}
-
-    @property
-    def exact(self) -> bool:
-        return self.kind == "flat"
-
-    def with_params(self, **changes: object) -> IndexPlan:
-        params = dict(self.params)
-        params.update(changes)
-        return IndexPlan(self.kind, self.reason, params)
+# --------------------------------------------------------------------------- threads
 
 
-def physical_memory_bytes() -> int:
+def build_threads() -> int:
+    """OpenMP threads for batch work: LOOKALIKE_THREADS, else the idle cores (at least 1).
+    FAISS's OpenMP loops spin-wait: on a machine already busy, 2 threads on 2 cores
+    measured 6-10x slower than 1 (docs/scale.md)."""
+    env = os.environ.get("LOOKALIKE_THREADS")
+    if env and env.isdigit() and int(env) > 0:
+        return int(env)
+    cpus = os.cpu_count() or 1
     try:
-        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
-    except (ValueError, OSError, AttributeError):
-        return 8 << 30
+        busy = os.getloadavg()[0]
+    except OSError:
+        busy = 0.0
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
 
 
-def default_memory_budget() -> int:
-    """The memory budget used when none is given: half the machine's RAM."""
-    return int(physical_memory_bytes() * DEFAULT_BUDGET_FRACTION)
+def set_threads(nq: int) -> None:
+    """One OpenMP thread for a few queries, the idle cores for batches. OpenMP keeps
+    this setting per calling thread."""
+    faiss.omp_set_num_threads(1 if nq < 8 else build_threads())
 
 
-def _mb(n: float) -> str:
-    return f"{n / (1 << 20):,.0f} MiB" if n < (1 << 30) else f"{n / (1 << 30):.2f} GiB"
+# --------------------------------------------------------------------------- exact search
 
 
-def choose_nlist(n: int) -> int:
-    """Inverted lists for n vectors: a power of two near 2*sqrt(n), 16..8192."""
-    target = min(2.0 * np.sqrt(max(n, 1)), max(n, 1) / 39)  # k-means wants 39 points a list
-    return int(min(8192, max(16, 2 ** int(np.floor(np.log2(max(target, 1)) + 0.5)))))
+def empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
 
 
-def _pq_m(dim: int, bytes_per_dim: float) -> int:
-    """PQ sub-quantisers: dim*bytes_per_dim*2 4-bit codes, even, dividing dim."""
-    m = max(2, int(dim * bytes_per_dim * 2))
-    m -= m % 2
-    while m > 2 and dim % m:
-        m -= 2
-    return m
-
-
-def candidate_plans(n: int, dim: int) -> list[tuple[str, str, float, dict]]:
-    """(kind, factory, bytes a vector, params) for the approximate indexes, best first."""
-    nlist = choose_nlist(n)
-    m16 = _pq_m(dim, 1 / 16)  # dim/8 4-bit codes = dim/16 bytes
-    opq_m = max(8, min(64, dim // 20))
-    opq_m -= opq_m % 4
-    return [
-        (
-            "ivf-pq-sq8",
-            f"IVF{nlist},PQ{m16}x4fs,Refine(SQ8)",
-            dim + m16 / 2 + 8,
-            {"nlist": nlist, "pq_m": m16, "refine": "SQ8"},
-        ),
-        (
-            "ivf-pq-sq6",
-            f"IVF{nlist},PQ{m16}x4fs,Refine(SQ6)",
-            dim * 0.75 + m16 / 2 + 8,
-            {"nlist": nlist, "pq_m": m16, "refine": "SQ6"},
-        ),
-        (
-            "ivf-pq-sq4",
-            f"IVF{nlist},PQ{m16}x4fs,Refine(SQ4)",
-            dim / 2 + m16 / 2 + 8,
-            {"nlist": nlist, "pq_m": m16, "refine": "SQ4"},
-        ),
-        (
-            "opq-ivf-pq",
-            f"OPQ{opq_m}_{min(dim, 4 * opq_m)},IVF{nlist},PQ{opq_m}",
-            opq_m + 8 + dim * min(dim, 4 * opq_m) * 4 / max(n, 1),
-            {"nlist": nlist, "pq_m": opq_m},
-        ),
-    ]
-
-
-def choose_index(
-    n: int,
-    dim: int,
-    memory_budget_bytes: int | None = None,
-    current: IndexPlan | None = None,
-    exact_limit: int | None = None,
-) -> IndexPlan:
-    """The index for n vectors of dim dims under a memory budget (None: the default).
-    `current` adds hysteresis so a catalog hovering at a threshold is not rebuilt back
-    and forth; `exact_limit` overrides the exact-search size limit (EXACT_WORK // dim)."""
-    budget = memory_budget_bytes or default_memory_budget()
-    if exact_limit is None:
-        exact_limit = EXACT_WORK // dim
-    back_to_exact = exact_limit
-    if current is not None and not current.exact:
-        back_to_exact //= 2  # go back to exact only well below the threshold
-    flat_bytes = n * dim * 4
-    if n <= back_to_exact and flat_bytes <= budget:
-        return IndexPlan(
-            "flat",
-            f"exact search: {n:,} vectors <= {exact_limit:,} (exact stays fast up to "
-            f"{EXACT_WORK:,} multiply-adds a query) and {_mb(flat_bytes)} fits the "
-            f"{_mb(budget)} budget",
-            {"bytes_per_vector": dim * 4},
-        )
-    if n > exact_limit:
-        why = f"{n:,} vectors > {exact_limit:,} for exact search"
-    elif n > back_to_exact:
-        why = f"{n:,} vectors: approximate until the catalog shrinks below {back_to_exact:,}"
-    else:
-        why = f"exact search needs {_mb(flat_bytes)} > the {_mb(budget)} budget"
-    plans = candidate_plans(n, dim)
-    # the per-vector ceiling drops plans over it, unless it would drop them all
-    within = [p for p in plans if p[2] <= MAX_BYTES_PER_VECTOR] or plans
-    for kind, factory, bpv, params in within:
-        need = n * bpv * 1.1 + (8 << 20)
-        if need <= budget:
-            return IndexPlan(
-                kind,
-                f"{why}; {factory} needs ~{bpv:,.0f} B a vector, {_mb(need)} for {n:,} "
-                f"vectors, within the {_mb(budget)} budget",
-                {**params, "factory": factory, "bytes_per_vector": round(bpv, 1)},
-            )
-    kind, factory, bpv, params = plans[-1]
-    return IndexPlan(
-        kind,
-        f"{why}; even the smallest index ({factory}, ~{bpv:,.0f} B a vector, "
-        f"{_mb(n * bpv)}) exceeds the {_mb(budget)} budget: raise --memory-budget",
-        {**params, "factory": factory, "bytes_per_vector": round(bpv, 1)},
+def exact_topk(
+    queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact inner-product top-k of `queries` over `vectors` (rows labelled `labels`),
+    padded with -inf / -1. FAISS's own kernels (not NumPy's BLAS, whose thread pool
+    spin-waits badly on a busy machine)."""
+    nq = queries.shape[0]
+    scores, out = empty_result(nq, k)
+    n = vectors.shape[0]
+    if n == 0 or k <= 0:
+        return scores, out
+    kk = min(k, n)
+    d, i = faiss.knn(
+        np.ascontiguousarray(queries, dtype=np.float32),
+        np.ascontiguousarray(vectors, dtype=np.float32),
+        kk,
+        metric=faiss.METRIC_INNER_PRODUCT,
     )
+    ok = i >= 0
+    scores[:, :kk] = np.where(ok, d, -np.inf)
+    out[:, :kk] = np.where(ok, np.asarray(labels, dtype=np.int64)[np.maximum(i, 0)], -1)
+    return scores, out
+
+
+def rescore_from_log(
+    q: np.ndarray, cand: np.ndarray, k: int, raw: RawVectors
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each query's candidate rows (-1 padded) re-scored exactly from the log: top-k."""
+    scores, out = empty_result(q.shape[0], k)
+    for qi in range(q.shape[0]):
+        c = np.unique(cand[qi][cand[qi] >= 0])
+        s, lab = exact_topk(q[qi : qi + 1], raw.read(c), c, k)
+        scores[qi], out[qi] = s[0], lab[0]
+    return scores, out
+
+
+# --------------------------------------------------------------------------- building
 
 
 def new_index(plan: IndexPlan, dim: int) -> faiss.Index:
@@ -200,11 +115,55 @@ def new_index(plan: IndexPlan, dim: int) -> faiss.Index:
     return index
 
 
-def training_size(plan: IndexPlan) -> int:
-    """How many vectors to train on (a sample, so 1M builds take minutes)."""
-    if plan.exact:
-        return 0
-    return int(max(plan.params["nlist"] * 40, 10_000))
+def train_index(
+    plan: IndexPlan, dim: int, raw: RawVectors, n: int, rng: np.random.Generator
+) -> faiss.Index:
+    """A new index for the plan, trained (approximate kinds) on a sample of the first n
+    log rows, still empty."""
+    index = new_index(plan, dim)
+    if not plan.exact:
+        sample = np.sort(rng.choice(n, min(n, training_size(plan)), replace=False))
+        index.train(raw.read(sample))
+    return index
+
+
+def add_rows(
+    index: faiss.Index, raw: RawVectors, start: int, stop: int, chunk: int = ROW_CHUNK
+) -> None:
+    """Add log rows [start, stop) to `index` in row order (labels = slots)."""
+    for lo in range(start, stop, chunk):
+        index.add(raw.read_range(lo, min(stop, lo + chunk)))
+
+
+def tune_on_catalog(
+    index: faiss.Index, plan: IndexPlan, raw: RawVectors, n: int, rng: np.random.Generator
+) -> IndexPlan:
+    """nprobe from Recall@10 of TUNE_QUERIES catalog vectors (the first n log rows, all
+    in `index`) against exact search over them."""
+    qslots = np.sort(rng.choice(n, min(n, TUNE_QUERIES), replace=False))
+    queries = raw.read(qslots)
+    best_s = np.full((len(qslots), 11), -np.inf, dtype=np.float32)
+    best_l = np.full((len(qslots), 11), -1, dtype=np.int64)
+    for lo in range(0, n, ROW_CHUNK):
+        rows = raw.read_range(lo, min(n, lo + ROW_CHUNK))
+        s, lab = exact_topk(queries, rows, np.arange(lo, lo + len(rows)), 11)
+        all_s = np.concatenate([best_s, s], axis=1)
+        alll = np.concatenate([best_l, lab], axis=1)
+        order = np.argsort(-all_s, axis=1, kind="stable")[:, :11]
+        best_s = np.take_along_axis(all_s, order, 1)
+        best_l = np.take_along_axis(alll, order, 1)
+    return tune_nprobe(
+        index,
+        plan,
+        queries,
+        best_l,
+        10,
+        exclude=qslots,
+        rescore=lambda qs, cand, k: rescore_from_log(qs, cand, k, raw)[1],
+    )
+
+
+# --------------------------------------------------------------------------- searching
 
 
 def search_parameters(
@@ -230,6 +189,60 @@ def search_parameters(
         params._keep = ivf  # keep the python object alive with the parent
         return params
     return ivf
+
+
+def search_index(
+    index: faiss.Index,
+    plan: IndexPlan,
+    raw: RawVectors,
+    q: np.ndarray,
+    k: int,
+    params: faiss.SearchParameters | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The index's top-k rows; kinds without an in-RAM re-rank copy fetch k_factor x k
+    candidates and re-score them exactly from the log, and LOG_RESCORED kinds re-score
+    their re-ranked best few the same way."""
+    if plan.kind in LOG_RESCORED:
+        _, cand = index.search(q, k * LOG_RESCORED[plan.kind], params=params)
+        return rescore_from_log(q, cand, k, raw)
+    if plan.kind not in DISK_RERANKED:
+        return index.search(q, k, params=params)
+    depth = k * int(plan.params.get("k_factor", 10))
+    _, cand = index.search(q, depth, params=params)
+    return rescore_from_log(q, cand, k, raw)
+
+
+def search_rows_exactly(
+    index: faiss.Index,
+    plan: IndexPlan,
+    raw: RawVectors,
+    q: np.ndarray,
+    k: int,
+    rows: np.ndarray,
+    sel: faiss.IDSelector,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k over these rows (sorted; `sel` selects the same). Exact index: its
+    float32 vectors. Refined indexes: the in-RAM scalar-quantised copy scans only these
+    vectors (no list routing, so nothing is missed), then the best candidates are
+    re-scored exactly from the log. Otherwise: all these vectors from the log."""
+    if plan.exact:
+        return exact_topk(q, index.reconstruct_batch(rows), rows, k)
+    if not isinstance(index, faiss.IndexRefine):
+        return exact_topk(q, raw.read(rows), rows, k)
+    refine = faiss.downcast_index(index.refine_index)
+    depth = min(len(rows), max(4 * k, k + 32))
+    params = faiss.SearchParameters()
+    params.sel = sel
+    _, cand = refine.search(q, depth, params=params)
+    scores, out = empty_result(q.shape[0], k)
+    for qi in range(q.shape[0]):
+        c = cand[qi][cand[qi] >= 0]
+        s, lab = exact_topk(q[qi : qi + 1], raw.read(np.sort(c)), np.sort(c), k)
+        scores[qi], out[qi] = s[0], lab[0]
+    return scores, out
+
+
+# --------------------------------------------------------------------------- tuning
 
 
 def recall_at(

@@ -1,17 +1,7 @@
 """The embedded vector store: FAISS in this process, persisted under `<home>/vectors/`.
 
-Layout on disk (every file named by a generation, so a save is atomic: the new files are
-written first, then `store.json` is replaced in one `os.replace`, then old files go):
-
-- `store.json`      the sidecar: format, stamp, dim, index type and why, counts, and the
-                    names of the files below. It is the single source of truth.
-- `raw-<r>.f32`     every vector ever added, float32, one row per *slot*, append-only. It
-                    is the write-ahead log: rows past the sidecar's `slots` are ignored
-                    (and truncated) on open, so a crash mid-append loses only unsaved rows.
-- `slots-<g>.npy`   slot -> image id (int64), -1 for a removed or replaced slot.
-- `index-<g>.faiss` the trained approximate index (absent for exact search, which is
-                    rebuilt from the raw rows on open). It may cover fewer slots than the
-                    sidecar; the tail is added from the raw rows on open.
+The files and how each is written safely: store_files.py. Which index, and why:
+planning.py; building, tuning and searching it: faiss_index.py.
 
 Slots: each added vector gets the next slot number and the FAISS index labels it with
 that slot (sequential labels, so every index type works, refinement included). An
@@ -24,9 +14,6 @@ old index keeps answering until then, and a crash leaves the last saved generati
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -37,20 +24,32 @@ import numpy as np
 
 from lookalike.errors import CatalogMismatchError, UsageError
 from lookalike.vectors.faiss_index import (
-    DISK_RERANKED,
-    EXACT_WORK,
-    LOG_RESCORED,
-    IndexPlan,
-    choose_index,
+    ROW_CHUNK,
+    add_rows,
+    build_threads,
+    empty_result,
     new_index,
+    search_index,
     search_parameters,
-    training_size,
-    tune_nprobe,
+    search_rows_exactly,
+    set_threads,
+    train_index,
+    tune_on_catalog,
 )
-
-FORMAT = 1
-SIDECAR = "store.json"
-
+from lookalike.vectors.planning import EXACT_WORK, IndexPlan, choose_index
+from lookalike.vectors.store_files import (
+    FORMAT,
+    RawVectors,
+    index_path,
+    raw_path,
+    read_sidecar,
+    read_slots,
+    remove_stale,
+    wipe,
+    write_index_file,
+    write_sidecar,
+    write_slots,
+)
 
 # --------------------------------------------------------------------------- helpers
 
@@ -71,130 +70,6 @@ def _as_vectors(vectors: Any, dim: int) -> np.ndarray:
     return arr
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _empty_result(nq: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-    return np.full((nq, k), -np.inf, dtype=np.float32), np.full((nq, k), -1, dtype=np.int64)
-
-
-def exact_topk(
-    queries: np.ndarray, vectors: np.ndarray, labels: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top-k of `queries` over `vectors` (rows labelled `labels`),
-    padded with -inf / -1. FAISS's own kernels (not NumPy's BLAS, whose thread pool
-    spin-waits badly on a busy machine)."""
-    nq = queries.shape[0]
-    scores, out = _empty_result(nq, k)
-    n = vectors.shape[0]
-    if n == 0 or k <= 0:
-        return scores, out
-    kk = min(k, n)
-    d, i = faiss.knn(
-        np.ascontiguousarray(queries, dtype=np.float32),
-        np.ascontiguousarray(vectors, dtype=np.float32),
-        kk,
-        metric=faiss.METRIC_INNER_PRODUCT,
-    )
-    ok = i >= 0
-    scores[:, :kk] = np.where(ok, d, -np.inf)
-    out[:, :kk] = np.where(ok, np.asarray(labels, dtype=np.int64)[np.maximum(i, 0)], -1)
-    return scores, out
-
-
-# --------------------------------------------------------------------------- raw rows
-
-
-class RawVectors:
-    """Append-only float32 rows on disk, read through a memory map."""
-
-    def __init__(self, path: Path, dim: int, rows: int) -> None:
-        self.path = path
-        self.dim = dim
-        self.row_bytes = dim * 4
-        if not path.exists():
-            path.touch()
-        size = path.stat().st_size
-        if size < rows * self.row_bytes:
-            raise CatalogMismatchError(
-                f"{path} holds {size // self.row_bytes} vectors, the sidecar says {rows}"
-            )
-        # Rows past `rows` were appended after the last save (a crash, or another process
-        # writing right now): they are ignored here, and cut off only when this process
-        # appends itself (one writer at a time; a reader never touches the file).
-        self._truncate_first = size > rows * self.row_bytes
-        self.rows = rows
-        self._map: np.ndarray | None = None
-        self._mapped_rows = 0
-        self._fh = open(path, "r+b")  # kept open for appends
-        self._lock = threading.Lock()  # appends (owner thread) vs reads (rebuild thread)
-
-    def append(self, vectors: np.ndarray) -> int:
-        """Append rows; returns the first new slot."""
-        with self._lock:
-            start = self.rows
-            if self._truncate_first:
-                self._fh.truncate(start * self.row_bytes)
-                self._truncate_first = False
-            self._fh.seek(start * self.row_bytes)
-            self._fh.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
-            self.rows += vectors.shape[0]
-            return start
-
-    def flush(self) -> None:
-        with self._lock:
-            self._fh.flush()
-            os.fsync(self._fh.fileno())
-
-    def _mapped(self) -> np.ndarray:
-        with self._lock:
-            if self._map is None or self._mapped_rows != self.rows:
-                self._fh.flush()
-                if self.rows == 0:
-                    self._map = np.zeros((0, self.dim), dtype=np.float32)
-                else:
-                    self._map = np.memmap(
-                        self.path, dtype=np.float32, mode="r", shape=(self.rows, self.dim)
-                    )
-                self._mapped_rows = self.rows
-            return self._map
-
-    def read(self, slots: np.ndarray) -> np.ndarray:
-        """Rows for these slots, float32 (len(slots), dim)."""
-        if len(slots) == 0:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        return np.ascontiguousarray(self._mapped()[np.asarray(slots, dtype=np.int64)])
-
-    def read_range(self, start: int, stop: int) -> np.ndarray:
-        return np.ascontiguousarray(self._mapped()[start:stop])
-
-    def close(self) -> None:
-        self._map = None
-        try:
-            self._fh.close()
-        except OSError:
-            pass
-
-
 # --------------------------------------------------------------------------- the store
 
 SELECTIVE_FRACTION = 0.05  # filters passing <= 5% of the catalog are searched exactly
@@ -202,28 +77,6 @@ SELECTIVE_WORK = 4 * EXACT_WORK  # ... and so are filters passing <= 50k 1280-d 
 COMPACT_FRACTION = 0.25  # rebuild (compact) when a quarter of the slots are tombstones
 RETRAIN_GROWTH = 2.0  # retrain (and re-tune) an approximate index when the catalog doubled
 INDEX_FILE_TAIL = 0.2  # rewrite the index file when 20% of slots are only in the log
-TUNE_QUERIES = 200
-
-
-def build_threads() -> int:
-    """OpenMP threads for batch work: LOOKALIKE_THREADS, else the idle cores (at least 1).
-    FAISS's OpenMP loops spin-wait: on a machine already busy, 2 threads on 2 cores
-    measured 6-10x slower than 1 (docs/scale.md)."""
-    env = os.environ.get("LOOKALIKE_THREADS")
-    if env and env.isdigit() and int(env) > 0:
-        return int(env)
-    cpus = os.cpu_count() or 1
-    try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cpus, int(cpus - busy + 0.5)))
-
-
-def _set_threads(nq: int) -> None:
-    """One OpenMP thread for a few queries, the idle cores for batches. OpenMP keeps
-    this setting per calling thread."""
-    faiss.omp_set_num_threads(1 if nq < 8 else build_threads())
 
 
 class FaissStore:
@@ -261,7 +114,7 @@ class FaissStore:
         if self.dim <= 0:
             raise UsageError(f"vector dimension must be positive, got {dim}")
         self.directory.mkdir(parents=True, exist_ok=True)
-        meta = self._read_sidecar()
+        meta = read_sidecar(self.directory)
         if meta is not None and (meta["stamp"] != self.stamp or meta["dim"] != self.dim):
             if not reset:
                 raise CatalogMismatchError(
@@ -270,7 +123,7 @@ class FaissStore:
                     f"({self.dim}-d). Re-index with --reset to replace it."
                 )
         if reset:
-            self._wipe()
+            wipe(self.directory)
             meta = None
         if meta is None:
             self._init_empty()
@@ -279,29 +132,10 @@ class FaissStore:
 
     # ---------------------------------------------------------------- open / persist
 
-    def _read_sidecar(self) -> dict | None:
-        path = self.directory / SIDECAR
-        if not path.exists():
-            return None
-        try:
-            meta = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CatalogMismatchError(f"unreadable vector store sidecar {path}: {exc}") from exc
-        if meta.get("format") != FORMAT or meta.get("backend") != "faiss":
-            raise CatalogMismatchError(f"{path} is not a lookalike FAISS store (format {FORMAT})")
-        return meta
-
-    def _wipe(self) -> None:
-        for child in self.directory.iterdir():
-            if child.is_dir():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-
     def _init_empty(self) -> None:
         self._generation = 0
         self._raw_gen = 0
-        self._raw = RawVectors(self._raw_path(0), self.dim, 0)
+        self._raw = RawVectors(raw_path(self.directory, 0), self.dim, 0)
         self._slot_ids = np.zeros(0, dtype=np.int64)
         self._keys = np.zeros(0, dtype=np.int64)
         self._key_slots = np.zeros(0, dtype=np.int64)
@@ -315,18 +149,12 @@ class FaissStore:
     def _choose(self, n: int, current: IndexPlan | None = None) -> IndexPlan:
         return choose_index(n, self.dim, self.memory_budget_bytes, current, self.exact_limit)
 
-    def _raw_path(self, gen: int) -> Path:
-        return self.directory / f"raw-{gen}.f32"
-
     def _load(self, meta: dict) -> None:
         self._generation = int(meta["generation"])
         self._raw_gen = int(meta["raw_generation"])
         slots = int(meta["slots"])
         self._raw = RawVectors(self.directory / meta["raw_file"], self.dim, slots)
-        slot_ids = np.load(self.directory / meta["slots_file"])
-        if slot_ids.shape != (slots,):
-            raise CatalogMismatchError(f"{meta['slots_file']} does not match {SIDECAR}")
-        self._slot_ids = slot_ids.astype(np.int64)
+        self._slot_ids = read_slots(self.directory, meta)
         self._rebuild_key_map()
         self._plan = IndexPlan(**meta["plan"])
         self._built_at = float(meta.get("built_at", time.time()))
@@ -340,16 +168,8 @@ class FaissStore:
             self._index_file_slots = 0
         if self._index.ntotal != self._index_file_slots:
             raise CatalogMismatchError("the saved index does not match its sidecar")
-        self._add_rows(self._index, self._raw, self._index_file_slots, slots)
+        add_rows(self._index, self._raw, self._index_file_slots, slots)
         self._dirty = False
-
-    @staticmethod
-    def _add_rows(
-        index: faiss.Index, raw: RawVectors, start: int, stop: int, chunk: int = 50_000
-    ) -> None:
-        """Add raw rows [start, stop) to `index` in slot order (labels = slots)."""
-        for lo in range(start, stop, chunk):
-            index.add(raw.read_range(lo, min(stop, lo + chunk)))
 
     def _rebuild_key_map(self) -> None:
         live = np.flatnonzero(self._slot_ids >= 0)
@@ -369,13 +189,7 @@ class FaissStore:
                 return
             self._raw.flush()
             gen = self._generation + 1
-            slots_name = f"slots-{gen}.npy"
-            tmp = self.directory / (slots_name + ".tmp")
-            with open(tmp, "wb") as fh:
-                np.save(fh, self._slot_ids)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.directory / slots_name)
+            slots_name = write_slots(self.directory, gen, self._slot_ids)
             n_slots = int(self._slot_ids.shape[0])
             if self._plan.exact:
                 self._index_file, self._index_file_slots = None, 0
@@ -383,18 +197,9 @@ class FaissStore:
                 self._index_file is None
                 or n_slots - self._index_file_slots > INDEX_FILE_TAIL * n_slots
             ):
-                self._index_file = self._write_index_file(self._index, gen)
+                self._index_file = write_index_file(self.directory, self._index, gen)
                 self._index_file_slots = int(self._index.ntotal)
             self._write_sidecar(gen, slots_name)
-
-    def _write_index_file(self, index: faiss.Index, gen: int | str) -> str:
-        name = f"index-{gen}.faiss"
-        tmp = self.directory / (name + ".tmp")
-        faiss.write_index(index, str(tmp))
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.directory / name)
-        return name
 
     def _write_sidecar(self, gen: int, slots_name: str) -> None:
         meta = {
@@ -416,26 +221,10 @@ class FaissStore:
             "last_rebuild": self._last_rebuild,
             "saved_at": time.time(),
         }
-        _write_atomic(self.directory / SIDECAR, json.dumps(meta, indent=1).encode())
-        _fsync_dir(self.directory)
+        write_sidecar(self.directory, meta)
         self._generation = gen
         self._dirty = False
-        self._cleanup(meta)
-
-    def _cleanup(self, meta: dict) -> None:
-        keep = {SIDECAR, meta["raw_file"], meta["slots_file"]}
-        if meta["index_file"]:
-            keep.add(meta["index_file"])
-        building = self._rebuild_thread is not None and self._rebuild_thread.is_alive()
-        for child in self.directory.iterdir():
-            if child.name in keep or child.is_dir():
-                continue
-            if building and child.name.startswith(("raw-", "index-")):
-                continue  # the rebuild worker's files in progress
-            try:
-                child.unlink()
-            except OSError:
-                pass
+        remove_stale(self.directory, meta, self.rebuilding)
 
     def close(self) -> None:
         """Finish a running rebuild, save, release files."""
@@ -478,7 +267,7 @@ class FaissStore:
             self._tombstone(ids)
             start = self._raw.append(vectors)
             new_slots = np.arange(start, start + ids.shape[0], dtype=np.int64)
-            _set_threads(len(ids) if len(ids) > 256 else 1)
+            set_threads(len(ids) if len(ids) > 256 else 1)
             self._index.add(vectors)
             self._slot_ids = np.concatenate([self._slot_ids, ids])
             self._insert_keys(ids, new_slots)
@@ -586,26 +375,23 @@ class FaissStore:
                 plan = self._choose(len(live), self._plan)
             self._hook("snapshot")
             # 1. compact the log into a new raw file (live rows only, in slot order)
-            new_raw = RawVectors(self._raw_path(raw_gen), self.dim, 0)
-            for lo in range(0, len(live), 50_000):
-                new_raw.append(self._raw.read(live[lo : lo + 50_000]))
+            new_raw = RawVectors(raw_path(self.directory, raw_gen), self.dim, 0)
+            for lo in range(0, len(live), ROW_CHUNK):
+                new_raw.append(self._raw.read(live[lo : lo + ROW_CHUNK]))
             new_raw.flush()
             n = len(live)
             # 2. train on a sample, add everything, tune nprobe on catalog queries
-            index = new_index(plan, self.dim)
             rng = np.random.default_rng(n)
-            if not plan.exact:
-                sample = np.sort(rng.choice(n, min(n, training_size(plan)), replace=False))
-                index.train(new_raw.read(sample))
+            index = train_index(plan, self.dim, new_raw, n, rng)
             self._hook("trained")
-            self._add_rows(index, new_raw, 0, n)
+            add_rows(index, new_raw, 0, n)
             if not plan.exact:
-                plan = self._tune(index, plan, new_raw, n, rng)
+                plan = tune_on_catalog(index, plan, new_raw, n, rng)
                 plan = plan.with_params(trained_for=n)
             self._hook("built")
             index_name = None
             if not plan.exact:
-                index_name = self._write_index_file(index, f"r{raw_gen}")
+                index_name = write_index_file(self.directory, index, f"r{raw_gen}")
             # 3. catch up with changes made meanwhile, then swap (under the lock)
             with self._lock:
                 new_slot_ids = snap_ids.copy()
@@ -642,32 +428,8 @@ class FaissStore:
                 self._last_rebuild = record
             if new_raw is not None:  # drop the unfinished rebuild's files
                 new_raw.close()
-                for stray in (new_raw.path, self.directory / f"index-r{raw_gen}.faiss"):
+                for stray in (new_raw.path, index_path(self.directory, f"r{raw_gen}")):
                     stray.unlink(missing_ok=True)
-
-    def _tune(self, index: faiss.Index, plan: IndexPlan, raw: RawVectors, n: int, rng) -> IndexPlan:
-        """nprobe from Recall@10 of TUNE_QUERIES catalog vectors against exact search."""
-        qslots = np.sort(rng.choice(n, min(n, TUNE_QUERIES), replace=False))
-        queries = raw.read(qslots)
-        best_s = np.full((len(qslots), 11), -np.inf, dtype=np.float32)
-        best_l = np.full((len(qslots), 11), -1, dtype=np.int64)
-        for lo in range(0, n, 50_000):
-            rows = raw.read_range(lo, min(n, lo + 50_000))
-            s, lab = exact_topk(queries, rows, np.arange(lo, lo + len(rows)), 11)
-            all_s = np.concatenate([best_s, s], axis=1)
-            alll = np.concatenate([best_l, lab], axis=1)
-            order = np.argsort(-all_s, axis=1, kind="stable")[:, :11]
-            best_s = np.take_along_axis(all_s, order, 1)
-            best_l = np.take_along_axis(alll, order, 1)
-        return tune_nprobe(
-            index,
-            plan,
-            queries,
-            best_l,
-            10,
-            exclude=qslots,
-            rescore=lambda qs, cand, k: self._rescore_from_log(qs, cand, k, raw)[1],
-        )
 
     # ---------------------------------------------------------------- reads
 
@@ -702,7 +464,7 @@ class FaissStore:
         k = int(k)
         if k <= 0:
             raise UsageError("k must be positive")
-        _set_threads(q.shape[0])
+        set_threads(q.shape[0])
         with self._lock:
             if allowed_ids is not None:
                 allowed = np.unique(_as_ids(allowed_ids))
@@ -712,7 +474,7 @@ class FaissStore:
 
     def _search_all(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self._keys.shape[0] == 0:
-            return _empty_result(q.shape[0], k)
+            return empty_result(q.shape[0], k)
         sel = None
         bitmap = None
         if self._keys.shape[0] != self._slot_ids.shape[0]:  # tombstones: exclude them
@@ -728,35 +490,14 @@ class FaissStore:
     def _search_index(
         self, q: np.ndarray, k: int, params: faiss.SearchParameters | None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """The live index's top-k slots; kinds without an in-RAM re-rank copy fetch
-        k_factor x k candidates and re-score them exactly from the log, and LOG_RESCORED
-        kinds re-score their re-ranked best few the same way."""
-        if self._plan.kind in LOG_RESCORED:
-            _, cand = self._index.search(q, k * LOG_RESCORED[self._plan.kind], params=params)
-            return self._rescore_from_log(q, cand, k, self._raw)
-        if self._plan.kind not in DISK_RERANKED:
-            return self._index.search(q, k, params=params)
-        depth = k * int(self._plan.params.get("k_factor", 10))
-        _, cand = self._index.search(q, depth, params=params)
-        return self._rescore_from_log(q, cand, k, self._raw)
-
-    @staticmethod
-    def _rescore_from_log(
-        q: np.ndarray, cand: np.ndarray, k: int, raw: RawVectors
-    ) -> tuple[np.ndarray, np.ndarray]:
-        scores, out = _empty_result(q.shape[0], k)
-        for qi in range(q.shape[0]):
-            c = np.unique(cand[qi][cand[qi] >= 0])
-            s, lab = exact_topk(q[qi : qi + 1], raw.read(c), c, k)
-            scores[qi], out[qi] = s[0], lab[0]
-        return scores, out
+        return search_index(self._index, self._plan, self._raw, q, k, params)
 
     def _search_subset(
         self, q: np.ndarray, k: int, slots: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
         n_allowed = slots.shape[0]
         if n_allowed == 0:
-            return _empty_result(q.shape[0], k)
+            return empty_result(q.shape[0], k)
         selective = (
             self._plan.exact
             or n_allowed <= SELECTIVE_FRACTION * self._keys.shape[0]
@@ -766,39 +507,15 @@ class FaissStore:
         bitmap[slots] = True
         bits = np.packbits(bitmap, bitorder="little")
         sel = faiss.IDSelectorBitmap(bits.shape[0], faiss.swig_ptr(bits))
-        if selective:
-            return self._search_selective(q, k, slots, sel)
+        if selective:  # exact over the allowed vectors
+            found = search_rows_exactly(self._index, self._plan, self._raw, q, k, slots, sel)
+            return self._labels_to_ids(*found)
         # fewer candidates pass in each probed list: probe more lists
         frac = n_allowed / max(1, self._keys.shape[0])
         params = search_parameters(self._plan, sel, nprobe_scale=min(4.0, 1 / np.sqrt(frac)))
         scores, labels = self._search_index(q, k, params)
         del bits
         return self._labels_to_ids(scores, labels)
-
-    def _search_selective(
-        self, q: np.ndarray, k: int, slots: np.ndarray, sel: faiss.IDSelector
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-k over the allowed slots. Exact index: its float32 vectors. Refined
-        indexes: the in-RAM scalar-quantised copy scans only the allowed vectors (no
-        list routing, so nothing is missed), then the best candidates are re-scored
-        exactly from the log. Otherwise: all allowed vectors from the log."""
-        if self._plan.exact:
-            return self._labels_to_ids(
-                *exact_topk(q, self._index.reconstruct_batch(slots), slots, k)
-            )
-        if not isinstance(self._index, faiss.IndexRefine):
-            return self._labels_to_ids(*exact_topk(q, self._raw.read(slots), slots, k))
-        refine = faiss.downcast_index(self._index.refine_index)
-        depth = min(len(slots), max(4 * k, k + 32))
-        params = faiss.SearchParameters()
-        params.sel = sel
-        _, cand = refine.search(q, depth, params=params)
-        scores, out = _empty_result(q.shape[0], k)
-        for qi in range(q.shape[0]):
-            c = cand[qi][cand[qi] >= 0]
-            s, lab = exact_topk(q[qi : qi + 1], self._raw.read(np.sort(c)), np.sort(c), k)
-            scores[qi], out[qi] = s[0], lab[0]
-        return self._labels_to_ids(scores, out)
 
     def _labels_to_ids(
         self, scores: np.ndarray, labels: np.ndarray
