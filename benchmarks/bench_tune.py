@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lookalike.engine import Engine  # noqa: E402
-from lookalike.tune import TuneSettings, train_tuned_model  # noqa: E402
+from lookalike.tuning import TuneSettings, train_tuned_model  # noqa: E402
 
 DATA = ROOT / "../shared/data/grocery"
 

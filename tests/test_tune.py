@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +21,9 @@ from conftest import require_data
 from lookalike.cli import main as cli_main
 from lookalike.engine import Engine
 from lookalike.errors import CatalogMismatchError, UsageError
-from lookalike.finetune import VIEW_RECIPE, random_view
-from lookalike.tune import (
-    FeatureCache,
-    TuneSettings,
-    active_version,
-    base_of,
-    describe_active,
-    is_tuned,
-    reset,
-    train_tuned_model,
-    tuned_root,
-    use_model,
-)
+from lookalike.models import active_version, base_of, describe_active, is_tuned, tuned_root
+from lookalike.tuning import FeatureCache, TuneSettings, reset, train_tuned_model, use_model
+from lookalike.tuning.finetune import VIEW_RECIPE, random_view
 
 N_PRODUCTS = 24
 TRAIN_PER_PRODUCT = 8
@@ -350,27 +342,30 @@ def test_head_learns_from_embeddings_alone_and_round_trips(tmp_path):
     """Encoders without a feature map (any `onnx:` model) train on embeddings alone:
     synthetic products whose photos are shifted away from their catalog image by a
     shared 'shelf photo' direction are pulled back together."""
-    from lookalike.tune import Head, _fit_head, _l2, _recall
+    from lookalike.encoders.runtime import l2_normalise
+    from lookalike.models import Head
+    from lookalike.tuning.head import fit_head
+    from lookalike.tuning.train import product_recall
 
     rng = np.random.default_rng(0)
     n_products, dim = 12, 64
-    catalog = _l2(rng.normal(size=(n_products, dim)))
+    catalog = l2_normalise(rng.normal(size=(n_products, dim)))
     shelf = rng.normal(size=dim) * 1.5
     distort = rng.normal(size=(dim, dim)) * 0.25
 
     def photos(per: int) -> tuple[np.ndarray, np.ndarray]:
         y = np.repeat(np.arange(n_products), per)
         x = catalog[y] @ (np.eye(dim) + distort) + shelf + rng.normal(size=(len(y), dim)) * 0.6
-        return _l2(x), y
+        return l2_normalise(x), y
 
     train_x, train_y = photos(20)
     held_x, held_y = photos(10)
-    before = _recall(held_x, held_y, catalog, np.arange(n_products), n_products)
-    head = _fit_head(
+    before = product_recall(held_x, held_y, catalog, np.arange(n_products), n_products)
+    head = fit_head(
         TuneSettings(dim=32, hidden=64, epochs=40, batch_size=64, seed=1),
         train_x, train_y, catalog, np.arange(n_products), n_products,
     )  # fmt: skip
-    after = _recall(
+    after = product_recall(
         head.apply(held_x), held_y, head.apply(catalog), np.arange(n_products), n_products
     )
     assert after["recall@1"] >= before["recall@1"] + 0.2, (before, after)
@@ -387,7 +382,7 @@ def test_a_damaged_tail_is_refused(tuned_home, tmp_path):
     import shutil
 
     from lookalike.errors import ModelError
-    from lookalike.finetune import FinetunedEncoder
+    from lookalike.models import FinetunedEncoder
 
     version = tuned_home["report"].version
     folder = tmp_path / version
@@ -403,3 +398,16 @@ def test_a_damaged_tail_is_refused(tuned_home, tmp_path):
             fh.write(b"\0")
         with pytest.raises(ModelError, match="tail.onnx does not match"):
             FinetunedEncoder(base, folder, version, info).from_trunk_maps(maps)
+
+
+def test_searching_needs_neither_torch_nor_the_trainer():
+    """The engine finds and loads a tuned model through lookalike.models alone: no torch,
+    no lookalike.tuning imported by a process that only searches."""
+    code = (
+        "import sys, lookalike.engine, lookalike.models\n"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] == 'torch' or m.startswith('lookalike.tuning')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)  # fmt: skip
+    assert out.stdout.strip() == "[]", out.stdout

@@ -493,7 +493,7 @@ class PayloadStore:
 def _active_encoder(home: Path, base):
     """The tuned encoder when `lookalike tune` made one for this base model, else the base."""
     try:
-        from .tune import active_encoder
+        from .models import active_encoder
     except ImportError:
         return base
     return active_encoder(home, base)

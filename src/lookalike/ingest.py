@@ -10,7 +10,6 @@ are unchanged and skipped, the rest are encoded again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -23,6 +22,7 @@ from tqdm import tqdm
 
 from .catalog import Catalog, Product
 from .errors import InputPathError, LookalikeError
+from .fsutil import sha256_of
 from .images import load_image
 from .metadata import MetadataFile, read_metadata
 from .vectors.base import VectorStore
@@ -107,14 +107,6 @@ def iter_image_files(root: Path) -> Iterator[Path]:
         for name in sorted(filenames):
             if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES:
                 yield Path(dirpath) / name
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def plan_items(

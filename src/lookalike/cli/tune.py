@@ -7,13 +7,8 @@ import json
 from typing import Any
 
 from ..errors import UsageError
-from ..tune import (
-    METHOD_DEFAULTS,
-    TuneSettings,
-    describe_active,
-    train_tuned_model,
-    use_model,
-)
+from ..models import describe_active
+from ..tuning import METHOD_DEFAULTS, TuneSettings, train_tuned_model, use_model
 from .common import open_engine
 
 

@@ -1,5 +1,5 @@
 """Fine-tuning the last blocks of a bundled EfficientNet-Lite: `lookalike tune`'s
-"finetune" method (the default for the bundled models; `tune.py` runs it).
+"finetune" method (the default for the bundled models; lookalike.tuning.train runs it).
 
 A head on frozen final features plateaus near Recall@1 0.77 on grocery (docs/quality.md);
 letting the network's last two MBConv blocks and its 1x1 head conv adapt reaches 0.80.
@@ -16,6 +16,8 @@ It stays cheap on 2 CPU cores because everything below those blocks stays frozen
   to ONNX (`model.onnx`), so a query costs one ONNX Runtime pass as before. The tail
   alone is saved too (`tail.onnx`): re-embedding the catalog runs it on the cached trunk
   maps instead of the whole network.
+
+Loading the result for search is lookalike.models.FinetunedEncoder's job (no torch there).
 """
 
 from __future__ import annotations
@@ -31,21 +33,21 @@ from typing import Any
 
 import numpy as np
 
-from .encoders.runtime import OnnxEncoder, file_sha256, make_session
-from .errors import ModelError
+from ..encoders.runtime import make_session
+from ..errors import ModelError
+from ..fsutil import atomic_write
+from ..models import TRUNK_INPUT
 
 TUNED_BLOCKS = 2
 """How many of the network's last MBConv blocks are fine-tuned (plus the head conv)."""
 VIEW_RECIPE = "v1"
 """Bump when random_view changes (cached views are keyed by it)."""
-TRUNK_INPUT = "trunk"
-"""The tail graph's input: the trunk's output map (N, C, h, w)."""
 
 
 def supports(base: Any) -> bool:
     """Whether `base` is a bundled EfficientNet-Lite (whose graph can be cut and whose
     torch weights are installed)."""
-    from .encoders.efficientnet import BUNDLED, EfficientNetLiteEncoder
+    from ..encoders.efficientnet import BUNDLED, EfficientNetLiteEncoder
 
     return isinstance(base, EfficientNetLiteEncoder) and base.name in BUNDLED
 
@@ -78,9 +80,7 @@ def find_cut(model: Any) -> Cut:
 
 
 def _save(model: Any, dest: Path) -> None:
-    from .tune import _atomic_write
-
-    _atomic_write(dest, lambda fh: fh.write(model.SerializeToString()))
+    atomic_write(dest, lambda fh: fh.write(model.SerializeToString()))
 
 
 class Trunk:
@@ -139,7 +139,7 @@ def build_tail(base_name: str, first_block: int, hidden: int, dim: int, dropout:
     import torch
     import torch.nn.functional as F
 
-    from .encoders.efficientnet import BLOCK_WEIGHT, build_torch_model
+    from ..encoders.efficientnet import BLOCK_WEIGHT, build_torch_model
 
     net = build_torch_model(base_name).net
 
@@ -193,7 +193,7 @@ def train_tail(
     on_epoch: Callable[[int, float, Any], None] | None = None,
 ):
     """Fine-tune the tail on cached trunk maps; returns the torch module (eval mode).
-    `settings` is the resolved tune.TuneSettings of the run.
+    `settings` is the resolved TuneSettings of the run.
     `*_views` (N, V, C, h, w): trunk maps of V augmented views of each image
     (random_view); each sample then takes the image or one of its views at random."""
     import torch
@@ -321,7 +321,7 @@ def export_tuned(
     import onnx
     import torch
 
-    from .encoders.efficientnet import OPSET
+    from ..encoders.efficientnet import OPSET
 
     folder.mkdir(parents=True, exist_ok=True)
     tail_path = folder / "tail.onnx"
@@ -343,7 +343,7 @@ def export_tuned(
                 do_constant_folding=True,
             )
         if calibration is not None:
-            from .encoders.quantize import quantize_int8
+            from ..encoders.quantize import quantize_int8
 
             quantize_int8(
                 Path(tmp), tail_path, TRUNK_INPUT, calibration=calibration.astype(np.float32)
@@ -381,50 +381,13 @@ def export_tuned(
     return model_path
 
 
-class FinetunedEncoder(OnnxEncoder):
-    """A fine-tuned model: same input and preprocessing as its base, its own graph
-    (`model.onnx`) and stamp. `from_trunk_maps` embeds cached trunk maps with the tail
-    alone."""
-
-    def __init__(self, base: Any, folder: Path, version: str, info: dict[str, Any]):
-        model_path = folder / "model.onnx"
-        digest = file_sha256(model_path, None)
-        if digest != info.get("model_sha256"):
-            raise ModelError(f"tuned model {version}: model.onnx does not match model.json")
-        super().__init__(
-            name=f"{base.name}+tuned:{version}",
-            stamp=f"{base.stamp}+tuned:{digest[:16]}",
-            model_path=model_path,
-            input_spec=base.input_spec,
-            fit=base.fit,
-            output="embedding",
-        )
-        self.base = base
-        self.version = version
-        self.info = info
-        self.draft_size = getattr(base, "draft_size", self.draft_size)
-        self._tail_path = folder / "tail.onnx"
-        self._tail = None
-
-    def from_trunk_maps(self, maps: np.ndarray) -> np.ndarray:
-        """(N, C, h, w) cached trunk maps -> (N, dim) tuned embeddings."""
-        from .encoders.runtime import l2_normalise
-
-        if self._tail is None:
-            if file_sha256(self._tail_path, None) != self.info.get("tail_sha256"):
-                raise ModelError(f"tuned model {self.version}: tail.onnx does not match model.json")
-            self._tail = make_session(self._tail_path)
-        (out,) = self._tail.run(["embedding"], {TRUNK_INPUT: np.asarray(maps, dtype=np.float32)})
-        return l2_normalise(out)
-
-
 CALIBRATION_MAPS = 64
 
 
 def calibration_maps(base: Any, photo_maps: np.ndarray, cat_maps: np.ndarray) -> np.ndarray | None:
     """Trunk maps to calibrate the INT8 tail on (training data only: an even spread of the
     catalog images and labelled photos), or None when the base model is float32."""
-    from .encoders.efficientnet import BUNDLED
+    from ..encoders.efficientnet import BUNDLED
 
     if not BUNDLED[base.name].int8_of:
         return None

@@ -1,0 +1,51 @@
+"""Which model a home uses and loading it (layer L3: below catalog and the engine).
+
+The engine asks `active_encoder(home, base)`; lookalike.tuning writes new versions and
+switches between them. Inference only: torch is never imported here.
+"""
+
+from __future__ import annotations
+
+from .registry import (
+    ACTIVE_FILE,
+    TUNED_DIR,
+    active_encoder,
+    active_version,
+    describe_active,
+    list_models,
+    load_tuned,
+    model_info,
+    set_active,
+    tuned_root,
+)
+from .tuned import (
+    HEAD_FORMAT,
+    TRUNK_INPUT,
+    FinetunedEncoder,
+    Head,
+    TunedEncoder,
+    base_of,
+    is_tuned,
+    open_tuned,
+)
+
+__all__ = [
+    "ACTIVE_FILE",
+    "HEAD_FORMAT",
+    "TRUNK_INPUT",
+    "TUNED_DIR",
+    "FinetunedEncoder",
+    "Head",
+    "TunedEncoder",
+    "active_encoder",
+    "active_version",
+    "base_of",
+    "describe_active",
+    "is_tuned",
+    "list_models",
+    "load_tuned",
+    "model_info",
+    "open_tuned",
+    "set_active",
+    "tuned_root",
+]

@@ -1,0 +1,138 @@
+"""The "head" method of `lookalike tune` (any encoder, `onnx:` models included): an MLP
+head on the frozen base embedding, trained in torch and saved as a numpy
+lookalike.models.Head. For encoders that expose their final feature map, each sample is
+pooled over a random rectangle of a cached GRID x GRID grid of cells (a cheap
+feature-level crop; lookalike.tuning.features)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from ..models import Head
+from .features import GRID
+from .settings import TuneSettings
+
+
+def fit_head(
+    settings: TuneSettings,
+    photo_x: np.ndarray,
+    photo_y: np.ndarray,
+    cat_x: np.ndarray,
+    cat_y: np.ndarray,
+    n_products: int,
+    *,
+    on_epoch: Callable[[int, float, Head], None] | None = None,
+) -> Head:
+    """Train the head. `*_x` are either (N, D) embeddings or (N, G, G, C) grid cells
+    (then each sample is pooled over a random rectangle of cells with probability
+    `crop_probability`)."""
+    import torch
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(settings.seed)
+    torch.manual_seed(settings.seed)
+    px = torch.from_numpy(np.ascontiguousarray(photo_x, dtype=np.float32))
+    cx = torch.from_numpy(np.ascontiguousarray(cat_x, dtype=np.float32))
+    py = torch.from_numpy(photo_y.astype(np.int64))
+    cy = torch.from_numpy(cat_y.astype(np.int64))
+    gridded = px.ndim == 4
+    rects = rect_masks(GRID) if gridded else None
+    full = torch.ones(GRID, GRID)
+
+    def pool(x: torch.Tensor, crop: bool) -> torch.Tensor:
+        if not gridded:
+            return x
+        n = len(x)
+        mask = full.expand(n, GRID, GRID)
+        if crop and settings.crop_probability > 0:
+            pick = rects[torch.from_numpy(rng.integers(0, len(rects), n))]
+            use = torch.from_numpy(rng.random(n) < settings.crop_probability)
+            mask = torch.where(use[:, None, None], pick, mask)
+        pooled = (x * mask[..., None]).sum((1, 2)) / mask.sum((1, 2))[:, None]
+        return F.normalize(pooled, dim=-1)
+
+    with torch.no_grad():
+        p_full = pool(px, False)
+        c_full = pool(cx, False)
+        mean = torch.cat([p_full, c_full]).mean(0)
+    in_dim = p_full.shape[1]
+    if settings.hidden:
+        layers = [
+            torch.nn.Linear(in_dim, settings.hidden),
+            torch.nn.Linear(settings.hidden, settings.dim),
+        ]
+    else:
+        layers = [torch.nn.Linear(in_dim, settings.dim)]
+    net = torch.nn.ModuleList(layers)
+    drop = torch.nn.Dropout(settings.dropout)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        y = x - mean
+        for i, layer in enumerate(net):
+            if i:
+                y = drop(torch.relu(y))
+            y = layer(y)
+        return F.normalize(y, dim=-1)
+
+    drop.eval()
+    with torch.no_grad():  # one proxy per product, starting at its catalog images' mean
+        start = torch.zeros(n_products, settings.dim).index_add_(0, cy, forward(c_full))
+    drop.train()
+    proxies = torch.nn.Parameter(F.normalize(start, dim=-1))
+    params = [*net.parameters(), proxies]
+    opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
+    n = len(px)
+    steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt,
+        max_lr=settings.lr,
+        total_steps=settings.epochs * steps_per_epoch,
+        pct_start=0.1,
+    )
+    t = settings.temperature
+
+    def current_head() -> Head:
+        return Head(
+            mean=mean.numpy().astype(np.float32).copy(),
+            weights=[layer.weight.detach().numpy().T.astype(np.float32).copy() for layer in net],
+            biases=[layer.bias.detach().numpy().astype(np.float32).copy() for layer in net],
+        )
+
+    for epoch in range(settings.epochs):
+        perm = torch.from_numpy(rng.permutation(n))
+        total = 0.0
+        for start_i in range(0, n, settings.batch_size):
+            idx = perm[start_i : start_i + settings.batch_size]
+            q = forward(pool(px[idx], True))
+            c = forward(pool(cx, True))
+            p = F.normalize(proxies, dim=-1)
+            loss = F.cross_entropy(q @ p.T / t, py[idx]) + settings.catalog_weight * (
+                F.cross_entropy(c @ p.T / t, cy)
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += float(loss.detach()) * len(idx)
+        if on_epoch is not None:
+            on_epoch(epoch, total / n, current_head())
+    return current_head()
+
+
+def rect_masks(grid: int):  # -> torch.Tensor (R, grid, grid)
+    """Every axis-aligned rectangle of cells covering at least 4 of them (crops of about
+    half the image or more)."""
+    import torch
+
+    masks = []
+    for y0 in range(grid):
+        for y1 in range(y0 + 1, grid + 1):
+            for x0 in range(grid):
+                for x1 in range(x0 + 1, grid + 1):
+                    if (y1 - y0) * (x1 - x0) >= min(4, grid * grid):
+                        m = torch.zeros(grid, grid)
+                        m[y0:y1, x0:x1] = 1
+                        masks.append(m)
+    return torch.stack(masks)

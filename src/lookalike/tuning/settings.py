@@ -1,0 +1,59 @@
+"""The training settings of `lookalike tune` and each method's defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from ..errors import UsageError
+from .finetune import supports
+
+METHOD_DEFAULTS: dict[str, dict[str, int]] = {
+    "finetune": {"epochs": 8, "batch_size": 96},
+    "head": {"epochs": 12, "batch_size": 128},
+}
+
+
+@dataclass
+class TuneSettings:
+    """Training hyper-parameters (defaults chosen on grocery; docs/quality.md says how).
+    `None` fields take the method's default (METHOD_DEFAULTS)."""
+
+    method: str = "auto"  # "finetune", "head", or "auto": finetune where the base allows
+    dim: int = 512
+    hidden: int = 1024  # 0: a linear projection (head method only)
+    dropout: float = 0.5
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float = 1e-3
+    block_lr: float = 3e-4  # finetune: the network's own layers learn at 0.3x the head's rate
+    weight_decay: float = 1e-4
+    temperature: float = 0.1
+    crop_probability: float = 0.5
+    catalog_weight: float = 1.0
+    catalog_per_step: int = 24  # finetune: catalog images beside each batch of photos
+    views: int = 2  # finetune: augmented views of each labelled photo (finetune.random_view)
+    catalog_views: int = 8  # finetune: ... and of each catalog image
+    seed: int = 0
+
+    def resolved(self, base: Any) -> TuneSettings:
+        """These settings with the method and its defaults filled in for `base`."""
+        method = self.method
+        if method == "auto":
+            method = "finetune" if supports(base) else "head"
+        if method not in METHOD_DEFAULTS:
+            raise UsageError(f"unknown tuning method {method!r}: use finetune or head")
+        if method == "finetune" and not supports(base):
+            raise UsageError(
+                f"--method finetune needs a bundled EfficientNet-Lite base model, not"
+                f" {base.name}; use --method head"
+            )
+        if method == "finetune" and not self.hidden:
+            raise UsageError("--method finetune needs an MLP head (hidden > 0)")
+        defaults = METHOD_DEFAULTS[method]
+        out = replace(self, method=method)
+        if out.epochs is None:
+            out.epochs = defaults["epochs"]
+        if out.batch_size is None:
+            out.batch_size = defaults["batch_size"]
+        return out

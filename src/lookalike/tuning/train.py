@@ -1,0 +1,556 @@
+"""`lookalike tune --labels`: one training run, step by step. Read the labels and the
+catalog, make sure every image's features are cached, gather the training arrays, train
+the chosen method, save the result as a new version under `<home>/models/tuned/`, and
+(optionally) switch the engine to it.
+
+Training never reads anything but the labels file and the catalog; the `--validate` file
+is only embedded to report Recall@1/@5 before and after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..encoders.runtime import file_sha256
+from ..errors import ModelError, UsageError
+from ..fsutil import atomic_write, sha256_of
+from ..models import HEAD_FORMAT, Head, base_of, open_tuned, tuned_root
+from .features import (
+    GRID,
+    FeatureCache,
+    Featurize,
+    ImageRef,
+    catalog_images,
+    compute_features,
+    featurizer,
+    probe_maps,
+)
+from .finetune import Trunk, calibration_maps, embed_maps, export_tuned, train_tail
+from .head import fit_head
+from .settings import TuneSettings
+from .switch import use_model
+
+
+@dataclass
+class TuneReport:
+    """What `train_tuned_model` did."""
+
+    version: str
+    stamp: str
+    base_stamp: str
+    labels: str
+    labels_sha256: str
+    photos_used: int
+    products_labelled: int
+    catalog_products: int
+    catalog_images: int
+    skipped_unknown: list[str] = field(default_factory=list)  # "FILE:LINE: product 'x' ..."
+    skipped_unreadable: list[str] = field(default_factory=list)
+    epochs: list[dict[str, float]] = field(default_factory=list)
+    validation: dict[str, Any] | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+    reembedded: dict[str, int] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"tuned model {self.version} is active ({self.stamp})",
+            f"trained on {self.photos_used} labelled photos of {self.products_labelled}"
+            f" products + {self.catalog_images} catalog images of {self.catalog_products}"
+            f" products",
+        ]
+        if self.skipped_unknown:
+            lines.append(
+                f"skipped {len(self.skipped_unknown)} label row(s) naming products not in the"
+                " catalog:"
+            )
+            lines += [f"  {s}" for s in self.skipped_unknown[:5]]
+            if len(self.skipped_unknown) > 5:
+                lines.append(f"  ... and {len(self.skipped_unknown) - 5} more")
+        if self.skipped_unreadable:
+            lines.append(f"skipped {len(self.skipped_unreadable)} unreadable image(s):")
+            lines += [f"  {s}" for s in self.skipped_unreadable[:5]]
+        if self.validation:
+            v = self.validation
+            b, a = v["before"], v["after"]
+            lines.append(
+                f"validation ({v['queries']} photos of {v['file']}):"
+                f" Recall@1 {b['recall@1']:.3f} -> {a['recall@1']:.3f},"
+                f" Recall@5 {b['recall@5']:.3f} -> {a['recall@5']:.3f}"
+            )
+        s = self.seconds
+        lines.append(
+            f"time: features {s.get('features', 0):.1f}s, training {s.get('training', 0):.1f}s,"
+            f" re-embedding {s.get('reembed', 0):.1f}s, total {s.get('total', 0):.1f}s"
+        )
+        return "\n".join(lines)
+
+
+def train_tuned_model(
+    engine: Any,
+    labels_csv: str | os.PathLike,
+    validate_csv: str | os.PathLike | None = None,
+    progress: bool = True,
+    *,
+    settings: TuneSettings | None = None,
+    activate: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> TuneReport:
+    """Learn from `labels_csv` (image,product_id rows; image paths relative to the file)
+    and the engine's catalog, save the result as a new version, and (with `activate`)
+    make it the engine's model: the catalog is re-embedded and searches use it at once.
+
+    Two methods (`settings.method`; "auto" picks finetune where the base allows it):
+    "finetune" fine-tunes the network's last blocks plus an MLP head on cached trunk
+    maps (lookalike.tuning.finetune); "head" learns a head on frozen base embeddings
+    (any encoder, `onnx:` models included; lookalike.tuning.head).
+
+    Label rows naming products that are not in the catalog are reported and skipped.
+    `validate_csv` is only used to print and save Recall@1/@5 before and after."""
+    started = time.perf_counter()
+    base = base_of(engine.encoder)
+    settings = (settings or TuneSettings()).resolved(base)
+    if log is None:
+        log = _stderr_log if progress else _no_log
+    home = Path(engine.home)
+    inputs = _read_inputs(engine.catalog, labels_csv, validate_csv)
+
+    t0 = time.perf_counter()
+    features = _cached_features(base, home, settings, inputs, progress)
+    seconds = {"features": time.perf_counter() - t0}
+    data = _gather(features, inputs, settings)
+    before = None
+    if data.val_x is not None:
+        before = product_recall(data.val_emb, data.val_y, data.cat_emb, data.cat_y, data.n_products)
+        log(
+            f"validation before tuning: Recall@1 {before['recall@1']:.3f}"
+            f"  Recall@5 {before['recall@5']:.3f}  ({len(data.val_y)} photos)"
+        )
+
+    folder = Path(tempfile.mkdtemp(prefix=".new-", dir=_mkdir(tuned_root(home))))
+    try:
+        t1 = time.perf_counter()
+        trained, epochs = _train(settings, data, features.trunk, progress, log)
+        seconds["training"] = time.perf_counter() - t1
+        written = _write_model(trained, settings, data, features, folder)
+        tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs, before)
+        os.replace(folder, tuned_root(home) / tuned.version)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+    report = TuneReport(
+        version=tuned.version,
+        stamp=tuned.stamp,
+        base_stamp=base.stamp,
+        labels=str(inputs.labels_path),
+        labels_sha256=info["labels_sha256"],
+        photos_used=int(len(data.photo_y)),
+        products_labelled=int(len(np.unique(data.photo_y))),
+        catalog_products=data.n_products,
+        catalog_images=int(len(data.cat_y)),
+        skipped_unknown=inputs.skipped_unknown,
+        skipped_unreadable=features.unreadable,
+        epochs=epochs,
+        validation=info["validation"],
+        settings=asdict(settings),
+    )
+    if activate:
+        t2 = time.perf_counter()
+        report.reembedded = use_model(engine, tuned.version, progress=progress)
+        seconds["reembed"] = time.perf_counter() - t2
+    seconds["total"] = time.perf_counter() - started
+    report.seconds = {k: round(v, 2) for k, v in seconds.items()}
+    return report
+
+
+# --------------------------------------------------------------------------- 1. inputs
+
+
+@dataclass
+class _Inputs:
+    """The rows a run learns from: labelled photos of catalog products, the catalog's
+    images, and the (optional) validation photos."""
+
+    labels_path: Path
+    products: list[str]  # every catalog product id, sorted: the class index
+    pindex: dict[str, int]
+    cat_rows: list[tuple[int, str, str, str]]  # (image_id, product_id, source, sha256)
+    known: list[tuple[Path, str]]  # labelled photos of catalog products
+    skipped_unknown: list[str]
+    validate_csv: str | os.PathLike | None
+    val_rows: list[tuple[Path, str]]
+    val_unknown: int
+
+
+def _read_inputs(
+    catalog: Any, labels_csv: str | os.PathLike, validate_csv: str | os.PathLike | None
+) -> _Inputs:
+    labels_path = Path(labels_csv).expanduser()
+    rows = _read_label_file(labels_path)
+    cat_rows = catalog_images(catalog)
+    if not cat_rows:
+        raise UsageError("the catalog has no images: run `lookalike index` before `tune`")
+    products = sorted({pid for _, pid, _, _ in cat_rows})
+    pindex = {pid: i for i, pid in enumerate(products)}
+
+    skipped_unknown = [
+        f"{labels_path}:{line}: product {pid!r} is not in the catalog"
+        for _, pid, line in rows
+        if pid not in pindex
+    ]
+    known = [(path, pid) for path, pid, _ in rows if pid in pindex]
+    if not known:
+        raise UsageError(
+            f"{labels_path}: none of its {len(rows)} rows names a product in the catalog"
+        )
+    val_rows: list[tuple[Path, str]] = []
+    val_unknown = 0
+    if validate_csv is not None:
+        for path, pid, _ in _read_label_file(Path(validate_csv).expanduser()):
+            if pid in pindex:
+                val_rows.append((path, pid))
+            else:
+                val_unknown += 1
+    return _Inputs(labels_path, products, pindex, cat_rows, known, skipped_unknown,
+                   validate_csv, val_rows, val_unknown)  # fmt: skip
+
+
+def _read_label_file(path: Path) -> list[tuple[Path, str, int]]:
+    from ..evaluate import read_labels
+
+    return [(q.image, q.product_id, q.line) for q in read_labels(path)]
+
+
+# --------------------------------------------------------------------------- 2. features
+
+
+@dataclass
+class _Features:
+    """Every image of the run, with its features in `cache`."""
+
+    cache: FeatureCache
+    trunk: Trunk | None  # the finetune method's cut base graph (exported again at the end)
+    photo_images: list[ImageRef]
+    cat_images: list[ImageRef]
+    val_images: list[ImageRef]
+    unreadable: list[str]
+
+
+def _cached_features(
+    base: Any, home: Path, settings: TuneSettings, inputs: _Inputs, progress: bool
+) -> _Features:
+    """Make sure the feature cache holds every image of the run (and, for finetune, the
+    augmented views), computing only what is missing."""
+    finetuning = settings.method == "finetune"
+    photo_images = [ImageRef(p, sha256_of(p)) for p, _ in inputs.known]
+    cat_images = [ImageRef(Path(src), sha) for _, _, src, sha in inputs.cat_rows]
+    val_images = [ImageRef(p, sha256_of(p)) for p, _ in inputs.val_rows]
+    trunk = None
+    if finetuning:
+        trunk = Trunk(base)  # one ONNX load and session: features, then export
+        cache = FeatureCache.open(home, base, "trunk")
+        featurize: Featurize = trunk.run
+    else:
+        cache = FeatureCache.open(home, base, "cells")
+        use_cells = cache.has_spatial() or (
+            len(cache.index) == 0 and probe_maps(base, [*cat_images, *photo_images])
+        )
+        featurize = featurizer(base, use_cells)
+    unreadable: list[str] = []
+    for images, desc in ((cat_images, "catalog features"), (photo_images, "photo features"),
+                         (val_images, "validation")):  # fmt: skip
+        if images:
+            unreadable += compute_features(
+                base, cache, images, featurize=featurize, progress=progress, desc=desc
+            )
+    if finetuning and (settings.views or settings.catalog_views):
+        view_images = [
+            *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.catalog_views + 1)
+              for i in cat_images),
+            *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.views + 1)
+              for i in photo_images),
+        ]  # fmt: skip
+        unreadable += compute_features(
+            base, cache, view_images, featurize=featurize, progress=progress, desc="views"
+        )
+    if finetuning and not cache.has_spatial():
+        raise ModelError(f"{cache.path}: trunk maps missing; delete the file and run again")
+    return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable)
+
+
+# --------------------------------------------------------------------------- 3. arrays
+
+
+@dataclass
+class _Data:
+    """The training arrays. `*_x` are what the method trains on: trunk maps (finetune),
+    grid cells or base embeddings (head); `*_emb` the base embeddings; `*_y` product
+    indices; `*_views` (N, V, C, h, w) trunk maps of each image's augmented views."""
+
+    finetuning: bool
+    spatial: bool  # `*_x` are spatial (trunk maps or cells), not embeddings
+    n_products: int
+    photo_x: np.ndarray
+    photo_y: np.ndarray
+    cat_x: np.ndarray
+    cat_y: np.ndarray
+    cat_emb: np.ndarray
+    photo_views: np.ndarray | None
+    cat_views: np.ndarray | None
+    val_x: np.ndarray | None = None
+    val_y: np.ndarray | None = None
+    val_emb: np.ndarray | None = None
+
+
+def _gather(features: _Features, inputs: _Inputs, settings: TuneSettings) -> _Data:
+    cache = features.cache
+    finetuning = settings.method == "finetune"
+    spatial = cache.has_spatial()
+
+    def gather(images: Sequence[ImageRef], labels: Sequence[str]):
+        keep = [i for i, img in enumerate(images) if img.sha256 in cache]
+        rows_ = cache.rows([images[i].sha256 for i in keep])
+        y = np.array([inputs.pindex[labels[i]] for i in keep], dtype=np.int64)
+        x = cache.spatial[rows_] if spatial else cache.embeddings[rows_]
+        return x, y, cache.embeddings[rows_]
+
+    def gather_views(images: Sequence[ImageRef], count: int) -> np.ndarray | None:
+        """(N, count, ...) trunk maps of the views of the readable `images`."""
+        if not (finetuning and count):
+            return None
+        kept = [img for img in images if img.sha256 in cache]
+        views = [ImageRef(img.path, img.sha256, k).key for img in kept
+                 for k in range(1, count + 1)]  # fmt: skip
+        # an unreadable view (never cached) stands in as the image itself
+        keys = [key if key in cache else key.split("#", 1)[0] for key in views]
+        maps = cache.spatial[cache.rows(keys)]
+        return maps.reshape(len(kept), count, *maps.shape[1:])
+
+    photo_x, photo_y, _ = gather(features.photo_images, [pid for _, pid in inputs.known])
+    cat_x, cat_y, cat_emb = gather(features.cat_images, [pid for _, pid, _, _ in inputs.cat_rows])
+    data = _Data(
+        finetuning, spatial, len(inputs.products), photo_x, photo_y, cat_x, cat_y, cat_emb,
+        photo_views=gather_views(features.photo_images, settings.views),
+        cat_views=gather_views(features.cat_images, settings.catalog_views),
+    )  # fmt: skip
+    if len(photo_y) == 0:
+        raise UsageError(f"{inputs.labels_path}: none of its images could be read")
+    if features.val_images:
+        data.val_x, data.val_y, data.val_emb = gather(
+            features.val_images, [pid for _, pid in inputs.val_rows]
+        )
+    return data
+
+
+# --------------------------------------------------------------------------- 4. training
+
+
+def _train(
+    settings: TuneSettings,
+    data: _Data,
+    trunk: Trunk | None,
+    progress: bool,
+    log: Callable[[str], None],
+) -> tuple[Any, list[dict[str, float]]]:
+    """Train the method: returns (the torch tail or the Head, per-epoch figures)."""
+    from tqdm import tqdm
+
+    epochs: list[dict[str, float]] = []
+    steps = -(-len(data.photo_y) // settings.batch_size)
+    bar = tqdm(total=settings.epochs * steps, desc=f"tuning ({settings.method})", unit="step",
+               disable=not progress, dynamic_ncols=True)  # fmt: skip
+
+    # per-epoch figures: the finetune tail embeds trunk maps, a head base embeddings
+    val_in, cat_in = (data.val_x, data.cat_x) if data.finetuning else (data.val_emb, data.cat_emb)
+
+    def on_epoch(epoch: int, loss: float, embed: Callable[[np.ndarray], np.ndarray]) -> None:
+        row: dict[str, float] = {"epoch": epoch + 1, "loss": round(loss, 4)}
+        text = f"epoch {epoch + 1}/{settings.epochs}  loss {loss:.4f}"
+        if val_in is not None:
+            r = product_recall(embed(val_in), data.val_y, embed(cat_in), data.cat_y,
+                               data.n_products)  # fmt: skip
+            row.update({k: round(v, 4) for k, v in r.items()})
+            text += f"  val Recall@1 {r['recall@1']:.3f}  Recall@5 {r['recall@5']:.3f}"
+        epochs.append(row)
+        if not data.finetuning:
+            bar.update(steps)
+        if progress:
+            bar.write(text)
+        else:
+            log(text)
+
+    if data.finetuning:
+        assert trunk is not None
+        trained = train_tail(
+            settings,
+            trunk.base.name, trunk.cut.first_block, data.photo_x, data.photo_y, data.cat_x,
+            data.cat_y, data.n_products,
+            photo_views=data.photo_views, cat_views=data.cat_views,
+            on_step=lambda: bar.update(1),
+            on_epoch=lambda e, loss, t: on_epoch(e, loss, lambda m: embed_maps(t, m)),
+        )  # fmt: skip
+    else:
+        trained = fit_head(
+            settings, data.photo_x, data.photo_y, data.cat_x, data.cat_y, data.n_products,
+            on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
+        )  # fmt: skip
+    bar.close()
+    return trained, epochs
+
+
+def product_recall(
+    queries: np.ndarray,
+    query_products: np.ndarray,
+    catalog: np.ndarray,
+    catalog_products: np.ndarray,
+    n_products: int,
+    ks: Sequence[int] = (1, 5),
+) -> dict[str, float]:
+    """Recall@K of product retrieval: a product scores its best image."""
+    sims = queries @ catalog.T
+    best = np.full((len(queries), n_products), -np.inf, dtype=np.float32)
+    for p in np.unique(catalog_products):
+        best[:, p] = sims[:, catalog_products == p].max(axis=1)
+    order = np.argsort(-best, axis=1, kind="stable")
+    rank = (order == query_products[:, None]).argmax(axis=1)
+    return {f"recall@{k}": float((rank < k).mean()) for k in ks}
+
+
+# --------------------------------------------------------------------------- 5. saving
+
+
+@dataclass
+class _Written:
+    """The files of a trained model, as model.json describes them."""
+
+    digest: str  # sha256 of model.onnx (finetune) or the head's arrays (head)
+    described: str  # "head" in model.json: what was learned, in words
+    kind_info: dict[str, Any]  # the method's own model.json fields (kind, hashes, input)
+
+
+def _write_model(
+    trained: Any, settings: TuneSettings, data: _Data, features: _Features, folder: Path
+) -> _Written:
+    """Write the trained model's files into `folder`."""
+    if data.finetuning:
+        trunk = features.trunk
+        assert trunk is not None
+        model_path = export_tuned(
+            trained, trunk, int(data.cat_x.shape[1]), tuple(data.cat_x.shape[2:]), folder,
+            calibration=calibration_maps(trunk.base, data.photo_x, data.cat_x),
+        )  # fmt: skip
+        digest = file_sha256(model_path, None)
+        described = (
+            f"blocks {trunk.cut.first_block}+ and the head conv fine-tuned, then MLP"
+            f" {int(data.cat_emb.shape[1])}-{settings.hidden}-{settings.dim} (ReLU),"
+            " L2-normalised"
+        )
+        kind_info = {"kind": "finetune", "model_sha256": digest,
+                     "tail_sha256": file_sha256(folder / "tail.onnx", None),
+                     "first_block": trunk.cut.first_block, "trunk_tensor": trunk.cut.tensor,
+                     "input": f"trunk maps of each image and {settings.views} (photos) /"
+                              f" {settings.catalog_views} (catalog) augmented views;"
+                              " mirror + random-crop of the maps"}  # fmt: skip
+        return _Written(digest, described, kind_info)
+    head: Head = trained
+    head.save(folder / "head.npz")
+    digest = head.digest()
+    described = (
+        f"MLP {head.in_dim}-{settings.hidden}-{head.dim} (ReLU)"
+        if settings.hidden
+        else f"linear {head.in_dim}-{head.dim}"
+    ) + " on the centred base embedding, L2-normalised"
+    kind_info = {"kind": "head", "head_sha256": digest,
+                 "input": f"{GRID}x{GRID} grid cells, random-rectangle crops"
+                 if data.spatial else "embedding"}  # fmt: skip
+    return _Written(digest, described, kind_info)
+
+
+def _save_version(
+    base: Any,
+    settings: TuneSettings,
+    inputs: _Inputs,
+    data: _Data,
+    folder: Path,
+    written: _Written,
+    epochs: list[dict[str, float]],
+    before: dict[str, float] | None,
+) -> tuple[Any, dict[str, Any]]:
+    """Name the new version, check it loads, score it on the validation photos through
+    the saved model itself, and write its model.json. Returns (encoder, model.json)."""
+    labels_sha = sha256_of(inputs.labels_path)
+    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + written.digest[:8]
+    info: dict[str, Any] = {
+        "format": HEAD_FORMAT,
+        "version": version,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "base_model": base.name,
+        "base_stamp": base.stamp,
+        **written.kind_info,
+        "dim": settings.dim,
+        "head": written.described,
+        "labels": str(inputs.labels_path),
+        "labels_sha256": labels_sha,
+        "photos_used": int(len(data.photo_y)),
+        "products_labelled": int(len(np.unique(data.photo_y))),
+        "catalog_images": int(len(data.cat_y)),
+        "catalog_products": data.n_products,
+        "skipped_unknown": len(inputs.skipped_unknown),
+        "settings": asdict(settings),
+        "epochs": epochs,
+    }
+    tuned = open_tuned(base, folder, version, info)
+    info["stamp"] = tuned.stamp
+    info["dim"] = tuned.dim
+    validation = None
+    if data.val_x is not None and before is not None:
+        # through the saved model itself (what search will use)
+        after = product_recall(_from_cache(tuned, data.val_x, data.val_emb), data.val_y,
+                               _from_cache(tuned, data.cat_x, data.cat_emb), data.cat_y,
+                               data.n_products)  # fmt: skip
+        validation = {
+            "file": str(inputs.validate_csv),
+            "file_sha256": sha256_of(Path(inputs.validate_csv).expanduser()),
+            "queries": int(len(data.val_y)),
+            "skipped_unknown": inputs.val_unknown,
+            "before": before,
+            "after": after,
+        }
+    info["validation"] = validation
+    atomic_write(folder / "model.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
+    return tuned, info
+
+
+def _from_cache(encoder: Any, spatial: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+    """`encoder`'s vectors of images whose cached features are given."""
+    if hasattr(encoder, "from_trunk_maps"):
+        return encoder.from_trunk_maps(spatial)
+    return encoder.from_base_vectors(embeddings)
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _stderr_log(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def _no_log(text: str) -> None:
+    return None
