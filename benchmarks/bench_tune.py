@@ -99,7 +99,7 @@ def main() -> int:
         t0 = time.perf_counter()
         report = train_tuned_model(
             engines["tuned"], DATA / "train.csv", DATA / "val.csv", progress=True,
-            settings=settings,
+            settings=settings, log=print,
         )  # fmt: skip
         cold = time.perf_counter() - t0
         warm_report, warm = report, float("nan")

@@ -189,6 +189,20 @@ class Engine:
                     store.add(np.array(batch, dtype=np.int64), self.catalog.vectors(batch))
         self.catalog.set_meta("payload_dirty", "")
 
+    @property
+    def lock(self) -> threading.RLock:
+        """Held around anything that swaps the model or the vector store."""
+        return self._lock
+
+    def reload_model(self) -> tuple[Any, VectorStore]:
+        """Resolve the live model again (after `models.set_active` changed it) and open the
+        vector store for its stamp: a fresh, empty one when the stamp changed. Hold `lock`
+        around this and the re-embedding that follows. Returns (encoder, store)."""
+        with self._lock:
+            self._encoder = None
+            self._switch_model_if_needed()
+            return self.encoder, self._store
+
     def _switch_model_if_needed(self) -> None:
         stored_stamp = self.catalog.get_meta("stamp")
         encoder = self.encoder

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from typing import Any
 
 from ..errors import UsageError
@@ -79,10 +80,19 @@ def cmd_tune(args: argparse.Namespace) -> int:
         settings = TuneSettings(method=args.method, epochs=args.epochs, dim=args.dim,
                                 seed=args.seed)  # fmt: skip
         report = train_tuned_model(
-            engine, args.labels, args.validate, progress=progress, settings=settings
+            engine,
+            args.labels,
+            args.validate,
+            progress=progress,
+            settings=settings,
+            log=_stderr if progress else None,
         )
         print(json.dumps(report.to_dict()) if args.json else report.summary())
         return 0
+
+
+def _stderr(text: str) -> None:
+    print(text, file=sys.stderr)
 
 
 def _format_status(out: dict[str, Any]) -> str:

@@ -20,15 +20,12 @@ def use_model(engine: Any, version: str | None, progress: bool = True) -> dict[s
     for a fine-tuned model, base embeddings otherwise), else from the image file.
     Returns {"from_cache": n, "from_files": m}."""
     home = Path(engine.home)
-    with engine._lock:
+    with engine.lock:
         base = base_of(engine.encoder)
         if version is not None:
             load_tuned(home, version, base)  # fails before anything changes
         set_active(home, version)
-        engine._encoder = None  # Engine re-resolves it through active_encoder()
-        encoder = engine.encoder
-        engine._switch_model_if_needed()  # new stamp: a fresh vector store
-        store = engine._store
+        encoder, store = engine.reload_model()  # new stamp: a fresh vector store
         catalog = engine.catalog
         catalog.set_meta("tuned", version or "")
         from_cache = _reembed_from_caches(home, base, encoder, catalog, store)

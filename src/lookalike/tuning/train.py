@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -120,12 +119,13 @@ def train_tuned_model(
     (any encoder, `onnx:` models included; lookalike.tuning.head).
 
     Label rows naming products that are not in the catalog are reported and skipped.
-    `validate_csv` is only used to print and save Recall@1/@5 before and after."""
+    `validate_csv` is only used to report and save Recall@1/@5 before and after. `log`
+    receives a line per epoch (loss, validation figures); by default they are dropped."""
     started = time.perf_counter()
     base = base_of(engine.encoder)
     settings = (settings or TuneSettings()).resolved(base)
     if log is None:
-        log = _stderr_log if progress else _no_log
+        log = _no_log
     home = Path(engine.home)
     inputs = _read_inputs(engine.catalog, labels_csv, validate_csv)
 
@@ -546,10 +546,6 @@ def _from_cache(encoder: Any, spatial: np.ndarray, embeddings: np.ndarray) -> np
 def _mkdir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _stderr_log(text: str) -> None:
-    print(text, file=sys.stderr)
 
 
 def _no_log(text: str) -> None:
