@@ -30,11 +30,51 @@ def _free_port() -> int:
 
 
 class MilvusServer:
-    def __init__(self, proc: subprocess.Popen, uri: str, folder: Path, log: Path) -> None:
-        self.proc = proc
+    def __init__(
+        self, cmd: list[str], env: dict, uri: str, folder: Path, log: Path, health: str
+    ) -> None:
+        self.cmd = cmd
+        self.env = env
         self.uri = uri
         self.folder = folder
         self.log = log
+        self.health = health
+        self.proc: subprocess.Popen | None = None
+
+    def launch(self, timeout: float = 240.0) -> None:
+        """Start the server process (again: same folder, ports and data) and wait until
+        its health check answers; MilvusUnavailable when it does not."""
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.folder,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise MilvusUnavailable(
+                    f"Milvus exited with status {self.proc.returncode} while starting:\n"
+                    f"{self.log_tail()}"
+                )
+            try:
+                with urllib.request.urlopen(self.health, timeout=5) as r:
+                    if b"OK" in r.read():
+                        return
+            except OSError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise MilvusUnavailable(
+            f"Milvus did not become healthy in {timeout:.0f} s:\n{self.log_tail()}"
+        )
+
+    def restart(self, timeout: float = 240.0) -> None:
+        self.stop()
+        self.launch(timeout)
 
     def log_tail(self, lines: int = 30) -> str:
         try:
@@ -43,7 +83,7 @@ class MilvusServer:
             return "(no log)"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
+        if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()  # a graceful stop takes Milvus long: kill after a while
             try:
                 self.proc.wait(timeout=5)
@@ -102,31 +142,14 @@ def start_milvus(folder: Path, timeout: float = 240.0) -> MilvusServer:
     )
     log = folder / "logs" / "milvus-stdout.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [str(exe), "run", "standalone"],
-            cwd=folder,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     proxy_port = config.configurable_items["proxy_port"][1]
-    server = MilvusServer(proc, f"milvus://127.0.0.1:{proxy_port}", folder, log)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MilvusUnavailable(
-                f"Milvus exited with status {proc.returncode} while starting:\n{server.log_tail()}"
-            )
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/healthz", timeout=5) as r:
-                if b"OK" in r.read():
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.5)
-    server.stop()
-    raise MilvusUnavailable(
-        f"Milvus did not become healthy in {timeout:.0f} s:\n{server.log_tail()}"
+    server = MilvusServer(
+        [str(exe), "run", "standalone"],
+        env,
+        f"milvus://127.0.0.1:{proxy_port}",
+        folder,
+        log,
+        f"http://127.0.0.1:{metrics}/healthz",
     )
+    server.launch(timeout)
+    return server

@@ -217,3 +217,38 @@ def test_engine_end_to_end_on_the_server(server, tmp_path: Path) -> None:
     cleanup = MilvusStore(uri, 1280, "any", reset=True)  # drop what the test left
     cleanup.client.drop_collection("e2e")
     cleanup.close()
+
+
+def test_server_restart_unicode_filters_and_reopen(server, vectors) -> None:
+    """Non-ASCII (and quoted) filter values on the server; after a restart of the server
+    the collection is loaded again: by a store opened before it (its next search loads
+    and retries) and by one opened after it."""
+    from test_vectors_milvus_processes import TRICKY
+
+    uri = f"{server.uri}?collection=restart&index=HNSW"
+    n = len(TRICKY)
+    store = open_store(uri, Path("."), 512, "mix", reset=True)
+    try:
+        rows = [{"category": v, "attrs": {"colour": v}} for v in TRICKY]
+        store.add(np.arange(n), vectors[:n], payload=rows)
+        store.save()
+
+        def check(s: MilvusStore) -> None:
+            assert len(s) == n
+            for i, value in enumerate(TRICKY):
+                for f in ({"category": value}, {"attrs": {"colour": value}}):
+                    _, got = s.search(vectors[:1], 3, expr=filters_to_expr(f))
+                    assert got[0].tolist() == [i, -1, -1], (value, f)
+            _, top = s.search(vectors[:n], 1)
+            assert top[:, 0].tolist() == list(range(n))
+
+        check(store)
+        server.restart()
+        check(store)  # the same client, after the restart
+        store.client.release_collection(store.collection)  # as a restart may leave it
+        again = open_store(uri, Path("."), 512, "mix")
+        check(again)
+        again.close()
+    finally:
+        store.client.drop_collection(store.collection)
+        store.close()

@@ -74,3 +74,12 @@ class UnknownImageError(LookalikeError):
 
     exit_code = 6
     http_status = 404
+
+
+class BusyError(LookalikeError):
+    """Something another process holds: a Milvus Lite file open elsewhere, or the home's
+    writer lock not released in time. The message names the way out. (Exit status 8
+    is taken: `index` finished with skipped files.)"""
+
+    exit_code = 9
+    http_status = 409

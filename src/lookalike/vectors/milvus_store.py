@@ -20,16 +20,18 @@ collection properties: vectors from another model raise CatalogMismatchError.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import logging
 import os
 import re
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from lookalike.errors import CatalogMismatchError, UsageError
+from lookalike.errors import BusyError, CatalogMismatchError, UsageError
 
 DEFAULT_COLLECTION = "lookalike_images"
 MAX_TOPK = 16384  # Milvus's limit on k
@@ -42,8 +44,58 @@ INDEX_BUILD_PARAMS = {  # server-side index types (?index=...); Milvus Lite uses
 }
 
 
-def _quote(value: str) -> str:
-    return json.dumps(str(value))  # a double-quoted string with \" and \\ escaped
+# Milvus string literals (both the server's and Milvus Lite's parsers) take any Unicode
+# character as is and know the escapes \\ \" \n \r \t; \uXXXX and \xNN are errors in
+# Milvus Lite, and a raw line break ends the literal. So: those five escaped, the rest raw.
+_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _quote(value: Any) -> str:
+    """`value` as a double-quoted Milvus string literal."""
+    return '"' + "".join(_ESCAPES.get(ch, ch) for ch in str(value)) + '"'
+
+
+def _held_elsewhere(path: str) -> bool:
+    """Whether another process holds Milvus Lite's lock on `path` (a Milvus Lite 3
+    database is a folder with a LOCK file that its process flocks)."""
+    import fcntl
+
+    lock = os.path.join(path, "LOCK")
+    if not os.path.isfile(lock):
+        return False
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return False
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _quiet_milvus_lite() -> Iterator[None]:
+    """Milvus Lite logs a traceback when it cannot open a file; the error we raise says
+    it in one line instead."""
+    log = logging.getLogger("milvus_lite")
+    old = log.level
+    log.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        log.setLevel(old)
+
+
+def _is_not_loaded(exc: BaseException) -> bool:
+    """A Milvus error saying the collection is not loaded (released, e.g. after a server
+    restart or when another client released it)."""
+    text = str(exc).lower()
+    return "released" in text or "not loaded" in text or "load()" in text
 
 
 def filters_to_expr(filters: Any) -> str | None:
@@ -156,8 +208,15 @@ class MilvusStore:
         if token and not self.lite:
             kwargs["token"] = token
         try:
-            self.client = MilvusClient(**kwargs)
+            with _quiet_milvus_lite():
+                self.client = MilvusClient(**kwargs)
         except Exception as exc:
+            if self.lite and _held_elsewhere(opts["uri"]):
+                raise BusyError(
+                    f"the Milvus Lite file {opts['uri']} is open in another process (Milvus "
+                    "Lite allows one process per file): stop that process, or point both at a "
+                    "Milvus server (--vector-store milvus://HOST:PORT)"
+                ) from exc
             raise UsageError(f"cannot connect to Milvus at {opts['uri']}: {exc}") from exc
         c = self.collection
         if self.client.has_collection(c):
@@ -194,6 +253,33 @@ class MilvusStore:
                 consistency_level="Strong",
                 properties={"lookalike.stamp": self.stamp, "lookalike.dim": str(self.dim)},
             )
+        self._load()
+
+    def _load(self, timeout: float = 120.0) -> None:
+        """Load the collection for searches and queries. A collection made by another
+        process (a Milvus Lite file reopened) or on a server that restarted starts
+        released; creating one loads it, reopening one does not."""
+        self.client.load_collection(self.collection, timeout=timeout)
+
+    def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        """client.<method>(collection, ...), loading the collection and trying once more
+        when Milvus answers that it is not loaded (a server restarted under us)."""
+        fn = getattr(self.client, method)
+        try:
+            return fn(self.collection, *args, **kwargs)
+        except Exception as exc:
+            if not _is_not_loaded(exc):
+                raise
+        deadline = time.monotonic() + 120.0
+        while True:  # a restarted server may still be coming up: retry the load a while
+            try:
+                self._load()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1.0)
+        return fn(self.collection, *args, **kwargs)
 
     # ---------------------------------------------------------------- writes
 
@@ -276,8 +362,8 @@ class MilvusStore:
         widen = 1.0
         if filter_fraction is not None and conds:
             widen = min(8.0, 1.0 / max(float(filter_fraction), 1e-9))
-        results = self.client.search(
-            self.collection,
+        results = self._call(
+            "search",
             data=[row.tolist() for row in q],
             limit=limit,
             filter=" and ".join(conds),
@@ -333,9 +419,7 @@ class MilvusStore:
 
     def ids(self) -> np.ndarray:
         found: list[int] = []
-        it = self.client.query_iterator(
-            self.collection, batch_size=4000, filter="id >= 0", output_fields=["id"]
-        )
+        it = self._call("query_iterator", batch_size=4000, filter="id >= 0", output_fields=["id"])
         while True:
             batch = it.next()
             if not batch:
@@ -345,13 +429,13 @@ class MilvusStore:
         return np.sort(np.asarray(found, dtype=np.int64))
 
     def __len__(self) -> int:
-        res = self.client.query(self.collection, filter="", output_fields=["count(*)"])
+        res = self._call("query", filter="", output_fields=["count(*)"])
         return int(res[0]["count(*)"])
 
     def get(self, ids: np.ndarray) -> np.ndarray:
         """Stored vectors for these ids; UsageError for unknown ids."""
         ids = [int(i) for i in np.asarray(ids, dtype=np.int64).reshape(-1)]
-        rows = self.client.get(self.collection, ids=ids, output_fields=["vector"])
+        rows = self._call("get", ids=ids, output_fields=["vector"])
         by_id = {int(r["id"]): r["vector"] for r in rows}
         missing = [i for i in ids if i not in by_id]
         if missing:
