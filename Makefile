@@ -11,17 +11,33 @@ CATALOG ?=
 QUERY ?=
 K ?= 8
 
-.PHONY: setup run demo test lint bench browser clean
+.PHONY: setup lock run demo test lint bench browser clean
 
 setup: $(VENV)/.installed
 
-# torch==2.13.0 exactly: a CPU build on this machine's disk (a looser pin pulls CUDA).
-$(VENV)/.installed: pyproject.toml
+# Every package at the exact version in requirements.lock (pip first, then the rest), then
+# lookalike itself without resolving anything again. torch is pinned to 2.13.0+cpu: the CPU
+# build on this machine's disk (a looser pin pulls a multi-GB CUDA build).
+LOCK := requirements.lock
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet "$$(grep -m1 '^pip==' $(LOCK))"
+	$(PY) -m pip install --quiet --require-virtualenv -r $(LOCK)
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Regenerate requirements.lock from pyproject.toml (its dev extra included) and
+# requirements-tools.in (pip, the build backend) with pip-tools, kept in a venv of its own
+# so the project's venv stays exactly as locked.
+# Pins that still fit are kept; `make lock UPGRADE=1` moves every pin to the newest release.
+LOCK_VENV := .lock-venv
+lock:
+	test -d $(LOCK_VENV) || $(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install --quiet 'pip-tools==7.6.2'
+	CUSTOM_COMPILE_COMMAND="make lock" $(LOCK_VENV)/bin/pip-compile --quiet \
+	  --extra dev --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links $(if $(UPGRADE),--upgrade) \
+	  --output-file $(LOCK) pyproject.toml requirements-tools.in
 
 # Index a catalog and search it: CATALOG=DIR QUERY=IMAGE, else the footwear300 demo.
 demo: setup

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import fashion_products
+from conftest import fashion_products, missing
 
 pytest.importorskip("pymilvus")
 pytest.importorskip("milvus_lite")
@@ -29,7 +29,7 @@ CATEGORIES = ("Heels", "Flats", "Sports Shoes")
 @pytest.fixture(scope="module")
 def real_vectors() -> np.ndarray:
     if not VGG.exists():
-        pytest.skip(f"real data not found at {DATA}")
+        missing(f"real data not found at {DATA}")
     with open(VGG, "rb") as fh:
         v = np.asarray(pickle.load(fh), dtype=np.float32)
     return v / np.linalg.norm(v, axis=1, keepdims=True)
@@ -157,7 +157,7 @@ def test_engine_answers_the_same_products_on_milvus_lite(tmp_path: Path) -> None
 
     folder = DATA / "footwear300" / "data"
     if not folder.exists():
-        pytest.skip(f"real data not found at {DATA}")
+        missing(f"real data not found at {DATA}")
     files = sorted(folder.glob("*.jpg"))[:30]
     queries = [files[3], files[17], DATA / "footwear300" / "search_image_01.jpg"]
     home = tmp_path / "home"
