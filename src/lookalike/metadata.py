@@ -130,17 +130,23 @@ def _rows(path: Path):
                 f" (missing {', '.join(missing)})"
             )
         reader.fieldnames = header
-        for row in reader:
-            if None in row:  # more cells than header columns
-                yield (
-                    reader.line_num,
-                    f"{len(header) + len(row[None])} cells, header has {len(header)}",
-                )
-                continue
-            if any(value is None for value in row.values()):
-                yield reader.line_num, "fewer cells than the header has columns"
-                continue
-            yield reader.line_num, row
+        try:
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    yield (
+                        reader.line_num,
+                        f"{len(header) + len(row[None])} cells, header has {len(header)}",
+                    )
+                    continue
+                if any(value is None for value in row.values()):
+                    yield reader.line_num, "fewer cells than the header has columns"
+                    continue
+                yield reader.line_num, row
+        except csv.Error as exc:  # e.g. a field over csv's limit: often an unclosed quote
+            raise MetadataError(
+                f"{path}:{reader.line_num + 1}: {exc} (an unclosed quote makes the rest of the "
+                "file one field)"
+            ) from None
 
 
 def _product_row(row: dict[str, Any]) -> tuple[Product, str]:

@@ -30,6 +30,8 @@ reason, and the measured recall.
 
 from __future__ import annotations
 
+import math
+
 import os
 from dataclasses import dataclass, field
 
@@ -104,8 +106,8 @@ def parse_memory_budget(text: str | int | None) -> int | None:
         value = float(s)
     except ValueError:
         raise UsageError(f"bad memory budget {text!r}: use e.g. 512M, 4G") from None
-    if value <= 0:
-        raise UsageError(f"memory budget must be positive, got {text!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"memory budget must be a positive number, got {text!r}")
     return int(value * mult)
 
 
