@@ -1,0 +1,128 @@
+"""Real `lookalike` processes for the multi-process tests and benchmarks/bench_reliability.py:
+the CLI as a subprocess, and `lookalike serve` on a free port, ready when /readyz says so.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+API_KEY = "reliability-key"
+
+
+def env(**extra: str) -> dict:
+    out = dict(os.environ)
+    out["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), out.get("PYTHONPATH", "")])
+    out["PYTHONUNBUFFERED"] = "1"
+    out.update(extra)
+    return out
+
+
+def lookalike(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lookalike", "-q", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env(),
+        cwd=ROOT,
+        **kw,
+    )
+
+
+def lookalike_bg(*args: str, log: Path) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "lookalike", "-q", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env(),
+            cwd=ROOT,
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Serve:
+    """`lookalike --home HOME serve` in its own process, writes allowed with API_KEY."""
+
+    def __init__(self, home: Path, log: Path, *extra: str) -> None:
+        self.home = Path(home)
+        self.log = log
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        with open(log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "lookalike", "--home", str(home), *extra,
+                 "serve", "--port", str(self.port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env(LOOKALIKE_API_KEY=API_KEY),
+                cwd=ROOT,
+            )  # fmt: skip
+        self.client = httpx.Client(base_url=self.base, timeout=120)
+        deadline = time.monotonic() + 240
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"serve exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if self.client.get("/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"serve not ready in 240 s:\n{self.output()}")
+            time.sleep(0.25)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+    def add(self, product_id: str, image: Path) -> httpx.Response:
+        with open(image, "rb") as fh:
+            return self.client.post(
+                "/products",
+                data={"product_id": product_id},
+                files=[("images", (image.name, fh.read(), "image/jpeg"))],
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+
+    def search(self, image: Path, k: int = 3) -> list[dict]:
+        with open(image, "rb") as fh:
+            got = self.client.post(
+                "/search", data={"k": str(k)}, files={"image": (image.name, fh.read())}
+            )
+        got.raise_for_status()
+        return got.json()["results"]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.client.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.client.close()
+
+    def __enter__(self) -> Serve:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
