@@ -4,15 +4,25 @@ and the API both talk to it; it is safe to call from several threads.
 Home folder layout: `catalog.sqlite` (the truth: products, images, vectors, model
 stamp), `vectors/` (the FAISS index, derived from the catalog and repaired from it on
 open), `models/` (exported ONNX models, tuned heads), `uploads/` (images added through
-the API).
+the API), `writer.lock` (the writer lock).
+
+Several processes on one home: every write holds the home's writer lock (`writing`), in
+which the store first catches up with other processes' saves and is saved before the
+lock goes, the catalog's clean mark (CLEAN_KEY) set to the store's signature. A clean
+mark that is not the store's (a writer died mid-write, or the store was changed behind
+the catalog's back) makes the next opener compare every stored vector with the
+catalog's and repair it. A reader (`serve`) follows other processes' writes at its next
+search, at most FOLLOW_EVERY seconds late.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +39,16 @@ from .errors import (
 )
 from .images import load_image
 from .ingest import IngestReport, ingest, reembed
+from .locks import HomeLock
 from .metadata import parse_bool, parse_price
+from .repair import sync_store
 from .search import Result, check_k, rank_products
 from .vectors import open_store
 from .vectors.base import VectorStore
 
 QuerySource = str | os.PathLike | bytes | Image.Image
+CLEAN_KEY = "store_clean"  # the store's signature after the last finished write; "" in one
+FOLLOW_EVERY = 1.0  # seconds between looks for other processes' writes (serve)
 
 
 def default_home() -> Path:
@@ -48,7 +62,9 @@ class Engine:
         model: str | None = None,
         vector_store: str | None = None,
         memory_budget: int | None = None,
+        on_wait: Callable[[str], None] | None = None,
     ):
+        """`on_wait(message)` is told when a write waits for another process's."""
         self.home = Path(home) if home is not None else default_home()
         self.home.mkdir(parents=True, exist_ok=True)
         self.catalog = Catalog(self.home / "catalog.sqlite")
@@ -59,6 +75,10 @@ class Engine:
         self._store: VectorStore | None = None
         self._lock = threading.RLock()  # guards the vector store and model switches
         self._followed: str | None = None
+        # lock order: home_lock, then _lock, then the store's and the catalog's own
+        self.home_lock = HomeLock(self.home, on_wait=on_wait)
+        self._write_depth = 0
+        self._next_follow = 0.0
 
     @classmethod
     def open(cls, home=None, model: str | None = None, vector_store: str | None = None, **kw):
@@ -105,10 +125,11 @@ class Engine:
         stored = self.catalog.get_meta("stamp")
         if stored is None or stored == self._encoder.stamp or stored == self._followed:
             return
+        store = self._store
+        if store is not None and hasattr(store, "wait_for_rebuild"):
+            store.wait_for_rebuild()  # outside the lock: its swap takes the home lock
         with self._lock:
             self._followed = stored
-            if self._store is not None and hasattr(self._store, "wait_for_rebuild"):
-                self._store.wait_for_rebuild()
             self._encoder = None
             self._store = None
 
@@ -121,6 +142,7 @@ class Engine:
             encoder.stamp,
             reset=reset,
             memory_budget_bytes=self.memory_budget,
+            guard=self.home_lock.hold,
         )
         if getattr(store, "backend", None) == "milvus":
             store = PayloadStore(store, self.catalog)
@@ -128,39 +150,125 @@ class Engine:
 
     @property
     def store(self) -> VectorStore:
-        with self._lock:
-            if self._store is None:
-                self._check_model_matches()
-                try:
-                    self._store = self._open_store()
-                except CatalogMismatchError:
-                    # the store lags behind the catalog (e.g. killed during a model switch):
-                    # the catalog is the truth, rebuild the store from it
-                    self._store = self._open_store(reset=True)
-                self.sync_vectors()
-                if self.catalog.get_meta("payload_dirty"):
-                    self._refresh_payload()
-            return self._store
+        """The vector store, opened on first use and checked against the catalog: the
+        same ids, and when the last writer did not finish, the same vectors."""
+        if self._store is None:
+            self._open_checked()
+        return self._store
 
-    def sync_vectors(self) -> dict[str, int]:
+    def _open_checked(self) -> None:
+        with self._lock:
+            if self._store is not None:
+                return
+            self._check_model_matches()
+            try:
+                store = self._open_store()
+            except CatalogMismatchError:
+                store = None  # rebuilt from the catalog below, under the lock
+            if store is not None and self._agrees(store):
+                self._store = store
+                return
+        # a repair writes: the home's lock first, then ours (the lock order)
+        with self.home_lock.hold(), self._lock:
+            if self._store is not None:
+                return
+            if store is None:
+                # the store lags behind the catalog (e.g. killed during a model switch):
+                # the catalog is the truth, rebuild the store from it
+                store = self._open_store(reset=True)
+            elif hasattr(store, "refresh"):
+                store.refresh()
+            self._store = store
+            self._repair()
+
+    def _token(self, store: VectorStore) -> str:
+        """What the clean mark holds for this store: the FAISS sidecar's signature; for
+        Milvus, which keeps its own files, the store's URI."""
+        signature = getattr(store, "signature", None)
+        if isinstance(signature, str):
+            return signature
+        return f"{getattr(store, 'backend', 'store')}:{self.vector_store_uri}"
+
+    def _is_clean(self, store: VectorStore) -> bool:
+        return self.catalog.get_meta(CLEAN_KEY) == self._token(store)
+
+    def _agrees(self, store: VectorStore) -> bool:
+        """Whether a freshly opened store needs no repair: the last writer finished, the
+        ids are the catalog's, no filter payload is pending."""
+        if not self._is_clean(store) or self.catalog.get_meta("payload_dirty"):
+            return False
+        want = self.catalog.embedded_ids(self.encoder.stamp)
+        return np.array_equal(np.sort(store.ids()), np.sort(want))
+
+    def _repair(self) -> dict[str, int]:
+        """Under the home lock: make the store the catalog's (every vector compared when
+        the last writer did not finish), then mark it clean."""
+        store = self._store
+        report = sync_store(
+            self.catalog, store, self.encoder.stamp, verify=not self._is_clean(store)
+        )
+        if self.catalog.get_meta("payload_dirty"):
+            self._refresh_payload()
+        store.save()
+        self.catalog.set_meta(CLEAN_KEY, self._token(store))
+        return report
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the home's writer lock around a write (waiting for another process's
+        write to finish, BusyError after the lock's timeout). Inside it the store has
+        caught up with other processes' saves; it is saved before the lock goes."""
+        with self.home_lock.hold(), self._lock:
+            outer = self._write_depth == 0
+            self._write_depth += 1
+            try:
+                if outer:
+                    store = self._store
+                    if store is not None:
+                        if hasattr(store, "refresh"):
+                            store.refresh()
+                        if not self._is_clean(store):
+                            self._repair()
+                    self.catalog.set_meta(CLEAN_KEY, "")
+                yield
+                if outer and self._store is not None:
+                    self._store.save()
+                    self.catalog.set_meta(CLEAN_KEY, self._token(self._store))
+            finally:
+                self._write_depth -= 1
+
+    def _follow_other_writers(self) -> None:
+        """A reader (`serve`) picks up what other processes wrote: at most every
+        FOLLOW_EVERY seconds, when the store on disk is newer than the one in memory or
+        the last writer did not finish, and only when no one is writing right now (a
+        writer holds the lock for one batch at a time)."""
+        store = self._store
+        now = time.monotonic()
+        if store is None or now < self._next_follow or self._write_depth:
+            return
+        self._next_follow = now + FOLLOW_EVERY
+        stale = hasattr(store, "stale") and store.stale()
+        if not stale and self._is_clean(store):
+            return
+        if not self.home_lock.acquire(timeout=0):
+            return  # a writer is at work: look again next time
+        try:
+            with self._lock:
+                if self._store is store:
+                    if hasattr(store, "refresh"):
+                        store.refresh()
+                    if not self._is_clean(store):
+                        self._repair()
+        finally:
+            self.home_lock.release()
+
+    def sync_vectors(self, verify: bool = True) -> dict[str, int]:
         """Make the vector store hold exactly the catalog's vectors for the live model:
         add what it misses (a run killed before the store was saved), drop what the
-        catalog no longer has."""
-        with self._lock:
-            store = self._store if self._store is not None else self.store
-            stamp = self.encoder.stamp
-            want = self.catalog.embedded_ids(stamp)
-            have = store.ids()
-            missing = np.setdiff1d(want, have, assume_unique=True)
-            extra = np.setdiff1d(have, want, assume_unique=True)
-            if extra.size:
-                store.remove(extra)
-            for start in range(0, missing.size, 4096):
-                chunk = missing[start : start + 4096]
-                store.add(chunk, self.catalog.vectors(chunk.tolist()))
-            if missing.size or extra.size:
-                store.save()
-            return {"added": int(missing.size), "removed": int(extra.size)}
+        catalog no longer has, and (`verify`) replace stored vectors that are not the
+        catalog's. Returns {"added", "removed", "replaced"}."""
+        with self.writing():
+            return sync_store(self.catalog, self.store, self.encoder.stamp, verify=verify)
 
     def _payload_changing(self) -> bool:
         """Before product fields change: if the store keeps them as filter payload, mark
@@ -191,7 +299,8 @@ class Engine:
 
     @property
     def lock(self) -> threading.RLock:
-        """Held around anything that swaps the model or the vector store."""
+        """Held around anything that swaps the model or the vector store (in this
+        process; `writing()` also holds the home's lock against other processes)."""
         return self._lock
 
     def reload_model(self) -> tuple[Any, VectorStore]:
@@ -228,20 +337,23 @@ class Engine:
         progress: bool = True,
         **kw: Any,
     ) -> IngestReport:
-        """Index folders/files and/or a metadata file (see lookalike.ingest)."""
-        with self._lock:
+        """Index folders/files and/or a metadata file (see lookalike.ingest). The home's
+        lock is held one batch at a time, so the server's writes go on meanwhile."""
+        with self.writing():
             self._switch_model_if_needed()
             payload = metadata is not None and self._payload_changing()
-            report = ingest(
-                self.catalog, self._store, self.encoder, paths, metadata, progress=progress, **kw
-            )
-            reembed(self.catalog, self._store, self.encoder, report, progress=progress)
+            store, encoder = self._store, self.encoder
+        report = ingest(
+            self.catalog, store, encoder, paths, metadata, progress=progress,
+            writing=self.writing, **kw,
+        )  # fmt: skip
+        reembed(self.catalog, store, encoder, report, progress=progress, writing=self.writing)
+        with self.writing():
             if payload:
                 # new and re-encoded images went in with their payload; the products
                 # whose fields changed need theirs re-sent for their other images
                 self._refresh_payload(dict.fromkeys(report.changed_products))
-            self._store.save()
-            return report
+        return report
 
     def add_product(self, fields: dict[str, Any], images: Sequence[bytes | os.PathLike]) -> Product:
         """Add one product with one or more images (bytes of uploads, or paths). Every
@@ -262,7 +374,7 @@ class Engine:
         # encode outside the lock, so searches go on meanwhile
         encoder = self.encoder
         vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
-        with self._lock:
+        with self.writing():
             self._switch_model_if_needed()
             self._refuse_existing(product.product_id)
             if self.encoder.stamp != encoder.stamp:  # the model changed meanwhile (tune)
@@ -305,7 +417,7 @@ class Engine:
                 changes["in_stock"] = parse_bool(changes["in_stock"])
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
-        with self._lock:
+        with self.writing():
             if self._store is None and (self.vector_store_uri or "faiss") != "faiss":
                 # not opened here: the next opening re-sends all the filter payload
                 self.catalog.set_meta("payload_dirty", "1")
@@ -318,12 +430,11 @@ class Engine:
     def remove(self, product_ids: Sequence[str]) -> int:
         """Remove products (all or nothing): gone from results at once. Returns how many
         images were removed."""
-        with self._lock:
+        with self.writing():
+            store = self.store
             image_ids = self.catalog.remove_products(list(product_ids))
             if image_ids:
-                # no save here: the catalog is the truth, the store is saved on close()
-                # and re-synced from the catalog on open if the process dies first
-                self.store.remove(np.array(image_ids, dtype=np.int64))
+                store.remove(np.array(image_ids, dtype=np.int64))
             return len(image_ids)
 
     # -- reading ----------------------------------------------------------------------
@@ -356,6 +467,7 @@ class Engine:
             return []
         self._follow_catalog_model()
         store = self.store
+        self._follow_other_writers()
         vectors = self.embed_queries(queries)
         with self._lock:
             return rank_products(self.catalog, store, vectors, k, filters, min_score)
@@ -366,6 +478,7 @@ class Engine:
         rows = self.catalog.images_of(self.catalog.get_product(product_id).product_id)
         self._follow_catalog_model()
         store = self.store
+        self._follow_other_writers()
         if not rows:
             return []
         vectors = self.catalog.vectors([row.image_id for row in rows])
@@ -430,6 +543,9 @@ class Engine:
         return self._encoder is not None
 
     def close(self) -> None:
+        store = self._store
+        if store is not None and hasattr(store, "wait_for_rebuild"):
+            store.wait_for_rebuild()  # outside the lock: its swap takes the home lock
         with self._lock:
             if self._store is not None:
                 self._store.save()

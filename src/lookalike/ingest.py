@@ -6,14 +6,20 @@ vectors, then added to the vector store. The catalog is the source of truth, so 
 killed at any point leaves a catalog that the next run (or the next `Engine.open`, which
 re-syncs the vector store from the catalog) repairs: images committed before the kill
 are unchanged and skipped, the rest are encoded again.
+
+`writing()` (the engine's: the home's writer lock) is held around each write — the plan's
+transaction, each batch, the pruning — and never while decoding or encoding, so another
+process's writes (the server's) go on between two batches.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +39,7 @@ IMAGE_SUFFIXES = {
 }  # fmt: skip
 BATCH_SIZE = 16
 SAVE_EVERY_SECONDS = 30.0
+Writing = Callable[[], AbstractContextManager]
 
 
 @dataclass
@@ -157,6 +164,7 @@ def ingest(
     workers: int = 2,
     prune: bool = True,
     on_batch: Callable[[int], None] | None = None,
+    writing: Writing = contextlib.nullcontext,
 ) -> IngestReport:
     """Bring the catalog in line with the given folders/files and metadata file.
     Unchanged images are not re-encoded; images gone from a folder or metadata file that
@@ -188,7 +196,7 @@ def ingest(
     with ThreadPoolExecutor(max_workers=4) as pool:
         hashed = list(pool.map(hash_item, items))
     meta_products = meta.products if meta is not None else {}
-    with catalog.transaction():
+    with writing(), catalog.transaction():
         for item, error in hashed:
             if error is not None:
                 report.failed.append((str(item.path), error))
@@ -226,6 +234,7 @@ def ingest(
     _encode_items(
         catalog, store, encoder, to_encode, report, meta_products, meta,
         progress=progress, batch_size=batch_size, workers=workers, on_batch=on_batch,
+        writing=writing,
     )  # fmt: skip
     failed_sources.update(path for path, _ in report.failed)
 
@@ -247,8 +256,9 @@ def ingest(
                 if row.source not in planned and row.source not in failed_sources
             ]
         if gone:
-            catalog.remove_images(gone)
-            store.remove(np.array(gone, dtype=np.int64))
+            with writing():
+                catalog.remove_images(gone)
+                store.remove(np.array(gone, dtype=np.int64))
             report.removed = len(gone)
     store.save()
     report.seconds = time.perf_counter() - started
@@ -288,6 +298,7 @@ def _encode_items(
     batch_size: int,
     workers: int,
     on_batch: Callable[[int], None] | None,
+    writing: Writing = contextlib.nullcontext,
 ) -> None:
     """Decode in a thread pool (Pillow releases the GIL while decoding and resizing)
     while the encoder works on the previous batch; write each batch in one transaction."""
@@ -318,7 +329,7 @@ def _encode_items(
             else:
                 batch.append((item, array))
             if len(batch) >= batch_size:
-                _write_batch(catalog, store, encoder, batch, report, meta_products, meta)
+                _write_batch(catalog, store, encoder, batch, report, meta_products, meta, writing)
                 bar.update(len(batch))
                 batch = []
                 if on_batch is not None:
@@ -327,7 +338,7 @@ def _encode_items(
                     store.save()
                     last_save = time.monotonic()
         if batch:
-            _write_batch(catalog, store, encoder, batch, report, meta_products, meta)
+            _write_batch(catalog, store, encoder, batch, report, meta_products, meta, writing)
             bar.update(len(batch))
             if on_batch is not None:
                 on_batch(report.encoded)
@@ -342,20 +353,22 @@ def _write_batch(
     report: IngestReport,
     meta_products: dict[str, Product],
     meta: MetadataFile | None,
+    writing: Writing = contextlib.nullcontext,
 ) -> None:
     vectors = encoder.embed(np.stack([array for _, array in batch]))
     ids: list[int] = []
-    with catalog.transaction():
-        for (item, _), vector in zip(batch, vectors, strict=True):
-            _ensure_product(catalog, item.product_id, meta_products, meta, report)
-            image_id, created = catalog.put_image(
-                item.product_id, str(item.path), item.sha256, vector, encoder.stamp,
-                item.origin or None,
-            )  # fmt: skip
-            ids.append(image_id)
-            report.added += created
-            report.updated += not created
-    store.add(np.array(ids, dtype=np.int64), vectors)
+    with writing():
+        with catalog.transaction():
+            for (item, _), vector in zip(batch, vectors, strict=True):
+                _ensure_product(catalog, item.product_id, meta_products, meta, report)
+                image_id, created = catalog.put_image(
+                    item.product_id, str(item.path), item.sha256, vector, encoder.stamp,
+                    item.origin or None,
+                )  # fmt: skip
+                ids.append(image_id)
+                report.added += created
+                report.updated += not created
+        store.add(np.array(ids, dtype=np.int64), vectors)
     report.encoded += len(batch)
 
 
@@ -384,6 +397,7 @@ def reembed(
     progress: bool = True,
     batch_size: int = BATCH_SIZE,
     workers: int = 2,
+    writing: Writing = contextlib.nullcontext,
 ) -> None:
     """Re-encode every catalog image whose vector was made by another model (after a
     model switch or tuning), from its source file. An image whose file is gone is
@@ -400,5 +414,6 @@ def reembed(
     _encode_items(
         catalog, store, encoder, stale, report, {}, None,
         progress=progress, batch_size=batch_size, workers=workers, on_batch=None,
+        writing=writing,
     )  # fmt: skip
     report.seconds += time.perf_counter() - started

@@ -23,6 +23,7 @@ def open_engine(args: argparse.Namespace):
         model=args.model,
         vector_store=args.vector_store,
         memory_budget=parse_memory_budget(args.memory_budget),
+        on_wait=lambda message: print(f"lookalike: {message}", file=sys.stderr, flush=True),
     )
 
 

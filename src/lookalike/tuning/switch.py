@@ -20,7 +20,7 @@ def use_model(engine: Any, version: str | None, progress: bool = True) -> dict[s
     for a fine-tuned model, base embeddings otherwise), else from the image file.
     Returns {"from_cache": n, "from_files": m}."""
     home = Path(engine.home)
-    with engine.lock:
+    with engine.writing():  # the home's lock: no other process writes meanwhile
         base = base_of(engine.encoder)
         if version is not None:
             load_tuned(home, version, base)  # fails before anything changes

@@ -8,6 +8,8 @@ the home folder), a Milvus Lite ".db" path, or "milvus://HOST:PORT".
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from lookalike.errors import UsageError
@@ -26,6 +28,7 @@ def open_store(
     *,
     reset: bool = False,
     memory_budget_bytes: int | None = None,
+    guard: Callable[[], AbstractContextManager] | None = None,
 ) -> VectorStore:
     """Open (or create) the vector store `uri` names for a catalog in `home`.
 
@@ -34,13 +37,19 @@ def open_store(
     - a path ending in ".db": Milvus Lite in that file (relative paths are relative to home).
     `reset=True` discards stored vectors made with another stamp/dim instead of raising
     CatalogMismatchError. `memory_budget_bytes` bounds the FAISS index's RAM (None: the
-    documented default, see docs/scale.md).
+    documented default, see docs/scale.md). `guard()` is held around every write of the
+    FAISS store's files (the home's writer lock; Milvus keeps its own files).
     """
     home = Path(home)
     spec = (uri or "faiss").strip()
     if spec in ("faiss", "faiss://"):
         return FaissStore(
-            home / "vectors", dim, stamp, reset=reset, memory_budget_bytes=memory_budget_bytes
+            home / "vectors",
+            dim,
+            stamp,
+            reset=reset,
+            memory_budget_bytes=memory_budget_bytes,
+            guard=guard,
         )
     if spec.startswith(("milvus://", "http://", "https://", "tcp://")) or spec.endswith(".db"):
         from lookalike.vectors.milvus_store import MilvusStore

@@ -10,12 +10,22 @@ exclude tombstones inside FAISS with an id selector, so a removed product can ne
 back, on every index type. A rebuild (in a background thread) compacts the slots,
 retrains the index chosen for the catalog's size and memory budget, and swaps it in; the
 old index keeps answering until then, and a crash leaves the last saved generation.
+
+Several processes: the files are written only under `guard` (the home's writer lock,
+given by the engine), and a store never saves over a save it has not seen (`stale`,
+from the sidecar's signature): it `refresh`es first, following another process's saves
+in place (the log's new rows are added to the live index; a rebuild there means a full
+reload). A background rebuild whose base another process changed meanwhile is dropped.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +52,10 @@ from lookalike.vectors.store_files import (
     RawVectors,
     index_path,
     raw_path,
-    read_sidecar,
+    read_sidecar_signed,
     read_slots,
     remove_stale,
+    sidecar_signature,
     wipe,
     write_index_file,
     write_sidecar,
@@ -94,10 +105,12 @@ class FaissStore:
         memory_budget_bytes: int | None = None,
         background: bool = True,
         exact_limit: int | None = None,
+        guard: Callable[[], AbstractContextManager] | None = None,
     ) -> None:
         """Open or create the store in `directory`. `background=False` runs rebuilds in
         the calling thread (benchmarks, tests); otherwise they run in a worker thread.
-        `exact_limit` overrides how many vectors are searched exactly (tests, tuning)."""
+        `exact_limit` overrides how many vectors are searched exactly (tests, tuning).
+        `guard()` is held around every write of the store's files (the home's lock)."""
         self.directory = Path(directory)
         self.dim = int(dim)
         self.stamp = str(stamp)
@@ -111,10 +124,12 @@ class FaissStore:
         self._rebuild_hook = None  # tests: called inside the worker between stages
         self._live_bits: np.ndarray | None = None  # bitmap of live slots, cached
         self._dirty = True  # changed since the last save (cleared by save, set on load)
+        self._guard = guard or contextlib.nullcontext
+        self._sig: str | None = None  # the sidecar's signature as this store last saw it
         if self.dim <= 0:
             raise UsageError(f"vector dimension must be positive, got {dim}")
         self.directory.mkdir(parents=True, exist_ok=True)
-        meta = read_sidecar(self.directory)
+        meta, self._sig = read_sidecar_signed(self.directory)
         if meta is not None and (meta["stamp"] != self.stamp or meta["dim"] != self.dim):
             if not reset:
                 raise CatalogMismatchError(
@@ -123,8 +138,9 @@ class FaissStore:
                     f"({self.dim}-d). Re-index with --reset to replace it."
                 )
         if reset:
-            wipe(self.directory)
-            meta = None
+            with self._guard():
+                wipe(self.directory)
+            meta, self._sig = None, None
         if meta is None:
             self._init_empty()
         else:
@@ -184,9 +200,16 @@ class FaissStore:
         is rewritten only when much of the log is not in it yet. A store nothing was
         changed in writes nothing (so a read-only process never overwrites a writer's
         newer save)."""
-        with self._lock:
+        if not self._dirty:
+            return  # without the guard: a read-only process never waits for the lock
+        with self._guard(), self._lock:
             if not self._dirty:
                 return
+            if self.stale():
+                raise CatalogMismatchError(
+                    f"the vector store in {self.directory} was saved by another process "
+                    "since this one read it: refresh() before writing"
+                )
             self._raw.flush()
             gen = self._generation + 1
             slots_name = write_slots(self.directory, gen, self._slot_ids)
@@ -222,9 +245,62 @@ class FaissStore:
             "saved_at": time.time(),
         }
         write_sidecar(self.directory, meta)
+        self._sig = sidecar_signature(self.directory)
         self._generation = gen
         self._dirty = False
         remove_stale(self.directory, meta, self.rebuilding)
+
+    # ---------------------------------------------------------------- other processes
+
+    @property
+    def signature(self) -> str | None:
+        """The signature of the save this store holds (None before its first save)."""
+        return self._sig
+
+    def stale(self) -> bool:
+        """Whether another process saved the store since this one read or saved it."""
+        return self._sig is not None and sidecar_signature(self.directory) != self._sig
+
+    def refresh(self) -> bool:
+        """Follow another process's save: its new log rows are added to the live index
+        (its tombstones and replacements come with its slot map); a rebuild there, or a
+        different index file, means a full reload. Unsaved changes here are dropped (the
+        catalog has them: the engine syncs after this). True when anything changed."""
+        if not self.stale():
+            return False
+        self.wait_for_rebuild()
+        with self._lock:
+            meta, sig = read_sidecar_signed(self.directory)
+            if meta is None or sig == self._sig:
+                return False
+            if meta["stamp"] != self.stamp or meta["dim"] != self.dim:
+                raise CatalogMismatchError(
+                    f"the vector store in {self.directory} now holds model stamp "
+                    f"{meta['stamp']!r}; this process uses {self.stamp!r}"
+                )
+            old = int(self._slot_ids.shape[0])
+            slots = int(meta["slots"])
+            same_base = (
+                not self._dirty
+                and meta["raw_file"] == self._raw.path.name
+                and meta.get("index_file") == self._index_file
+                and meta["plan"] == json.loads(json.dumps(self._plan.to_json()))
+                and slots >= old
+            )
+            if same_base:
+                self._raw.follow(slots)
+                add_rows(self._index, self._raw, old, slots)
+                self._slot_ids = read_slots(self.directory, meta)
+                self._rebuild_key_map()
+                self._generation = int(meta["generation"])
+                self._last_rebuild = meta.get("last_rebuild")
+            else:
+                self._raw.close()
+                self._load(meta)
+            self._live_bits = None
+            self._sig = sig
+            self._dirty = False
+            return True
 
     def close(self) -> None:
         """Finish a running rebuild, save, release files."""
@@ -393,7 +469,11 @@ class FaissStore:
             if not plan.exact:
                 index_name = write_index_file(self.directory, index, f"r{raw_gen}")
             # 3. catch up with changes made meanwhile, then swap (under the lock)
-            with self._lock:
+            with self._guard(), self._lock:
+                if self.stale():
+                    raise CatalogMismatchError(
+                        "another process saved the store during the rebuild: dropped"
+                    )
                 new_slot_ids = snap_ids.copy()
                 new_slot_ids[self._slot_ids[live] != snap_ids] = -1  # removed or replaced
                 tail = np.arange(hwm, int(self._slot_ids.shape[0]))

@@ -31,7 +31,6 @@ reason, and the measured recall.
 from __future__ import annotations
 
 import math
-
 import os
 from dataclasses import dataclass, field
 

@@ -83,6 +83,36 @@ def read_sidecar(directory: Path) -> dict | None:
     return meta
 
 
+def read_sidecar_signed(directory: Path) -> tuple[dict | None, str | None]:
+    """The sidecar and its signature (inode, mtime, size: every save replaces the file,
+    so another process's save changes it), read from one open file; (None, None) when
+    there is no store yet."""
+    path = directory / SIDECAR
+    try:
+        fh = open(path, "rb")
+    except FileNotFoundError:
+        return None, None
+    with fh:
+        st = os.fstat(fh.fileno())
+        text = fh.read()
+    try:
+        meta = json.loads(text)
+    except ValueError as exc:
+        raise CatalogMismatchError(f"unreadable vector store sidecar {path}: {exc}") from exc
+    if meta.get("format") != FORMAT or meta.get("backend") != "faiss":
+        raise CatalogMismatchError(f"{path} is not a lookalike FAISS store (format {FORMAT})")
+    return meta, f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
+def sidecar_signature(directory: Path) -> str | None:
+    """The sidecar's signature now (see read_sidecar_signed), None without a sidecar."""
+    try:
+        st = os.stat(directory / SIDECAR)
+    except FileNotFoundError:
+        return None
+    return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"
+
+
 def write_sidecar(directory: Path, meta: dict) -> None:
     """Replace the sidecar atomically (and durably): this commits a save."""
     _write_atomic(directory / SIDECAR, json.dumps(meta, indent=1).encode())
@@ -185,6 +215,17 @@ class RawVectors:
             self._fh.write(np.ascontiguousarray(vectors, dtype=np.float32).tobytes())
             self.rows += vectors.shape[0]
             return start
+
+    def follow(self, rows: int) -> None:
+        """Another process saved `rows` rows into this file: take them as saved."""
+        with self._lock:
+            size = os.fstat(self._fh.fileno()).st_size
+            if size < rows * self.row_bytes:
+                raise CatalogMismatchError(
+                    f"{self.path} holds {size // self.row_bytes} vectors, the sidecar says {rows}"
+                )
+            self._truncate_first = size > rows * self.row_bytes
+            self.rows = rows
 
     def flush(self) -> None:
         with self._lock:
