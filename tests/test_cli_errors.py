@@ -5,19 +5,25 @@ process, as a user would."""
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, fashion_products
+from conftest import ROOT, fashion_products, require_data
 
-from lookalike.errors import MetadataError, UsageError
+from lookalike.errors import BusyError, InputPathError, MetadataError, UsageError
 
 
-def lookalike(*args: str, timeout: float = 300, **kw) -> subprocess.CompletedProcess:
+def lookalike(
+    *args: str, timeout: float = 300, env_extra: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    env.update(env_extra or {})
     return subprocess.run(
         [sys.executable, "-m", "lookalike", "-q", *args],
         capture_output=True,
@@ -52,3 +58,88 @@ def test_a_csv_field_over_the_csv_limit_names_file_and_line(tmp_path: Path) -> N
     got = lookalike("--home", str(tmp_path / "h"), "index", "--metadata", str(meta))
     line = one_line(got, MetadataError.exit_code)
     assert f"{meta}:5:" in line and "131072" in line
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    """A small real home (6 footwear images), made by `lookalike index`."""
+    folder = tmp_path_factory.mktemp("shop")
+    for path in sorted(require_data("footwear300", "data").glob("*.jpg"))[:6]:
+        shutil.copy(path, folder / path.name)
+    home = tmp_path_factory.mktemp("cli") / "home"
+    done = lookalike("--home", str(home), "index", str(folder))
+    assert done.returncode == 0, done.stderr
+    return home
+
+
+def query() -> str:
+    return str(require_data("footwear300", "search_image_01.jpg"))
+
+
+@pytest.mark.parametrize("command", [["info"], ["search", "Q"], ["index", "Q"], ["serve"]])
+def test_a_home_that_is_a_file(command: list[str]) -> None:
+    args = [query() if a == "Q" else a for a in command]
+    got = lookalike("--home", "/etc/passwd", *args)
+    assert "is a file, not a folder" in one_line(got, InputPathError.exit_code)
+
+
+def test_a_catalog_that_is_not_a_database(tmp_path: Path) -> None:
+    (tmp_path / "catalog.sqlite").write_bytes(b"not a database at all\n" * 50)
+    for args in (["info"], ["search", query()], ["index", query()]):
+        got = lookalike("--home", str(tmp_path), *args)
+        assert "not a usable lookalike catalog" in one_line(got, InputPathError.exit_code)
+
+
+def test_a_mistyped_home_is_refused_not_created(tmp_path: Path, home: Path) -> None:
+    typo = tmp_path / "hmoe"
+    commands = (["info"], ["search", query()], ["remove", "x"], ["eval", "--leave-one-out"])
+    for args in commands:
+        got = lookalike("--home", str(typo), *args)
+        assert "no lookalike home at" in one_line(got, InputPathError.exit_code), args
+        assert not typo.exists()
+    assert lookalike("--home", str(home), "info").returncode == 0  # a real home still opens
+
+
+def test_an_unknown_vector_store_is_an_error(tmp_path: Path, home: Path) -> None:
+    for where, command in ((home, ["info"]), (tmp_path / "new", ["index", query()])):
+        got = lookalike("--home", str(where), "--vector-store", "bogus", *command)
+        assert "unknown vector store 'bogus'" in one_line(got, UsageError.exit_code)
+
+
+def test_serve_on_a_port_it_cannot_have(home: Path) -> None:
+    for port in ("99999", "0", "-1"):
+        got = lookalike("--home", str(home), "serve", f"--port={port}")
+        assert "--port must be 1-65535" in one_line(got, UsageError.exit_code)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        got = lookalike("--home", str(home), "serve", "--port", str(port), timeout=120)
+        assert "cannot listen on" in one_line(got, UsageError.exit_code)
+
+
+def test_a_second_writer_past_the_lock_timeout(home: Path) -> None:
+    from lookalike.locks import HomeLock
+
+    lock = HomeLock(home)
+    code = f"from lookalike.locks import HomeLock; HomeLock({str(home)!r}).acquire(); input()"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while lock.acquire(timeout=0):  # until the holder has it
+            lock.release()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        got = lookalike("--home", str(home), "remove", "footwear_0001", timeout=120,
+                        env_extra={"LOOKALIKE_LOCK_TIMEOUT": "2"})  # fmt: skip
+        lines = got.stderr.strip().splitlines()
+        assert got.returncode == BusyError.exit_code, got.stderr
+        assert lines[0].startswith("lookalike: waiting for the writer lock"), got.stderr
+        assert f"pid {holder.pid}" in lines[-1] and "LOOKALIKE_LOCK_TIMEOUT" in lines[-1]
+        assert len(lines) == 2 and "Traceback" not in got.stderr
+    finally:
+        holder.kill()
+        holder.wait()

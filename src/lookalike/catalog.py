@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import UnknownProductError, UsageError
+from .errors import BusyError, InputPathError, StorageError, UnknownProductError, UsageError
 
 SCHEMA_VERSION = 1
 
@@ -147,6 +147,17 @@ class Catalog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        try:
+            self._open()
+        except sqlite3.DatabaseError as exc:  # not SQLite, a damaged file, no permission
+            storage = StorageError.from_os_error(exc)
+            if storage is not None:
+                raise storage from None
+            if "locked" in str(exc):
+                raise BusyError(f"{self.path} is locked by another process ({exc})") from None
+            raise InputPathError(f"{self.path} is not a usable lookalike catalog: {exc}") from None
+
+    def _open(self) -> None:
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")

@@ -33,6 +33,7 @@ from .catalog import Catalog, Filters, Product
 from .encoders import DEFAULT_MODEL
 from .errors import (
     CatalogMismatchError,
+    InputPathError,
     ProductExistsError,
     UnknownImageError,
     UsageError,
@@ -43,7 +44,7 @@ from .locks import HomeLock
 from .metadata import parse_bool, parse_price
 from .repair import sync_store
 from .search import Result, check_k, rank_products
-from .vectors import open_store
+from .vectors import check_store_uri, open_store
 from .vectors.base import VectorStore
 
 QuerySource = str | os.PathLike | bytes | Image.Image
@@ -63,10 +64,14 @@ class Engine:
         vector_store: str | None = None,
         memory_budget: int | None = None,
         on_wait: Callable[[str], None] | None = None,
+        create: bool = True,
     ):
-        """`on_wait(message)` is told when a write waits for another process's."""
+        """`on_wait(message)` is told when a write waits for another process's. Without
+        `create`, a home that holds no catalog yet is an InputPathError."""
         self.home = Path(home) if home is not None else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
+        _check_home(self.home, create)
+        if vector_store:
+            check_store_uri(vector_store)
         self.catalog = Catalog(self.home / "catalog.sqlite")
         self.requested_model = model
         self.vector_store_uri = vector_store or self.catalog.get_meta("vector_store") or None
@@ -627,6 +632,20 @@ def _active_encoder(home: Path, base):
     except ImportError:
         return base
     return active_encoder(home, base)
+
+
+def _check_home(home: Path, create: bool) -> None:
+    if home.exists() and not home.is_dir():
+        raise InputPathError(f"the home {home} is a file, not a folder (check --home)")
+    if not (home / "catalog.sqlite").exists() and not create:
+        raise InputPathError(
+            f"no lookalike home at {home} (no catalog.sqlite): check --home, or create one "
+            "with `lookalike index`"
+        )
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputPathError(f"cannot create the home {home}: {exc.strerror}") from None
 
 
 def _product_from_fields(fields: dict[str, Any]) -> Product:

@@ -83,3 +83,28 @@ class BusyError(LookalikeError):
 
     exit_code = 9
     http_status = 409
+
+
+class StorageError(LookalikeError):
+    """The home cannot be written: the disk is full, a file is over its size limit, the
+    file system is read-only. What was committed stays; the next `index` resumes."""
+
+    exit_code = 10
+    http_status = 507
+
+    CAUSES = ("ENOSPC", "EDQUOT", "EFBIG", "EROFS")
+
+    @classmethod
+    def from_os_error(cls, exc: BaseException) -> StorageError | None:
+        """A StorageError for an OSError (or SQLite's "disk is full") that says the
+        disk cannot take the write, else None."""
+        import errno
+        import sqlite3
+
+        codes = {getattr(errno, name) for name in cls.CAUSES if hasattr(errno, name)}
+        if isinstance(exc, OSError) and exc.errno in codes:
+            where = f" writing {exc.filename}" if exc.filename else ""
+            return cls(f"{exc.strerror}{where}: free space and run it again (index resumes)")
+        if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
+            return cls(f"the catalog cannot grow ({exc}): free space and run it again")
+        return None

@@ -5,17 +5,20 @@ or JSON.
 Exit status: 0 success; 1 other error; 2 bad usage or filter; 3 a path that does not
 exist or cannot be read; 4 an image that cannot be decoded (or is too large); 5 a
 metadata file that cannot be used; 6 unknown product or image id; 7 model error;
-8 `index` finished but skipped some files or metadata rows (listed in its summary).
+8 `index` finished but skipped some files or metadata rows (listed in its summary);
+9 another process holds the home's writer lock (past its timeout) or the Milvus Lite
+file; 10 the disk cannot take the write (full, over a size limit, read-only).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sqlite3
 import sys
 from collections.abc import Sequence
 
-from ..errors import LookalikeError
+from ..errors import LookalikeError, StorageError
 from . import catalog, evaluate, search, serve, tune
 from .common import EXIT_PARTIAL
 
@@ -29,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lookalike",
         description="Visual product search: find the catalog products that look like a photo.",
         epilog="Exit status: 0 ok, 2 usage, 3 path, 4 image, 5 metadata, 6 unknown id, "
-        "7 model, 8 index finished with skipped files/rows.",
+        "7 model, 8 index finished with skipped files/rows, 9 home or store busy, "
+        "10 disk full.",
     )
     parser.add_argument(
         "--home",
@@ -70,6 +74,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LookalikeError as exc:
         print(f"lookalike: {exc}", file=sys.stderr)
         return exc.exit_code
+    except (OSError, sqlite3.OperationalError) as exc:
+        storage = StorageError.from_os_error(exc)
+        if storage is None:
+            raise
+        print(f"lookalike: {storage}", file=sys.stderr)
+        return storage.exit_code
     except KeyboardInterrupt:
         print("lookalike: interrupted (the next `index` run resumes)", file=sys.stderr)
         return 130

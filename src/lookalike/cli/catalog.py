@@ -14,7 +14,7 @@ from .common import EXIT_PARTIAL, open_engine
 def cmd_index(args: argparse.Namespace) -> int:
     if not args.paths and not args.metadata:
         raise UsageError("give folders/files to index, --metadata FILE, or both")
-    with open_engine(args) as engine:
+    with open_engine(args, create=True) as engine:
         report = engine.index(
             args.paths,
             metadata=args.metadata,

@@ -13,13 +13,16 @@ EXIT_PARTIAL = 8
 """`index` finished but skipped some files or metadata rows (listed in its summary)."""
 
 
-def open_engine(args: argparse.Namespace):
-    """The engine for the global options (--home, --model, --vector-store, --memory-budget)."""
+def open_engine(args: argparse.Namespace, create: bool = False):
+    """The engine for the global options (--home, --model, --vector-store, --memory-budget).
+    Only `create` (index, serve) makes a home that does not exist yet: for the others a
+    mistyped --home is an error, not a new empty catalog."""
     from ..engine import Engine
     from ..vectors import parse_memory_budget
 
     return Engine(
         args.home,
+        create=create,
         model=args.model,
         vector_store=args.vector_store,
         memory_budget=parse_memory_budget(args.memory_budget),

@@ -3,17 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from typing import Any
 
+from ..errors import UsageError
 from .common import open_engine
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from ..api import serve
 
+    if not 1 <= args.port <= 65535:
+        raise UsageError(f"--port must be 1-65535, not {args.port}")
+    _check_listen(args.host, args.port)
+    with open_engine(args, create=True):
+        pass  # the home, its catalog and the store's URI are usable: fail here, not later
     if args.catalog or args.metadata:
-        with open_engine(args) as engine:
+        with open_engine(args, create=True) as engine:
             report = engine.index(
                 [args.catalog] if args.catalog else [], metadata=args.metadata, progress=True
             )
@@ -26,6 +33,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vector_store=args.vector_store,
     )
     return 0
+
+
+def _check_listen(host: str, port: int) -> None:
+    """UsageError unless this process could listen on host:port (in use, no such
+    address, a privileged port): said in one line before the model loads."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        family, kind, proto, _, address = infos[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"cannot listen on {host}:{port}: {reason}") from None
 
 
 def add_commands(sub: Any) -> None:

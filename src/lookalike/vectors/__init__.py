@@ -17,7 +17,25 @@ from lookalike.vectors.base import VectorStore
 from lookalike.vectors.faiss_store import FaissStore
 from lookalike.vectors.planning import parse_memory_budget
 
-__all__ = ["FaissStore", "VectorStore", "open_store", "parse_memory_budget"]
+__all__ = ["FaissStore", "VectorStore", "check_store_uri", "open_store", "parse_memory_budget"]
+
+MILVUS_SCHEMES = ("milvus://", "milvus+https://", "http://", "https://", "tcp://")
+
+
+def check_store_uri(uri: str | None) -> None:
+    """UsageError unless `uri` names a store `open_store` knows (nothing is opened)."""
+    spec = (uri or "faiss").strip()
+    if spec in ("faiss", "faiss://") or (spec.endswith(".db") and "://" not in spec):
+        return
+    if spec.startswith(MILVUS_SCHEMES):
+        from lookalike.vectors.milvus_store import parse_uri
+
+        parse_uri(spec)
+        return
+    raise UsageError(
+        f"unknown vector store {uri!r}: use 'faiss', 'milvus://HOST:PORT' or a Milvus Lite "
+        "'.db' file"
+    )
 
 
 def open_store(
@@ -51,7 +69,7 @@ def open_store(
             memory_budget_bytes=memory_budget_bytes,
             guard=guard,
         )
-    if spec.startswith(("milvus://", "http://", "https://", "tcp://")) or spec.endswith(".db"):
+    if spec.startswith(MILVUS_SCHEMES) or spec.endswith(".db"):
         from lookalike.vectors.milvus_store import MilvusStore
 
         if spec.endswith(".db") and "://" not in spec:
