@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 API_KEY = "reliability-key"
@@ -126,3 +127,28 @@ class Serve:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def check_home(home: Path, want_products: set[str] | None = None) -> dict:
+    """What a home holds against its files: the store has exactly the catalog's image
+    ids, each with the catalog's vector (`mismatched` counts the others), and each catalog
+    vector is a fresh embedding of its file (`min_cosine`); the catalog's products are
+    `want_products` when given."""
+    from lookalike.engine import Engine
+    from lookalike.images import load_image
+
+    with Engine(home, create=False) as engine:
+        catalog, encoder = engine.catalog, engine.encoder
+        ids = np.sort(catalog.embedded_ids(encoder.stamp))
+        products = {catalog.image(int(i)).product_id for i in ids}
+        if want_products is not None:
+            assert products == want_products, sorted(products ^ want_products)[:10]
+        assert np.array_equal(np.sort(engine.store.ids()), ids)
+        stored, truth = engine.store.get(ids), catalog.vectors(ids.tolist())
+        mismatched = int(np.sum(np.max(np.abs(stored - truth), axis=1) > 1e-6))
+        fresh = []
+        for i in ids:
+            image = load_image(Path(catalog.image(int(i)).source), draft_size=encoder.draft_size)
+            fresh.append(encoder.embed(encoder.prepare(image)[None])[0])
+        cosine = np.sum(np.asarray(fresh) * truth, axis=1) if len(ids) else np.ones(1)
+        return {"images": len(ids), "mismatched": mismatched, "min_cosine": float(cosine.min())}

@@ -4,18 +4,21 @@ process, as a user would."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, fashion_products, require_data
+from conftest import ROOT, fashion_products, missing, require_data
+from live import check_home
 
-from lookalike.errors import BusyError, InputPathError, MetadataError, UsageError
+from lookalike.errors import BusyError, InputPathError, MetadataError, StorageError, UsageError
 
 
 def lookalike(
@@ -143,3 +146,40 @@ def test_a_second_writer_past_the_lock_timeout(home: Path) -> None:
     finally:
         holder.kill()
         holder.wait()
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str) -> Iterator[Callable[[str], None]]:
+    """A real small file system at `folder` (a tmpfs of `size`; root can mount one), and
+    a function that resizes it. Missing mount rights are a missing prerequisite."""
+    folder.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)  # fmt: skip
+    if made.returncode != 0:
+        missing(f"cannot mount a small tmpfs here: {made.stderr.strip()}")
+
+    def resize(new: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={new}", str(folder)], check=True)
+
+    try:
+        yield resize
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def test_index_on_a_full_disk_is_one_line_and_resumes(tmp_path: Path) -> None:
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    for path in sorted(require_data("footwear300", "data").glob("*.jpg"))[:80]:
+        shutil.copy(path, shop / path.name)
+    with small_disk(tmp_path / "disk", "600k") as resize:
+        home = tmp_path / "disk" / "home"
+        got = lookalike("--home", str(home), "index", str(shop))
+        line = one_line(got, StorageError.exit_code)
+        assert "No space left on device" in line or "disk is full" in line, line
+        resize("50m")
+        again = lookalike("--home", str(home), "index", str(shop))
+        assert again.returncode == 0, again.stderr
+        report = check_home(home, {p.stem for p in shop.glob("*.jpg")})
+        assert report["images"] == 80 and report["mismatched"] == 0
+        assert report["min_cosine"] > 0.9999

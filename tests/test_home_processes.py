@@ -12,10 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_data
-from live import Serve, lookalike, lookalike_bg
+from live import Serve, check_home, lookalike, lookalike_bg
 
 from lookalike.engine import Engine
-from lookalike.images import load_image
 
 
 def copy_images(files: list[Path], folder: Path) -> Path:
@@ -28,26 +27,6 @@ def copy_images(files: list[Path], folder: Path) -> Path:
 @pytest.fixture(scope="module")
 def footwear() -> list[Path]:
     return sorted(require_data("footwear300", "data").glob("*.jpg"))
-
-
-def check_home(home: Path, want_products: set[str]) -> dict:
-    """The catalog holds exactly `want_products`; the store holds one vector per catalog
-    image, equal to the catalog's; each catalog vector is a fresh embedding of its file."""
-    with Engine(home) as engine:
-        catalog = engine.catalog
-        ids = np.array(sorted(catalog.embedded_ids(engine.encoder.stamp).tolist()))
-        products = {catalog.image(int(i)).product_id for i in ids}
-        assert products == want_products, (products ^ want_products)
-        assert np.array_equal(np.sort(engine.store.ids()), ids)
-        stored, truth = engine.store.get(ids), catalog.vectors(ids.tolist())
-        mismatched = int(np.sum(np.max(np.abs(stored - truth), axis=1) > 1e-6))
-        encoder = engine.encoder
-        fresh = []
-        for i in ids:
-            image = load_image(Path(catalog.image(int(i)).source), draft_size=encoder.draft_size)
-            fresh.append(encoder.embed(encoder.prepare(image)[None])[0])
-        cosine = np.sum(np.asarray(fresh) * truth, axis=1)
-        return {"images": len(ids), "mismatched": mismatched, "min_cosine": float(cosine.min())}
 
 
 def found(server: Serve, image: Path) -> bool:
