@@ -26,13 +26,16 @@ def env(**extra: str) -> dict:
     return out
 
 
-def lookalike(*args: str, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
+def lookalike(
+    *args: str, timeout: float = 900, env_extra: dict | None = None, **kw
+) -> subprocess.CompletedProcess:
+    """The CLI in a new process (`-q`), this worktree's code, output captured."""
     return subprocess.run(
         [sys.executable, "-m", "lookalike", "-q", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env(),
+        env=env(**(env_extra or {})),
         cwd=ROOT,
         **kw,
     )

@@ -16,26 +16,9 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, fashion_products, missing, require_data
-from live import check_home
+from live import check_home, lookalike
 
 from lookalike.errors import BusyError, InputPathError, MetadataError, StorageError, UsageError
-
-
-def lookalike(
-    *args: str, timeout: float = 300, env_extra: dict | None = None, **kw
-) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
-    env.update(env_extra or {})
-    return subprocess.run(
-        [sys.executable, "-m", "lookalike", "-q", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=ROOT,
-        **kw,
-    )
 
 
 def one_line(proc: subprocess.CompletedProcess, status: int) -> str:

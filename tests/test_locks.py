@@ -15,15 +15,10 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT
+from live import env
 
 from lookalike.errors import BusyError
 from lookalike.locks import HomeLock
-
-
-def env() -> dict:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), out.get("PYTHONPATH", "")])
-    return out
 
 
 def holder(home: Path) -> subprocess.Popen:

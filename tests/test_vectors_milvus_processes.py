@@ -6,7 +6,6 @@ that another process holds gets one clear line naming the fix, not a traceback."
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, fashion_products
+from live import env, lookalike
 
 from lookalike.errors import BusyError
 from lookalike.vectors.milvus_store import MilvusStore, filters_to_expr
@@ -39,26 +39,9 @@ TRICKY = [
 ]
 
 
-def env() -> dict:
-    out = dict(os.environ)
-    out["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), out.get("PYTHONPATH", "")])
-    return out
-
-
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env(),
-        cwd=ROOT,
-    )
-
-
-def lookalike(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lookalike", "-q", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
