@@ -237,7 +237,8 @@ class Engine:
                     self.catalog.set_meta(CLEAN_KEY, "")
                 yield
                 if outer and self._store is not None:
-                    self._store.save()
+                    if hasattr(self._store, "refresh"):  # FAISS: its files, under the lock
+                        self._store.save()  # (Milvus persists by itself; flushed at the end)
                     self.catalog.set_meta(CLEAN_KEY, self._token(self._store))
             finally:
                 self._write_depth -= 1

@@ -7,9 +7,9 @@ killed at any point leaves a catalog that the next run (or the next `Engine.open
 re-syncs the vector store from the catalog) repairs: images committed before the kill
 are unchanged and skipped, the rest are encoded again.
 
-`writing()` (the engine's: the home's writer lock) is held around each write — the plan's
-transaction, each batch, the pruning — and never while decoding or encoding, so another
-process's writes (the server's) go on between two batches.
+`writing()` (the engine's: the home's writer lock) is held around the writes — the plan's
+transaction, the batches, the pruning — and let go at a batch boundary at least every
+WRITE_SLICE seconds, so another process's writes (the server's) get their turn.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ IMAGE_SUFFIXES = {
     ".heic", ".heif", ".avif",
 }  # fmt: skip
 BATCH_SIZE = 16
-SAVE_EVERY_SECONDS = 30.0
+WRITE_SLICE = 1.0  # seconds of batches written under one hold of the writer lock
 Writing = Callable[[], AbstractContextManager]
 
 
@@ -317,8 +317,7 @@ def _encode_items(
     bar = tqdm(
         total=len(items), unit="img", desc="indexing", disable=not progress, dynamic_ncols=True
     )
-    last_save = time.monotonic()
-    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool, _Slices(writing) as slices:
         # bounded look-ahead: at most a few batches decoded ahead of the encoder
         pending = _bounded_map(pool, decode, items, ahead=batch_size * 3)
         batch: list[tuple[_Item, np.ndarray]] = []
@@ -329,16 +328,13 @@ def _encode_items(
             else:
                 batch.append((item, array))
             if len(batch) >= batch_size:
-                _write_batch(catalog, store, encoder, batch, report, meta_products, meta, writing)
+                _write_batch(catalog, store, encoder, batch, report, meta_products, meta, slices)
                 bar.update(len(batch))
                 batch = []
                 if on_batch is not None:
                     on_batch(report.encoded)
-                if time.monotonic() - last_save > SAVE_EVERY_SECONDS:
-                    store.save()
-                    last_save = time.monotonic()
         if batch:
-            _write_batch(catalog, store, encoder, batch, report, meta_products, meta, writing)
+            _write_batch(catalog, store, encoder, batch, report, meta_products, meta, slices)
             bar.update(len(batch))
             if on_batch is not None:
                 on_batch(report.encoded)
@@ -353,23 +349,52 @@ def _write_batch(
     report: IngestReport,
     meta_products: dict[str, Product],
     meta: MetadataFile | None,
-    writing: Writing = contextlib.nullcontext,
+    slices: _Slices,
 ) -> None:
     vectors = encoder.embed(np.stack([array for _, array in batch]))
     ids: list[int] = []
-    with writing():
-        with catalog.transaction():
-            for (item, _), vector in zip(batch, vectors, strict=True):
-                _ensure_product(catalog, item.product_id, meta_products, meta, report)
-                image_id, created = catalog.put_image(
-                    item.product_id, str(item.path), item.sha256, vector, encoder.stamp,
-                    item.origin or None,
-                )  # fmt: skip
-                ids.append(image_id)
-                report.added += created
-                report.updated += not created
-        store.add(np.array(ids, dtype=np.int64), vectors)
+    slices.hold()
+    with catalog.transaction():
+        for (item, _), vector in zip(batch, vectors, strict=True):
+            _ensure_product(catalog, item.product_id, meta_products, meta, report)
+            image_id, created = catalog.put_image(
+                item.product_id, str(item.path), item.sha256, vector, encoder.stamp,
+                item.origin or None,
+            )  # fmt: skip
+            ids.append(image_id)
+            report.added += created
+            report.updated += not created
+    store.add(np.array(ids, dtype=np.int64), vectors)
     report.encoded += len(batch)
+    slices.turn()
+
+
+class _Slices:
+    """`writing()` held over consecutive batches for up to WRITE_SLICE seconds, then let
+    go at a batch boundary (and at the end), so that other processes' writes get their
+    turn while the next batch is encoded. An error inside leaves it without a save."""
+
+    def __init__(self, writing: Writing, seconds: float = WRITE_SLICE) -> None:
+        self._writing, self._seconds = writing, seconds
+        self._stack = contextlib.ExitStack()
+        self._until: float | None = None
+
+    def hold(self) -> None:
+        if self._until is None:
+            self._stack.enter_context(self._writing())
+            self._until = time.monotonic() + self._seconds
+
+    def turn(self) -> None:
+        if self._until is not None and time.monotonic() >= self._until:
+            self._until = None
+            self._stack.close()
+
+    def __enter__(self) -> _Slices:
+        return self
+
+    def __exit__(self, *exc: object) -> bool | None:
+        self._until = None
+        return self._stack.__exit__(*exc)
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items: list, ahead: int):
