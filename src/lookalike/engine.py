@@ -83,6 +83,7 @@ class Engine:
         # lock order: home_lock, then _lock, then the store's and the catalog's own
         self.home_lock = HomeLock(self.home, on_wait=on_wait)
         self._write_depth = 0
+        self._entry_mark: str | None = None  # the clean mark as the current write found it
         self._next_follow = 0.0
 
     @classmethod
@@ -173,18 +174,30 @@ class Engine:
             if store is not None and self._agrees(store):
                 self._store = store
                 return
-        # a repair writes: the home's lock first, then ours (the lock order)
-        with self.home_lock.hold(), self._lock:
-            if self._store is not None:
-                return
+        # a repair writes: the home's lock first, then ours (the lock order). A reader
+        # does not wait for a writer at work: it reads that writer's last save, and
+        # follows the rest (_follow_other_writers).
+        with contextlib.ExitStack() as held:
             if store is None:
-                # the store lags behind the catalog (e.g. killed during a model switch):
-                # the catalog is the truth, rebuild the store from it
-                store = self._open_store(reset=True)
-            elif hasattr(store, "refresh"):
-                store.refresh()
-            self._store = store
-            self._repair()
+                held.enter_context(self.home_lock.hold())  # a store to rebuild: wait
+            elif self.home_lock.acquire(timeout=0):
+                held.callback(self.home_lock.release)
+            else:
+                with self._lock:
+                    if self._store is None:
+                        self._store = store
+                return
+            with self._lock:
+                if self._store is not None:
+                    return
+                if store is None:
+                    # the store lags behind the catalog (e.g. killed during a model
+                    # switch): the catalog is the truth, rebuild the store from it
+                    store = self._open_store(reset=True)
+                elif hasattr(store, "refresh"):
+                    store.refresh()
+                self._store = store
+                self._repair()
 
     def _token(self, store: VectorStore) -> str:
         """What the clean mark holds for this store: the FAISS sidecar's signature; for
@@ -195,7 +208,10 @@ class Engine:
         return f"{getattr(store, 'backend', 'store')}:{self.vector_store_uri}"
 
     def _is_clean(self, store: VectorStore) -> bool:
-        return self.catalog.get_meta(CLEAN_KEY) == self._token(store)
+        """Whether the last finished write left this store (inside a write of ours: as
+        the mark was when it began, since the write itself clears it)."""
+        mark = self._entry_mark if self._write_depth else self.catalog.get_meta(CLEAN_KEY)
+        return mark == self._token(store)
 
     def _agrees(self, store: VectorStore) -> bool:
         """Whether a freshly opened store needs no repair: the last writer finished, the
@@ -215,7 +231,9 @@ class Engine:
         if self.catalog.get_meta("payload_dirty"):
             self._refresh_payload()
         store.save()
-        self.catalog.set_meta(CLEAN_KEY, self._token(store))
+        self._entry_mark = self._token(store)
+        if not self._write_depth:
+            self.catalog.set_meta(CLEAN_KEY, self._entry_mark)
         return report
 
     @contextlib.contextmanager
@@ -228,6 +246,7 @@ class Engine:
             self._write_depth += 1
             try:
                 if outer:
+                    self._entry_mark = self.catalog.get_meta(CLEAN_KEY)
                     store = self._store
                     if store is not None:
                         if hasattr(store, "refresh"):
