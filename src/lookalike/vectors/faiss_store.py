@@ -126,6 +126,7 @@ class FaissStore:
         self._dirty = True  # changed since the last save (cleared by save, set on load)
         self._guard = guard or contextlib.nullcontext
         self._sig: str | None = None  # the sidecar's signature as this store last saw it
+        self._epoch = 0  # full reloads from another process's save (a rebuild checks it)
         if self.dim <= 0:
             raise UsageError(f"vector dimension must be positive, got {dim}")
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -268,7 +269,8 @@ class FaissStore:
         catalog has them: the engine syncs after this). True when anything changed."""
         if not self.stale():
             return False
-        self.wait_for_rebuild()
+        # no waiting for a rebuild of ours here (its swap needs the lock our caller holds):
+        # a full reload below makes it drop its work (the epoch changes)
         with self._lock:
             meta, sig = read_sidecar_signed(self.directory)
             if meta is None or sig == self._sig:
@@ -297,6 +299,7 @@ class FaissStore:
             else:
                 self._raw.close()
                 self._load(meta)
+                self._epoch += 1
             self._live_bits = None
             self._sig = sig
             self._dirty = False
@@ -444,6 +447,7 @@ class FaissStore:
         new_raw: RawVectors | None = None
         try:
             with self._lock:  # snapshot: live slots up to the high-water mark
+                epoch = self._epoch
                 hwm = int(self._slot_ids.shape[0])
                 live = np.flatnonzero(self._slot_ids[:hwm] >= 0)
                 snap_ids = self._slot_ids[live].copy()
@@ -470,7 +474,7 @@ class FaissStore:
                 index_name = write_index_file(self.directory, index, f"r{raw_gen}")
             # 3. catch up with changes made meanwhile, then swap (under the lock)
             with self._guard(), self._lock:
-                if self.stale():
+                if self.stale() or self._epoch != epoch:
                     raise CatalogMismatchError(
                         "another process saved the store during the rebuild: dropped"
                     )
