@@ -362,13 +362,17 @@ def main() -> None:
                 figures = kill_api(work, args.kills, rng)
             else:
                 figures = beside(work, rng)
+        except Exception as exc:  # noqa: BLE001 - reported, and the other sections still run
+            import traceback
+
+            figures = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
         finally:
             shutil.rmtree(work, ignore_errors=True)
         figures["seconds"] = round(time.monotonic() - started, 1)
         out[name] = figures
         print(json.dumps({name: figures}), flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+        if args.json:
+            Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 
 if __name__ == "__main__":
