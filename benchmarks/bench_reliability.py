@@ -274,12 +274,13 @@ def products_of(server: Serve) -> set[str]:
     out: set[str] = set()
     offset = 0
     while True:
-        page = server.client.get("/products", params={"limit": 1000, "offset": offset}).json()
-        items = page["products"]
+        got = server.client.get("/products", params={"limit": 500, "offset": offset})
+        got.raise_for_status()
+        items = got.json()["products"]
         out |= {p["product_id"] for p in items}
-        if len(items) < 1000:
+        if len(items) < 500:
             return out
-        offset += 1000
+        offset += 500
 
 
 # --------------------------------------------------------------------------- index beside serve

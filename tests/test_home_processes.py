@@ -95,3 +95,67 @@ def test_a_store_vector_that_disagrees_with_the_catalog_is_repaired_on_open(
     assert f'"product_id": "{source.stem}"' in got.stdout
     report = check_home(home, {f.stem for f in footwear[:12]})
     assert report["mismatched"] == 0
+
+
+def api_writes(server: Serve, stop, live: set, deleted: set, photos, rng) -> None:
+    """Adds (75%) and deletes until stopped or the server dies; `live` and `deleted`
+    hold what the server acknowledged."""
+    try:
+        while not stop.is_set():
+            if live and rng.random() < 0.25:
+                victim = sorted(live)[0]
+                live.discard(victim)  # in flight: it may or may not survive a kill
+                got = server.client.delete(f"/products/{victim}", headers=auth())
+                if got.status_code == 204:
+                    deleted.add(victim)
+            else:
+                photo = next(photos)
+                if server.add(f"api-{photo.stem}", photo).status_code == 201:
+                    live.add(f"api-{photo.stem}")
+    except Exception:  # noqa: BLE001 - the server died under the request
+        return
+
+
+def test_api_writes_killed_at_random_points_lose_nothing_acknowledged(
+    tmp_path: Path, footwear
+) -> None:
+    """kill -9 of the server in the middle of a stream of adds and deletes, three times:
+    every write it answered survives, and every stored vector is its file's."""
+    import random
+    import threading
+
+    home = tmp_path / "home"
+    start = copy_images(footwear[:8], tmp_path / "a")
+    assert lookalike("--home", str(home), "index", str(start)).returncode == 0
+    rng = random.Random(7)
+    photos = iter(footwear[8:200])
+    live: set[str] = set()
+    deleted: set[str] = set()
+    for _ in range(3):
+        server = Serve(home, tmp_path / "serve.log")
+        page = server.client.get("/products", params={"limit": 500}).json()
+        listed = {p["product_id"] for p in page["products"]}
+        assert live <= listed and not deleted & listed
+        live.clear()
+        live.update(p for p in listed if p.startswith("api-"))
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=api_writes, args=(server, stop, live, deleted, photos, rng)
+        )
+        thread.start()
+        time.sleep(rng.uniform(1.0, 3.0))
+        server.kill()
+        stop.set()
+        thread.join(30)
+    report = check_home(home)
+    assert report["mismatched"] == 0 and report["min_cosine"] > 0.9999
+    with Engine(home) as engine:
+        products = {p.product_id for p in engine.list_products(limit=1000)[0]}
+    assert live <= products and not deleted & products
+    assert len(deleted) + len(live) > 3  # the writes did happen
+
+
+def auth() -> dict:
+    from live import API_KEY
+
+    return {"Authorization": f"Bearer {API_KEY}"}
