@@ -34,7 +34,9 @@ from .encoders import DEFAULT_MODEL
 from .errors import (
     CatalogMismatchError,
     InputPathError,
+    LookalikeError,
     ProductExistsError,
+    StorageError,
     UnknownImageError,
     UsageError,
 )
@@ -254,7 +256,16 @@ class Engine:
                         if not self._is_clean(store):
                             self._repair()
                     self.catalog.set_meta(CLEAN_KEY, "")
-                yield
+                try:
+                    yield
+                except LookalikeError as exc:
+                    # a refused write (unknown id, existing product) changed nothing: the
+                    # mark goes back, so the next opener does not check every vector
+                    store = self._store
+                    if outer and store is not None and not isinstance(exc, StorageError):
+                        if not getattr(store, "dirty", True):
+                            self.catalog.set_meta(CLEAN_KEY, self._token(store))
+                    raise
                 if outer and self._store is not None:
                     if hasattr(self._store, "refresh"):  # FAISS: its files, under the lock
                         self._store.save()  # (Milvus persists by itself; flushed at the end)
@@ -284,6 +295,9 @@ class Engine:
                         store.refresh()
                     if not self._is_clean(store):
                         self._repair()
+        except (CatalogMismatchError, OSError):
+            pass  # a model switch under way (followed by _follow_catalog_model) or a file
+            # that went with a newer save: the search goes on with what is loaded
         finally:
             self.home_lock.release()
 

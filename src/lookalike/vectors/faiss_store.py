@@ -254,6 +254,11 @@ class FaissStore:
     # ---------------------------------------------------------------- other processes
 
     @property
+    def dirty(self) -> bool:
+        """Whether this store holds changes it has not saved."""
+        return self._dirty
+
+    @property
     def signature(self) -> str | None:
         """The signature of the save this store holds (None before its first save)."""
         return self._sig
