@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import PRODUCT_FIELDS, Product
+from .catalog import PRODUCT_FIELDS, Product, check_product_id
 from .errors import InputPathError, MetadataError
 
 REQUIRED = ("product_id", "image")
@@ -107,9 +108,12 @@ def _rows(path: Path):
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text)
+                    row = loads_finite(text)
                 except json.JSONDecodeError as exc:
                     yield number, f"not valid JSON ({exc.msg})"
+                    continue
+                except ValueError as exc:
+                    yield number, str(exc)
                     continue
                 if not isinstance(row, dict):
                     yield number, "each line must be a JSON object"
@@ -143,11 +147,30 @@ def _rows(path: Path):
             yield reader.line_num, row
 
 
+def loads_finite(text: str) -> Any:
+    """`json.loads`, but NaN, Infinity and numbers too large for a float are a ValueError
+    (Python's json accepts them; SQLite's JSON functions then fail on every query)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number lookalike can store (numbers must be finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number (numbers must be finite)")
+    return value
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 def _product_row(row: dict[str, Any]) -> tuple[Product, str]:
-    product_id = str(row.get("product_id") or "").strip()
-    image = str(row.get("image") or "").strip()
-    if not product_id:
-        raise ValueError("empty product_id")
+    product_id = check_product_id(_text(row.get("product_id")))
+    image = _text(row.get("image")).strip()
     if not image:
         raise ValueError("empty image path")
     title = row.get("title")

@@ -52,7 +52,7 @@ class ProductPatch(BaseModel):
     """Fields to change; omitted fields stay. Attribute changes merge into the existing
     attributes; an attribute set to null is removed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     title: str | None = None
     category: str | None = None
