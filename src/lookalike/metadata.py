@@ -126,7 +126,10 @@ def _rows(path: Path):
         return
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
+        try:
+            header = [h.strip() for h in (reader.fieldnames or [])]
+        except csv.Error as exc:
+            raise MetadataError(f"{path}:1: unreadable CSV header ({exc})") from None
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise MetadataError(
@@ -134,7 +137,7 @@ def _rows(path: Path):
                 f" (missing {', '.join(missing)})"
             )
         reader.fieldnames = header
-        for row in reader:
+        for row in _csv_rows(reader, path):
             if None in row:  # more cells than header columns
                 yield (
                     reader.line_num,
@@ -145,6 +148,19 @@ def _rows(path: Path):
                 yield reader.line_num, "fewer cells than the header has columns"
                 continue
             yield reader.line_num, row
+
+
+def _csv_rows(reader: csv.DictReader, path: Path):
+    """The reader's rows; a row the csv module cannot read (a field over its 131,072
+    character limit) is a MetadataError naming its line (the reader cannot go on)."""
+    while True:
+        line = reader.line_num
+        try:
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise MetadataError(f"{path}:{line + 1}: unreadable CSV row ({exc})") from None
 
 
 def loads_finite(text: str) -> Any:
