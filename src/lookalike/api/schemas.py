@@ -57,7 +57,7 @@ class ProductPatch(BaseModel):
     title: str | None = None
     category: str | None = None
     price: float | None = Field(default=None, ge=0)
-    in_stock: bool | None = None
+    in_stock: bool = Field(default=None, description="true or false (null is refused)")
     attributes: dict[str, str | int | float | bool | None] | None = None
 
 
