@@ -21,7 +21,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -35,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from bench_api import machine  # noqa: E402
 from hostile_uploads import hostile_uploads  # noqa: E402
 from live_server import LiveServer  # noqa: E402
 
@@ -44,20 +45,6 @@ QUERIES = DATA / "footwear300" / "data"
 KEY = "bench-reliability-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 WORK = Path(os.environ.get("LOOKALIKE_BENCH_DIR") or "/tmp/lookalike-bench-relapi")
-
-
-def machine() -> dict:
-    cpu = platform.processor() or "?"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "load_avg": [round(x, 2) for x in os.getloadavg()],
-    }
 
 
 def base_home(products: int) -> Path:
