@@ -602,11 +602,11 @@ def test_images_by_id_and_thumbnails(client, catalog):
     _, rows = catalog
     product = client.get(f"/products/{rows[1]['product_id']}").json()
     image_id = product["images"][0]["image_id"]
-    thumb = client.get(f"/images/{image_id}", params={"size": 32})
+    thumb = client.get(f"/images/{image_id}", params={"size": 64})
     assert thumb.status_code == 200
     assert thumb.headers["content-type"] == "image/jpeg"
-    assert max(Image.open(io.BytesIO(thumb.content)).size) == 32
-    again = client.get(f"/images/{image_id}", params={"size": 32})
+    assert max(Image.open(io.BytesIO(thumb.content)).size) == 64
+    again = client.get(f"/images/{image_id}", params={"size": 64})
     assert again.content == thumb.content  # served from the thumbnail cache
     # never upscaled: the 60x80 originals stay 60x80 in a 256 thumbnail
     assert Image.open(io.BytesIO(client.get(product["images"][0]["image_url"]).content)).size == (

@@ -9,8 +9,10 @@ A product may have several images; an image belongs to one product.
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 import threading
+import unicodedata
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,45 @@ CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
 """
 
 PRODUCT_FIELDS = ("title", "category", "price", "in_stock")
+
+MAX_PRODUCT_ID = 200
+"""Characters in a product id."""
+
+
+def check_product_id(product_id: str) -> str:
+    """A product id, stripped, or ValueError: 1..200 characters, no `/` or `\\`, no
+    control, format or line-separator characters. Any other Unicode is allowed (ids go
+    into URLs percent-encoded, e.g. `%E9%9D%B4-1` for `靴-1`)."""
+    text = str(product_id).strip()
+    if not text:
+        raise ValueError("empty product_id")
+    if text in (".", ".."):
+        raise ValueError(f"product_id may not be {text!r} (URLs drop it as a path segment)")
+    if len(text) > MAX_PRODUCT_ID:
+        raise ValueError(f"product_id is {len(text)} characters; at most {MAX_PRODUCT_ID}")
+    for char in text:
+        if char in "/\\" or unicodedata.category(char) in _BAD_ID_CATEGORIES:
+            raise ValueError(
+                f"product_id {text!r} contains {char!r}: ids may not contain / or \\,"
+                " control or invisible format characters"
+            )
+    return text
+
+
+_BAD_ID_CATEGORIES = {"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"}
+
+
+def attributes_json(attributes: dict[str, Any]) -> str:
+    """Attributes as the catalog stores them; a non-finite number (NaN, Infinity) is a
+    UsageError, since SQLite's JSON functions cannot read it back."""
+    try:
+        return json.dumps(attributes, sort_keys=True, allow_nan=False)
+    except ValueError:
+        bad = [k for k, v in attributes.items() if isinstance(v, float) and not math.isfinite(v)]
+        raise UsageError(
+            f"attribute {', '.join(map(repr, bad)) or 'value'}: numbers must be finite"
+            " (not NaN or Infinity)"
+        ) from None
 
 
 @dataclass
@@ -217,7 +258,7 @@ class Catalog:
                         product.category,
                         product.price,
                         1 if product.in_stock else 0,
-                        json.dumps(product.attributes, sort_keys=True),
+                        attributes_json(product.attributes),
                     ),
                 )
                 return True
@@ -264,7 +305,7 @@ class Catalog:
                 product.category,
                 product.price,
                 1 if product.in_stock else 0,
-                json.dumps(product.attributes, sort_keys=True),
+                attributes_json(product.attributes),
                 product.product_id,
             ),
         )

@@ -22,16 +22,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .catalog import Catalog, Filters, Product
+from .catalog import Catalog, Filters, Product, attributes_json, check_product_id
 from .encoders import DEFAULT_MODEL
 from .errors import (
     CatalogMismatchError,
+    ImageInUseError,
     InputPathError,
     ProductExistsError,
     UnknownImageError,
     UsageError,
 )
-from .images import load_image
+from .images import load_image, probe_image
 from .ingest import IngestReport, ingest, reembed
 from .locks import HomeLock
 from .metadata import parse_bool, parse_price
@@ -253,33 +254,37 @@ class Engine(SharedHome):
         product = _product_from_fields(fields)
         if not images:
             raise UsageError("a product needs at least one image")
-        decoded = []
+        decoded, seen = [], set()
         for index, image in enumerate(images):
             data = image if isinstance(image, bytes) else Path(image).read_bytes()
             try:
                 pil = load_image(data)
+                suffix = probe_image(data).suffix  # stored under its real type
             except Exception as exc:
                 exc.args = (f"image {index + 1}: {exc}",)
                 raise
-            decoded.append((data, pil))
+            path = self.home / "uploads" / f"{hashlib.sha256(data).hexdigest()}{suffix}"
+            if path not in seen:  # the same photo twice in one request is one image
+                seen.add(path)
+                decoded.append((data, pil, path))
         self._refuse_existing(product.product_id)
+        self._refuse_shared(decoded)
         # encode outside the lock, so searches go on meanwhile
         encoder = self.encoder
-        vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
+        vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil, _ in decoded]))
         with self.writing():
             self._switch_model_if_needed()
             self._refuse_existing(product.product_id)
+            self._refuse_shared(decoded)
             if self.encoder.stamp != encoder.stamp:  # the model changed meanwhile (tune)
                 encoder = self.encoder
-                vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil in decoded]))
-            uploads = self.home / "uploads"
-            uploads.mkdir(exist_ok=True)
+                vectors = encoder.embed(np.stack([encoder.prepare(p) for _, p, _ in decoded]))
+            (self.home / "uploads").mkdir(exist_ok=True)
             ids = []
             with self.catalog.transaction():
                 self.catalog.upsert_product(product)
-                for (data, pil), vector in zip(decoded, vectors, strict=True):
-                    sha = hashlib.sha256(data).hexdigest()
-                    path = uploads / f"{sha}.{(pil.format or 'img').lower()}"
+                for (data, _, path), vector in zip(decoded, vectors, strict=True):
+                    sha = path.stem
                     if not path.exists():
                         tmp = path.with_suffix(".tmp")
                         tmp.write_bytes(data)
@@ -296,6 +301,25 @@ class Engine(SharedHome):
             raise ProductExistsError(
                 f"product {product_id} already exists (PATCH it, or DELETE it first)"
             )
+
+    def _refuse_shared(self, decoded: list[tuple[bytes, Any, Path]]) -> None:
+        """An uploaded photo is the image of one product: the same photo for a second
+        product is refused (409) rather than moved from the first."""
+        for number, (_, _, path) in enumerate(decoded, start=1):
+            row = self.catalog.image_by_source(str(path))
+            if row is not None:
+                raise ImageInUseError(
+                    f"image {number} is already the photo of product {row.product_id}"
+                    f" (image {row.image_id}); one uploaded photo belongs to one product"
+                )
+
+    def _remove_unused_uploads(self, sources: Iterable[str]) -> None:
+        """Delete the upload files of `sources` that no catalog image uses any more."""
+        uploads = (self.home / "uploads").resolve()
+        for source in dict.fromkeys(sources):
+            path = Path(source)
+            if path.resolve().parent == uploads and self.catalog.image_by_source(source) is None:
+                path.unlink(missing_ok=True)
 
     def update_product(self, product_id: str, fields: dict[str, Any]) -> Product:
         changes = dict(fields)
@@ -324,9 +348,11 @@ class Engine(SharedHome):
         images were removed."""
         with self.writing():
             store = self.store
+            sources = [r.source for pid in product_ids for r in self.catalog.images_of(pid)]
             image_ids = self.catalog.remove_products(list(product_ids))
             if image_ids:
                 store.remove(np.array(image_ids, dtype=np.int64))
+            self._remove_unused_uploads(sources)
             return len(image_ids)
 
     # -- reading ----------------------------------------------------------------------
@@ -536,10 +562,8 @@ def _check_home(home: Path, create: bool) -> None:
 
 
 def _product_from_fields(fields: dict[str, Any]) -> Product:
-    product_id = str(fields.get("product_id") or "").strip()
-    if not product_id:
-        raise UsageError("product_id is required")
     try:
+        product_id = check_product_id(fields.get("product_id") or "")
         price = parse_price(fields.get("price"))
         in_stock = True if fields.get("in_stock") in (None, "") else parse_bool(fields["in_stock"])
     except ValueError as exc:
@@ -547,6 +571,7 @@ def _product_from_fields(fields: dict[str, Any]) -> Product:
     attributes = fields.get("attributes") or {}
     if not isinstance(attributes, dict):
         raise UsageError("attributes must be an object of name: value")
+    attributes_json(attributes)  # NaN/Infinity refused before any work
     return Product(
         product_id=product_id,
         title=fields.get("title") or None,

@@ -69,6 +69,12 @@ class ProductExistsError(UsageError):
     http_status = 409
 
 
+class ImageInUseError(UsageError):
+    """An uploaded photo that is already the image of another product."""
+
+    http_status = 409
+
+
 class UnknownImageError(LookalikeError):
     """An image id that is not in the catalog."""
 

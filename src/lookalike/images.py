@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -89,29 +90,7 @@ def load_image(
     is not a decodable image.
     """
     data, label = _read_bytes(source, max_bytes)
-    if not data:
-        raise ImageError(f"{label}: empty file (0 bytes), not an image")
-    try:
-        img = Image.open(io.BytesIO(data), formats=FORMATS)
-    except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(
-            f"{label}: image has too many pixels ({exc}); limit is {max_pixels:,}"
-        ) from exc
-    except UnidentifiedImageError as exc:
-        raise ImageError(
-            f"{label}: not a recognised image format (supported: {', '.join(FORMATS)})"
-        ) from exc
-    except Exception as exc:  # Pillow plugins raise many types on bad headers
-        raise ImageError(f"{label}: cannot read image header: {_reason(exc)}") from exc
-
-    width, height = img.size
-    if width <= 0 or height <= 0:
-        raise ImageError(f"{label}: image has no pixels ({width}x{height})")
-    if width * height > max_pixels:
-        raise ImageTooLargeError(
-            f"{label}: image is {width}x{height} = {width * height:,} pixels, "
-            f"more than the limit of {max_pixels:,} (possible decompression bomb)"
-        )
+    img = _open_checked(data, label, max_pixels)
 
     try:
         if draft_size and img.format in ("JPEG", "MPO"):
@@ -130,6 +109,104 @@ def load_image(
             f"{label}: cannot convert {img.mode} image to RGB: {_reason(exc)}"
         ) from exc
     return rgb
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What an image file says about itself before any pixel is decoded."""
+
+    format: str
+    width: int
+    height: int
+    orientation: int = 1
+    """EXIF orientation (1 = as stored; 5..8 swap width and height)."""
+
+    @property
+    def upright_size(self) -> tuple[int, int]:
+        if self.orientation in (5, 6, 7, 8):
+            return self.height, self.width
+        return self.width, self.height
+
+    @property
+    def suffix(self) -> str:
+        """The file name extension this format is stored under (".jpg", ".png", ...)."""
+        return SUFFIXES.get(self.format, ".img")
+
+
+SUFFIXES = {
+    "JPEG": ".jpg",
+    "MPO": ".jpg",
+    "PNG": ".png",
+    "WEBP": ".webp",
+    "AVIF": ".avif",
+    "HEIF": ".heic",
+    "GIF": ".gif",
+    "TIFF": ".tiff",
+    "BMP": ".bmp",
+    "PPM": ".ppm",
+    "JPEG2000": ".jp2",
+}
+"""File extension per format of `FORMATS` (MPO is stored as the JPEG it starts with)."""
+
+
+def probe_image(
+    source: str | Path | bytes,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+) -> ImageHeader:
+    """Format, size and EXIF orientation of an image from its header alone: no pixel is
+    decoded (a PNG whose EXIF block follows its pixels reports orientation 1 rather than
+    decode them). Raises the errors `load_image` raises for bytes, pixels and format."""
+    data, label = _read_bytes(source, max_bytes)
+    with _open_checked(data, label, max_pixels) as img:
+        return ImageHeader(img.format or "", *img.size, _header_orientation(img))
+
+
+def _open_checked(data: bytes, label: str, max_pixels: int) -> Image.Image:
+    """The opened (not decoded) image, after the byte, format and pixel-count checks."""
+    if not data:
+        raise ImageError(f"{label}: empty file (0 bytes), not an image")
+    try:
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(
+            f"{label}: image has too many pixels ({exc}); limit is {max_pixels:,}"
+        ) from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(
+            f"{label}: not a recognised image format (supported: {', '.join(FORMATS)})"
+        ) from exc
+    except Exception as exc:  # Pillow plugins raise many types on bad headers
+        raise ImageError(f"{label}: cannot read image header: {_reason(exc)}") from exc
+    width, height = img.size
+    if width <= 0 or height <= 0:
+        img.close()
+        raise ImageError(f"{label}: image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        img.close()
+        raise ImageTooLargeError(
+            f"{label}: image is {width}x{height} = {width * height:,} pixels, "
+            f"more than the limit of {max_pixels:,} (possible decompression bomb)"
+        )
+    return img
+
+
+def _header_orientation(img: Image.Image) -> int:
+    """The EXIF orientation found without decoding pixels (`getexif()` decodes a PNG)."""
+    try:
+        raw = img.info.get("exif")
+        if raw:
+            exif = Image.Exif()
+            exif.load(raw)
+            value = exif.get(0x0112, 1)
+        elif img.format == "TIFF":  # TIFF tags are read with the header
+            value = img.getexif().get(0x0112, 1)
+        else:
+            value = 1
+        return int(value) if int(value) in range(1, 9) else 1
+    except Exception:  # a broken EXIF block: the image is used as stored
+        return 1
 
 
 def _read_bytes(source: str | Path | bytes, max_bytes: int) -> tuple[bytes, str]:

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import PRODUCT_FIELDS, Product
+from .catalog import PRODUCT_FIELDS, Product, check_product_id
 from .errors import InputPathError, MetadataError
 
 REQUIRED = ("product_id", "image")
@@ -107,9 +108,12 @@ def _rows(path: Path):
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text)
+                    row = loads_finite(text)
                 except json.JSONDecodeError as exc:
                     yield number, f"not valid JSON ({exc.msg})"
+                    continue
+                except ValueError as exc:
+                    yield number, str(exc)
                     continue
                 if not isinstance(row, dict):
                     yield number, "each line must be a JSON object"
@@ -122,7 +126,10 @@ def _rows(path: Path):
         return
     with path.open(encoding="utf-8-sig", newline="") as fh:
         reader = csv.DictReader(fh)
-        header = [h.strip() for h in (reader.fieldnames or [])]
+        try:
+            header = [h.strip() for h in (reader.fieldnames or [])]
+        except csv.Error as exc:
+            raise MetadataError(f"{path}:1: unreadable CSV header ({exc})") from None
         missing = [c for c in REQUIRED if c not in header]
         if missing:
             raise MetadataError(
@@ -130,30 +137,59 @@ def _rows(path: Path):
                 f" (missing {', '.join(missing)})"
             )
         reader.fieldnames = header
+        for row in _csv_rows(reader, path):
+            if None in row:  # more cells than header columns
+                yield (
+                    reader.line_num,
+                    f"{len(header) + len(row[None])} cells, header has {len(header)}",
+                )
+                continue
+            if any(value is None for value in row.values()):
+                yield reader.line_num, "fewer cells than the header has columns"
+                continue
+            yield reader.line_num, row
+
+
+def _csv_rows(reader: csv.DictReader, path: Path):
+    """The reader's rows; a row the csv module cannot read (a field over its 131,072
+    character limit) is a MetadataError naming its line (the reader cannot go on)."""
+    while True:
+        line = reader.line_num
         try:
-            for row in reader:
-                if None in row:  # more cells than header columns
-                    yield (
-                        reader.line_num,
-                        f"{len(header) + len(row[None])} cells, header has {len(header)}",
-                    )
-                    continue
-                if any(value is None for value in row.values()):
-                    yield reader.line_num, "fewer cells than the header has columns"
-                    continue
-                yield reader.line_num, row
-        except csv.Error as exc:  # e.g. a field over csv's limit: often an unclosed quote
+            yield next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
             raise MetadataError(
-                f"{path}:{reader.line_num + 1}: {exc} (an unclosed quote makes the rest of the "
-                "file one field)"
+                f"{path}:{line + 1}: unreadable CSV row ({exc}; an unclosed quote makes the"
+                " rest of the file one field)"
             ) from None
 
 
+def loads_finite(text: str) -> Any:
+    """`json.loads`, but NaN, Infinity and numbers too large for a float are a ValueError
+    (Python's json accepts them; SQLite's JSON functions then fail on every query)."""
+    return json.loads(text, parse_constant=_no_constant, parse_float=_finite)
+
+
+def _no_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number lookalike can store (numbers must be finite)")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is too large a number (numbers must be finite)")
+    return value
+
+
+def _text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
 def _product_row(row: dict[str, Any]) -> tuple[Product, str]:
-    product_id = str(row.get("product_id") or "").strip()
-    image = str(row.get("image") or "").strip()
-    if not product_id:
-        raise ValueError("empty product_id")
+    product_id = check_product_id(_text(row.get("product_id")))
+    image = _text(row.get("image")).strip()
     if not image:
         raise ValueError("empty image path")
     title = row.get("title")

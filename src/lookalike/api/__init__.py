@@ -26,12 +26,13 @@ The package, in the layout of FastAPI's "bigger applications":
                     (products, categories), images, catalog_writes, meta (health, page)
     deps.py         dependencies: the engine, URL maker, CPU slots, the API key check
     holder.py       the engine opened in the background and warmed up for serving
-    limits.py       Limits and the request-body limit middleware
+    limits.py       Limits and RequestGate (the key, body size and body speed checked
+                    before any work); auth.py: which requests are writes, the key check
     errors.py       the API's error types, error_body and the exception handlers
     schemas.py      the pydantic request/response models
     params.py       filter and attribute fields; uploads.py: query photo, crop, uploads
     thumbnails.py   thumbnails and their cache; adapters.py: thin calls over the engine
-    server.py       serve(): uvicorn
+    server.py       serve(): uvicorn with connection limits and a header deadline
 """
 
 from .app import create_app

@@ -12,10 +12,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from .deps import API_KEY_ENV, CpuSlots
+from .auth import API_KEY_ENV
+from .deps import CpuSlots
 from .errors import install_error_handlers
 from .holder import EngineHolder, default_home
-from .limits import BodyLimitMiddleware, Limits
+from .limits import Limits, RequestGate
 from .routes import catalog, catalog_writes, images, meta, search
 from .thumbnails import ThumbnailCache
 
@@ -72,8 +73,8 @@ def create_app(
     app.state.limits = limits
     app.state.api_key = api_key.encode("utf-8") if api_key else None
     app.state.cpu = CpuSlots(limits.search_concurrency)
-    app.state.thumbnails = ThumbnailCache()
-    app.add_middleware(BodyLimitMiddleware, limits=limits)
+    app.state.thumbnails = ThumbnailCache(limits.thumbnail_cache_bytes)
+    app.add_middleware(RequestGate, limits=limits, api_key=app.state.api_key)
     _add_cors(app, cors_origins)
     install_error_handlers(app)
 

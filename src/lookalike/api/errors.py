@@ -9,7 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import ImageTooLargeError, LookalikeError
+from ..errors import LookalikeError
 
 log = logging.getLogger("lookalike.api")
 
@@ -32,10 +32,6 @@ class WritesDisabledError(LookalikeError):
     http_status = 403
 
 
-class RequestTooLargeError(ImageTooLargeError):
-    """The request body is larger than the limit for this endpoint."""
-
-
 def error_body(error: str, detail: str, **extra: Any) -> dict[str, Any]:
     return {"error": error, "detail": detail, **extra}
 
@@ -45,6 +41,7 @@ _STATUS_NAMES = {
     401: "AuthError",
     403: "Forbidden",
     404: "NotFound",
+    408: "RequestTimeout",
     405: "MethodNotAllowed",
     406: "NotAcceptable",
     409: "Conflict",

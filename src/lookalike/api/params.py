@@ -1,12 +1,12 @@
 """Request fields turned into domain values: the search filters (category, price,
 stock, `attr.<name>` fields) and the attributes of a product being added."""
 
-import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from ..catalog import Filters
 from ..errors import UsageError
+from ..metadata import loads_finite
 
 ATTR_PREFIX = "attr."
 """Attribute equality filters are fields/query parameters named `attr.<name>`."""
@@ -32,7 +32,7 @@ def parse_attributes(text: str | None) -> dict[str, Any]:
     if text is None or not text.strip():
         return {}
     try:
-        data = json.loads(text)
+        data = loads_finite(text)
     except ValueError as exc:
         raise UsageError(f"attributes must be a JSON object: {exc}") from None
     if not isinstance(data, dict):

@@ -52,12 +52,12 @@ class ProductPatch(BaseModel):
     """Fields to change; omitted fields stay. Attribute changes merge into the existing
     attributes; an attribute set to null is removed."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     title: str | None = None
     category: str | None = None
     price: float | None = Field(default=None, ge=0)
-    in_stock: bool | None = None
+    in_stock: bool = Field(default=None, description="true or false (null is refused)")
     attributes: dict[str, str | int | float | bool | None] | None = None
 
 

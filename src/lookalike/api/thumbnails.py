@@ -12,12 +12,17 @@ from .limits import Limits
 
 
 class ThumbnailCache:
-    """Small LRU of encoded thumbnails keyed by (image_id, size, file mtime)."""
+    """LRU of encoded thumbnails keyed by (image_id, size, file mtime, file size),
+    bounded by the bytes it holds (`capacity_bytes`), not by the number of entries."""
 
-    def __init__(self, capacity: int = 4096):
-        self.capacity = capacity
+    def __init__(self, capacity_bytes: int = 64 * 1024 * 1024):
+        self.capacity_bytes = capacity_bytes
+        self.bytes = 0
         self._items: OrderedDict[tuple, bytes] = OrderedDict()
         self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._items)
 
     def get(self, key: tuple) -> bytes | None:
         with self._lock:
@@ -27,11 +32,17 @@ class ThumbnailCache:
             return data
 
     def put(self, key: tuple, data: bytes) -> None:
+        if len(data) > self.capacity_bytes:
+            return
         with self._lock:
+            old = self._items.pop(key, None)
+            if old is not None:
+                self.bytes -= len(old)
             self._items[key] = data
-            self._items.move_to_end(key)
-            while len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            self.bytes += len(data)
+            while self.bytes > self.capacity_bytes:
+                _, dropped = self._items.popitem(last=False)
+                self.bytes -= len(dropped)
 
 
 def make_thumbnail(path: Path, size: int, limits: Limits) -> bytes:

@@ -1,7 +1,6 @@
 """Uploaded images: reading an upload within its byte limit, the query photo's crop box,
 and decoding the query photo at no more resolution than the encoder can use."""
 
-import io
 import math
 from typing import Any
 
@@ -9,7 +8,7 @@ from fastapi import UploadFile
 from PIL import Image
 
 from ..errors import ImageTooLargeError, LookalikeError, UsageError
-from ..images import load_image
+from ..images import load_image, probe_image
 from .limits import Limits
 
 
@@ -69,9 +68,11 @@ def load_query_image(
     pixels) at no more resolution than the encoder can use: a JPEG is decoded at 1/2, 1/4
     or 1/8 scale while the part that is searched keeps >= 2x the model's input size."""
     want = 2 * input_size
-    full = _upright_size(data)
+    # the header first: a bomb is refused here, before any pixel (or EXIF) is decoded
+    header = probe_image(data, max_pixels=limits.max_image_pixels, max_bytes=limits.max_image_bytes)
+    full = header.upright_size
     draft = want
-    if box is not None and full is not None:
+    if box is not None:
         draft = max(want, math.ceil(want * min(full) / max(1, min(box[2], box[3]))))
     img = load_image(
         data,
@@ -81,7 +82,8 @@ def load_query_image(
     )
     if box is None:
         return img
-    full = full or img.size
+    if header.format not in ("JPEG", "MPO"):
+        full = img.size  # decoded whole: its own size is the upright size
     scale = max(img.size) / max(full)  # draft scales both sides by the same power of 2
     if scale != 1.0:
         box = (
@@ -91,17 +93,6 @@ def load_query_image(
             math.ceil(box[3] * scale),
         )
     return crop_image(img, box, full)
-
-
-def _upright_size(data: bytes) -> tuple[int, int] | None:
-    """The photo's (width, height) after EXIF rotation, from its header alone."""
-    try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
-            orientation = probe.getexif().get(0x0112, 1)
-    except Exception:  # load_image reports undecodable input properly
-        return None
-    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
 
 
 def encoder_input_size(engine: Any) -> int:

@@ -3,6 +3,7 @@ one), PATCH /products/{id} and DELETE /products/{id}. Every route here needs the
 (`require_key`); each change is searchable as soon as the route returns."""
 
 from typing import Annotated
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
@@ -35,7 +36,7 @@ async def add_product(
     images: Annotated[list[UploadFile], File(description="One or more product images")],
     title: Annotated[str | None, Form()] = None,
     category: Annotated[str | None, Form()] = None,
-    price: Annotated[float | None, Form(ge=0)] = None,
+    price: Annotated[float | None, Form(ge=0, allow_inf_nan=False)] = None,
     in_stock: Annotated[bool, Form()] = True,
     attributes: Annotated[
         str | None, Form(description='JSON object of attributes, e.g. {"colour": "Red"}')
@@ -77,7 +78,7 @@ async def add_product(
     return JSONResponse(
         product.model_dump(),
         status_code=201,
-        headers={"Location": f"{urls.root}/products/{product.product_id}"},
+        headers={"Location": f"{urls.root}/products/{quote(product.product_id, safe='')}"},
     )
 
 

@@ -1,6 +1,7 @@
 """GET /images/{image_id}: catalog images by id (never by a path), whole or as
 thumbnails (?size=N) made on demand and cached."""
 
+from enum import IntEnum
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -10,10 +11,14 @@ from fastapi.responses import FileResponse, Response
 
 from ..adapters import locate_image
 from ..deps import Cpu, EngineDep, LimitsDep
+from ..limits import THUMBNAIL_SIZES
 from ..schemas import ERRORS
 from ..thumbnails import make_thumbnail
 
 router = APIRouter(tags=["catalog"])
+
+# a small, fixed set of sizes (limits.THUMBNAIL_SIZES), so the cache stays small
+ThumbnailSize = IntEnum("ThumbnailSize", {f"px{n}": n for n in THUMBNAIL_SIZES})  # type: ignore[misc]
 
 MEDIA_TYPES = {
     ".jpg": "image/jpeg",
@@ -27,6 +32,8 @@ MEDIA_TYPES = {
     ".heic": "image/heic",
     ".heif": "image/heif",
     ".avif": "image/avif",
+    ".ppm": "image/x-portable-pixmap",
+    ".jp2": "image/jp2",
 }
 
 
@@ -34,7 +41,7 @@ MEDIA_TYPES = {
     "/images/{image_id}",
     responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
     response_class=Response,
-    summary="A catalog image by id; ?size=N for a JPEG thumbnail (longest side N)",
+    summary="A catalog image by id; ?size=N (64, 128, 256, 512) for a JPEG thumbnail",
 )
 async def get_image(
     request: Request,
@@ -42,7 +49,10 @@ async def get_image(
     cpu: Cpu,
     limits: LimitsDep,
     image_id: Annotated[int, PathParam(ge=0, le=2**63 - 1)],
-    size: Annotated[int | None, Query(ge=16, le=1024)] = None,
+    size: Annotated[
+        ThumbnailSize | None,
+        Query(description="Longest side of a JPEG thumbnail: 64, 128, 256 or 512"),
+    ] = None,
 ) -> Response:
     path, stat = await run_in_threadpool(locate_image, engine, image_id)
     headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
@@ -50,9 +60,9 @@ async def get_image(
         media = MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
         return FileResponse(path, media_type=media, headers=headers)
     thumbs = request.app.state.thumbnails
-    key = (image_id, size, stat.st_mtime_ns, stat.st_size)
+    key = (image_id, int(size), stat.st_mtime_ns, stat.st_size)
     data = thumbs.get(key)
     if data is None:
-        data = await cpu.run(make_thumbnail, path, size, limits)
+        data = await cpu.run(make_thumbnail, path, int(size), limits)
         thumbs.put(key, data)
     return Response(data, media_type="image/jpeg", headers=headers)

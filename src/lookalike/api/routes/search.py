@@ -35,17 +35,17 @@ def make_router(limits: Limits) -> APIRouter:
         category: Annotated[
             list[str] | None, Form(description="Repeat for any of several categories")
         ] = None,
-        price_min: Annotated[float | None, Form(ge=0)] = None,
-        price_max: Annotated[float | None, Form(ge=0)] = None,
+        price_min: Annotated[float | None, Form(ge=0, allow_inf_nan=False)] = None,
+        price_max: Annotated[float | None, Form(ge=0, allow_inf_nan=False)] = None,
         in_stock: Annotated[bool | None, Form()] = None,
-        min_score: Annotated[float | None, Form(ge=-1, le=1)] = None,
+        min_score: Annotated[float | None, Form(ge=-1, le=1, allow_inf_nan=False)] = None,
         crop: Annotated[
             str | None, Form(description="Crop box 'x,y,w,h' in query-image pixels")
         ] = None,
-        x: Annotated[float | None, Form()] = None,
-        y: Annotated[float | None, Form()] = None,
-        w: Annotated[float | None, Form()] = None,
-        h: Annotated[float | None, Form()] = None,
+        x: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+        y: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+        w: Annotated[float | None, Form(allow_inf_nan=False)] = None,
+        h: Annotated[float | None, Form(allow_inf_nan=False)] = None,
     ) -> SearchResponse:
         """Attribute equality filters: extra form fields `attr.<name>=<value>`
         (e.g. `attr.colour=Black`)."""
@@ -83,10 +83,10 @@ def make_router(limits: Limits) -> APIRouter:
         category: Annotated[
             list[str] | None, Query(description="Repeat for any of several categories")
         ] = None,
-        price_min: Annotated[float | None, Query(ge=0)] = None,
-        price_max: Annotated[float | None, Query(ge=0)] = None,
+        price_min: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
+        price_max: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
         in_stock: bool | None = None,
-        min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
+        min_score: Annotated[float | None, Query(ge=-1, le=1, allow_inf_nan=False)] = None,
     ) -> SearchResponse:
         """Attribute equality filters: query parameters `attr.<name>=<value>`."""
         started = time.perf_counter()
