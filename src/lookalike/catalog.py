@@ -1,4 +1,6 @@
-"""The SQLite catalog: products, their images, content hashes, vectors and the model stamp.
+"""The SQLite catalog: products, their images, content hashes, vectors, the model stamp,
+and the words index over the products' text (`lookalike.textindex`, kept by triggers in
+the same transactions as the product rows).
 
 The catalog is the source of truth. Every catalog image row holds the vector it was
 embedded to (with the encoder stamp that made it), so the vector store is a derived
@@ -18,9 +20,12 @@ from typing import Any
 
 import numpy as np
 
+from . import textindex
 from .errors import UnknownProductError, UsageError
+from .textindex import TextResults
 
-SCHEMA_VERSION = 1
+# 1: products, images, meta.  2: + the words index (text_docs, products_text, triggers)
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -147,6 +152,8 @@ class Catalog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._word_counts: dict[str, int] = {}
+        self._word_counts_version: tuple[int, int] | None = None
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -157,12 +164,23 @@ class Catalog:
                 if statement.strip():
                     self._db.execute(statement)
             version = self.get_meta("schema_version")
-            if version is None:
-                self.set_meta("schema_version", str(SCHEMA_VERSION))
-            elif int(version) > SCHEMA_VERSION:
+            if version is not None and int(version) > SCHEMA_VERSION:
                 raise UsageError(
                     f"{self.path} was written by a newer lookalike (schema {version}); upgrade"
                 )
+            self._migrate()
+            if version != str(SCHEMA_VERSION):
+                self.set_meta("schema_version", str(SCHEMA_VERSION))
+
+    def _migrate(self) -> None:
+        """Bring an older catalog up to date (inside the opening transaction): a catalog
+        from before the words index, or from another version of it, gets it built once."""
+        textindex.install(self._db)
+        if self.get_meta("text_index") != textindex.TEXT_INDEX_VERSION:
+            textindex.drop(self._db)
+            textindex.install(self._db)
+            textindex.build(self._db)
+            self.set_meta("text_index", textindex.TEXT_INDEX_VERSION)
 
     # -- plumbing -----------------------------------------------------------------
     def transaction(self) -> _Transaction:
@@ -327,6 +345,69 @@ class Catalog:
                 " GROUP BY category ORDER BY category"
             ).fetchall()
         return [(r[0], r[1]) for r in rows]
+
+    # -- words ----------------------------------------------------------------------
+    def text_search(
+        self, words: str | Sequence[str], k: int, filters: Filters | None = None
+    ) -> TextResults:
+        """The k products that best match the words (BM25), among those passing the
+        filters; see lookalike.textindex."""
+        parsed = textindex.parse_words(words) if isinstance(words, str) else list(words)
+        where, params = (filters or Filters()).where()
+        with self._lock:
+            return textindex.search(self._db, parsed, k, where, params)
+
+    def text_matches(
+        self, words: Sequence[str], product_ids: Sequence[str]
+    ) -> dict[str, dict[str, set[int]]]:
+        """product_id -> word -> columns holding it (0 title, 1 category, 2 attribute
+        values), for those of these products that have some of the (parsed) words."""
+        with self._lock:
+            return textindex.product_matches(self._db, list(words), list(product_ids))
+
+    def text_image_ids(
+        self, words: Sequence[str], filters: Filters | None = None, *, any_word: bool = False
+    ) -> np.ndarray:
+        """Ids of the images whose product has every word (`any_word`: some word) and
+        passes the filters."""
+        where, params = (filters or Filters()).where()
+        with self._lock:
+            terms = textindex.resolve_terms(self._db, list(words))
+            rows = self._db.execute(
+                "SELECT i.image_id FROM products_text"
+                " JOIN text_docs d ON d.doc = products_text.rowid"
+                " JOIN products p ON p.product_id = d.product_id"
+                " JOIN images i ON i.product_id = p.product_id"
+                f" WHERE products_text MATCH ? AND ({where})",
+                [(" OR " if any_word else " ").join(terms), *params],
+            ).fetchall()
+        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+
+    def word_counts(self, words: Sequence[str]) -> dict[str, int]:
+        """How many products have each word (cached until the catalog changes)."""
+        with self._lock:
+            version = (
+                self._db.execute("PRAGMA data_version").fetchone()[0],
+                self._db.total_changes,
+            )
+            if self._word_counts_version != version:
+                self._word_counts.clear()
+                self._word_counts_version = version
+            todo = [w for w in words if w not in self._word_counts]
+            if todo:
+                if len(self._word_counts) > 100_000:
+                    self._word_counts.clear()
+                self._word_counts.update(textindex.document_counts(self._db, todo))
+            return {w: self._word_counts[w] for w in words}
+
+    def check_text_index(self) -> dict[str, Any]:
+        """Counts and disagreements between the products and the words index."""
+        with self._lock:
+            return textindex.check(self._db)
+
+    def rebuild_text_index(self) -> int:
+        with self._lock, self.transaction():
+            return textindex.build(self._db)
 
     # -- images -------------------------------------------------------------------
     def image_by_source(self, source: str) -> ImageRow | None:

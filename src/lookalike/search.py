@@ -35,9 +35,13 @@ class Result:
     price: float | None = None
     in_stock: bool = True
     attributes: dict[str, Any] = field(default_factory=dict)
+    # how it scored when words took part (lookalike.fusion); `score` is then `combined`
+    visual: float | None = None  # cosine of the best image (None: words alone)
+    text: float | None = None  # calibrated words score, 0..1 (None: photo alone)
+    matched: list[str] | None = None  # the query's words this product has
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "product_id": self.product_id,
             "score": round(float(self.score), 6),
             "image": self.image,
@@ -48,6 +52,12 @@ class Result:
             "in_stock": self.in_stock,
             "attributes": dict(self.attributes),
         }
+        if self.text is not None or self.matched is not None:
+            out["visual"] = None if self.visual is None else round(float(self.visual), 6)
+            out["text"] = round(float(self.text or 0.0), 6)
+            out["combined"] = out["score"]
+            out["matched"] = list(self.matched or [])
+        return out
 
 
 def check_k(k: int) -> int:
@@ -64,14 +74,20 @@ def rank_products(
     filters: Filters | None = None,
     min_score: float | None = None,
     exclude_products: Collection[str] = (),
+    allowed_ids: np.ndarray | None = None,
 ) -> list[list[Result]]:
-    """Top-k products for each query vector (rows of `queries`)."""
+    """Top-k products for each query vector (rows of `queries`). `allowed_ids` (image
+    ids that already passed the filters, e.g. those of products with some words)
+    replaces `filters`."""
     check_k(k)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     allowed: np.ndarray | None = None
     expr: str | None = None
     total = len(store)
-    if filters is not None and not filters.is_empty():
+    if allowed_ids is not None:
+        allowed = np.asarray(allowed_ids, dtype=np.int64).reshape(-1)
+        total = int(allowed.size)
+    elif filters is not None and not filters.is_empty():
         # a store that holds the products' fields (Milvus) filters itself; otherwise the
         # catalog says which images pass and the store searches only those
         pushdown = getattr(store, "filter_expression", None)
