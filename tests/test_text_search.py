@@ -319,3 +319,177 @@ def test_text_weight_and_words_parsing() -> None:
     assert np.isclose(
         sum(fusion.neighbourhood_scores({"red": 2.0}, {"a": {"red"}, "b": set()}).values()), 1.0
     )
+
+
+# ------------------------------------------------------------------ engine, CLI, API
+
+
+STILETTO_PATH = ("footwear300", "search_image_01.jpg")
+
+
+def test_engine_find_in_all_three_modes(shop: Engine) -> None:
+    stiletto = require_data(*STILETTO_PATH)
+    photo = shop.find([stiletto], k=5)[0]
+    assert photo.mode == "photo" and photo.results[0].visual is None
+    assert [r.product_id for r in photo.results] == [
+        r.product_id for r in shop.search([stiletto], k=5)[0]
+    ]
+    words = shop.find([], "red heels", k=5)[0]
+    assert words.mode == "words" and all(r.matched == ["red", "heels"] for r in words.results)
+    both = shop.find([stiletto], "heels", k=5, filters=Filters(price_max=30))[0]
+    assert both.mode == "both" and all(r.price <= 30 and r.matched for r in both.results)
+    with pytest.raises(UsageError):
+        shop.find([], None)
+    with pytest.raises(UsageError):
+        shop.find([], "  ")
+
+
+def test_cli_search_words_photo_and_both(shop: Engine, tmp_path: Path, capsys) -> None:
+    from lookalike.cli import main as cli_main
+
+    stiletto = str(require_data(*STILETTO_PATH))
+    home = ["--home", str(shop.home)]
+    assert cli_main([*home, "search", "--text", "red heels", "-k", "3", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["query"] is None and line["text"] == "red heels"
+    assert line["words"] == ["red", "heels"] and len(line["results"]) == 3
+    first = line["results"][0]
+    assert {"product_id", "score", "image", "title", "category", "price", "in_stock",
+            "image_id", "visual", "text", "combined", "matched"} <= set(first)  # fmt: skip
+    assert first["visual"] is None and first["matched"] == ["red", "heels"]
+
+    code = cli_main([*home, "search", stiletto, "--text", "heels", "--text-weight", "0.4",
+                     "-k", "4", "--category", "Heels", "--json"])  # fmt: skip
+    assert code == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["query"] == stiletto and line["text_weight"] == 0.4
+    assert all(r["category"] == "Heels" and r["visual"] > 0 and r["text"] > 0
+               for r in line["results"])  # fmt: skip
+
+    assert cli_main([*home, "search", stiletto, "-k", "2", "--json"]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert line["results"][0]["visual"] == line["results"][0]["score"]
+    assert line["results"][0]["text"] is None
+
+    sheet = tmp_path / "sheet.png"
+    assert cli_main([*home, "search", "--text", "qwertyuiop", "--sheet", str(sheet)]) == 0
+    out = capsys.readouterr()
+    assert "no product has the words" in out.out and sheet.is_file()
+    assert cli_main([*home, "search", stiletto, "--text", "qwertyuiop", "-k", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "results from the photo alone" in out and " 2. " in out
+    assert cli_main([*home, "search"]) == 2
+    assert "give query images" in capsys.readouterr().err
+    assert cli_main([*home, "search", "--text", "heels", "--text-weight", "5"]) == 2
+    capsys.readouterr()
+
+
+@pytest.fixture
+def api(shop: Engine, tmp_path: Path):
+    """A client with an API key on a private copy of the words shop."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from lookalike.api import create_app
+
+    copy = tmp_path / "home"
+    shutil.copytree(shop.home, copy)
+    with Engine.open(copy) as engine, TestClient(create_app(engine, api_key="k")) as client:
+        yield client
+
+
+def test_api_words_alone_photo_and_words(api) -> None:
+    stiletto = require_data(*STILETTO_PATH).read_bytes()
+    body = api.get("/search", params={"q": "red heels", "k": 5}).json()
+    assert body["mode"] == "words" and body["words"] == ["red", "heels"]
+    assert len(body["results"]) == 5
+    assert all(r["matched"] == ["red", "heels"] and r["visual"] is None for r in body["results"])
+    filtered = api.get(
+        "/search", params={"q": "heels", "k": 50, "price_max": 15, "attr.colour": "Black"}
+    ).json()["results"]
+    assert filtered and all(r["price"] <= 15 and r["attributes"]["colour"] == "Black"
+                            for r in filtered)  # fmt: skip
+    posted = api.post("/search", data={"q": "red heels", "k": "5"}).json()
+    assert [r["product_id"] for r in posted["results"]] == [
+        r["product_id"] for r in body["results"]
+    ]
+    files = {"image": ("stiletto.jpg", stiletto, "image/jpeg")}
+    both = api.post("/search", files=files, data={"q": "heels", "k": "6"}).json()
+    assert both["mode"] == "both" and both["text_weight"] == fusion.TEXT_WEIGHT
+    assert all(r["category"] == "Heels" and r["matched"] == ["heels"] and r["visual"] > 0
+               for r in both["results"])  # fmt: skip
+    photo = api.post("/search", files=files, data={"k": "3"}).json()
+    assert (
+        photo["mode"] == "photo" and photo["results"][0]["visual"] == photo["results"][0]["score"]
+    )
+    nothing = api.post("/search", files=files, data={"q": "qwertyuiop", "k": "3"}).json()
+    assert nothing["note"] and nothing["unmatched"] == ["qwertyuiop"]
+    assert [r["product_id"] for r in nothing["results"]] == [
+        r["product_id"] for r in photo["results"]
+    ]
+    assert api.post("/search", data={"k": "3"}).status_code == 422
+    assert api.get("/search").status_code == 422
+    assert api.get("/search", params={"q": "!!"}).status_code == 422
+    assert api.post("/search", data={"q": "heels", "text_weight": "2"}).status_code == 422
+    spec = api.get("/openapi.json").json()["paths"]["/search"]
+    assert {"get", "post"} <= set(spec)
+    form = spec["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]["$ref"]
+    assert form  # the form (image, q, text_weight, filters) is a documented schema
+    assert any(p["name"] == "q" for p in spec["get"]["parameters"])
+
+
+def test_api_writes_are_searchable_by_words_at_once(api) -> None:
+    photo = require_data("footwear300", "data", "footwear_0042.jpg").read_bytes()
+    auth = {"Authorization": "Bearer k"}
+    made = api.post(
+        "/products",
+        data={
+            "product_id": "new-1",
+            "title": "Zanzibar Rain Boot",
+            "category": "Boots",
+            "attr.material": "Rubber",
+        },  # fmt: skip
+        files=[("images", ("boot.jpg", photo, "image/jpeg"))],
+        headers=auth,
+    )
+    assert made.status_code == 201, made.text
+
+    def found(q: str) -> list[str]:
+        return [r["product_id"] for r in api.get("/search", params={"q": q}).json()["results"]]
+
+    assert found("zanzibar") == ["new-1"] and found("rubber") == ["new-1"]
+    assert api.patch("/products/new-1", json={"title": "Kilimanjaro Boot"},
+                     headers=auth).status_code == 200  # fmt: skip
+    assert found("zanzibar") == [] and found("kilimanjaro") == ["new-1"]
+    assert api.delete("/products/new-1", headers=auth).status_code == 204
+    assert found("kilimanjaro") == []
+
+
+def test_milvus_store_searches_photo_and_words_the_same(tmp_path: Path) -> None:
+    pytest.importorskip("pymilvus")
+    pytest.importorskip("milvus_lite")
+    fashion_products(tmp_path / "products.csv", 120)
+    stiletto = require_data(*STILETTO_PATH)
+    reports = {}
+    for store in ("faiss", "vectors.db"):
+        home = tmp_path / store.replace(".", "-")
+        engine = Engine(home, vector_store=None if store == "faiss" else store)
+        assert engine.index([], metadata=tmp_path / "products.csv", progress=False).ok
+        if store != "faiss":
+            assert engine.store.describe()["backend"] == "milvus-lite"
+        reports[store] = (
+            engine.find([stiletto], "heels", k=8, filters=Filters(attrs={"season": "Winter"})),
+            engine.find([], "black flats", k=8),
+        )
+        engine.update_product(reports[store][1][0].results[0].product_id, {"title": "Quokka"})
+        assert [r.product_id for r in engine.find([], "quokka")[0].results] == [
+            reports[store][1][0].results[0].product_id
+        ]
+        engine.close()
+    for faiss_report, milvus_report in zip(reports["faiss"], reports["vectors.db"], strict=True):
+        a, b = faiss_report[0].results, milvus_report[0].results
+        assert [r.product_id for r in a] == [r.product_id for r in b] and a
+        assert np.allclose([r.score for r in a], [r.score for r in b], atol=1e-4)
+    assert all(r.attributes["season"] == "Winter" and r.matched == ["heels"]
+               for r in reports["vectors.db"][0][0].results)  # fmt: skip
