@@ -493,3 +493,37 @@ def test_milvus_store_searches_photo_and_words_the_same(tmp_path: Path) -> None:
         assert np.allclose([r.score for r in a], [r.score for r in b], atol=1e-4)
     assert all(r.attributes["season"] == "Winter" and r.matched == ["heels"]
                for r in reports["vectors.db"][0][0].results)  # fmt: skip
+
+
+def test_eval_queries_take_an_optional_text_column(shop: Engine, tmp_path: Path, capsys) -> None:
+    from lookalike.cli import main as cli_main
+
+    rows = [row for batch in shop.catalog.iter_images() for row in batch][:6]
+    products = shop.catalog.products([r.product_id for r in rows])
+    labels = tmp_path / "labels.csv"
+    lines = ["image,product_id,text"]
+    for i, row in enumerate(rows):
+        title = products[row.product_id].title
+        if i % 3 == 0:
+            lines.append(f"{row.source},{row.product_id},")  # photo alone
+        elif i % 3 == 1:
+            lines.append(f"{row.source},{row.product_id},{products[row.product_id].category}")
+        else:
+            lines.append(f",{row.product_id},{title}")  # words alone
+    labels.write_text("\n".join(lines) + "\n")
+    home = ["--home", str(shop.home)]
+    assert cli_main([*home, "eval", "--queries", str(labels), "--json", "--per-query"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["queries"] == 6
+    per = report["per_query"]
+    assert [q["text"] is None for q in per] == [True, False, False, True, False, False]
+    assert [q["image"] is None for q in per] == [False, False, True, False, False, True]
+    # a catalog photo finds its own product, alone or with its category's name
+    assert all(q["rank"] == 1 for q in per if q["image"] is not None)
+    for q in per:
+        if q["image"] is None:  # words alone: a product with that very title comes first
+            assert shop.catalog.get_product(q["top"][0]).title == q["text"]
+    bad = tmp_path / "bad.csv"
+    bad.write_text("image,product_id,text\n,x1,\n")
+    assert cli_main([*home, "eval", "--queries", str(bad)]) != 0
+    assert "empty image and text" in capsys.readouterr().err
