@@ -222,6 +222,7 @@ def cmd_words(args: argparse.Namespace) -> None:
         started = time.perf_counter()
         catalog.rebuild_text_index()
         print(f"words index rebuilt from the products table: {time.perf_counter() - started:.1f}s")
+        catalog._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         print(f"catalog file: {path.stat().st_size / 1e6:.0f} MB")
         queries = word_queries(vocab, args.queries)
         for q in queries[:20]:  # warm the page cache
@@ -233,6 +234,9 @@ def cmd_words(args: argparse.Namespace) -> None:
             times.append(time.perf_counter() - t0)
             windowed += catalog.text_search(q, 10).ranked_window
         ms = np.array(times) * 1000
+        if args.slowest:
+            for i in np.argsort(-ms)[: args.slowest]:
+                print(f"  {ms[i]:7.2f} ms  {queries[i]!r}")
         print(
             f"words alone, k=10, {len(queries)} queries: p50 {np.percentile(ms, 50):.2f} ms,"
             f" p90 {np.percentile(ms, 90):.2f} ms, p99 {np.percentile(ms, 99):.2f} ms"
@@ -240,6 +244,48 @@ def cmd_words(args: argparse.Namespace) -> None:
         )
         del report
         catalog.close()
+
+
+def cmd_fused(args: argparse.Namespace) -> None:
+    """Photo alone vs photo + words on fashion-footwear: the whole query path (decode,
+    encode, search) and the ranking alone (query vectors embedded beforehand)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        engine = fashion_engine(Path(args.home) if args.home else Path(tmp) / "home")
+        catalog, store = engine.catalog, engine.store
+        print(f"catalog: {catalog.count_products()} products")
+        fashion = sorted((DATA / "fashion-footwear/images").glob("*.jpg"))
+        footwear = sorted((DATA / "footwear300/data").glob("*.jpg"))
+        rng = np.random.default_rng(0)
+        half = args.queries // 2
+        images = [fashion[i] for i in rng.choice(len(fashion), half, replace=False)]
+        images += [footwear[i] for i in rng.choice(len(footwear), args.queries - half, False)]
+        words = ["heels", "red heels", "black flats", "sports shoes", "casual", "flip flops"]
+        texts = [words[i % len(words)] for i in range(len(images))]
+        for img, text in list(zip(images, texts, strict=True))[:10]:  # warm up
+            engine.find([img], text, k=10)
+        whole: dict[str, list[float]] = {"photo": [], "photo + words": []}
+        ranking: dict[str, list[float]] = {"photo": [], "photo + words": []}
+        for img, text in zip(images, texts, strict=True):
+            for mode, t in (("photo", None), ("photo + words", text)):
+                t0 = time.perf_counter()
+                engine.find([img], t, k=10)
+                whole[mode].append(time.perf_counter() - t0)
+            vector = engine.embed_queries([img])
+            t0 = time.perf_counter()
+            rank_products(catalog, store, vector, 10)
+            ranking["photo"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            fusion.photo_and_words(catalog, store, vector, text, 10)
+            ranking["photo + words"].append(time.perf_counter() - t0)
+        for label, times in (("whole query path", whole), ("ranking only", ranking)):
+            p50 = {m: float(np.percentile(np.array(v) * 1000, 50)) for m, v in times.items()}
+            p90 = {m: float(np.percentile(np.array(v) * 1000, 90)) for m, v in times.items()}
+            print(
+                f"{label}, {len(images)} queries, k=10: photo p50 {p50['photo']:.2f} ms"
+                f" (p90 {p90['photo']:.2f}), photo + words p50 {p50['photo + words']:.2f} ms"
+                f" (p90 {p90['photo + words']:.2f}): words add"
+                f" {p50['photo + words'] - p50['photo']:.2f} ms p50"
+            )
 
 
 def main() -> None:
@@ -254,9 +300,13 @@ def main() -> None:
     w.add_argument("--products", type=int, default=100_000)
     w.add_argument("--queries", type=int, default=300)
     w.add_argument("--tmp", help="folder for the generated catalog (default: the system's)")
+    w.add_argument("--slowest", type=int, default=0, help="also list the N slowest queries")
+    f = sub.add_parser("fused")
+    f.add_argument("--home", help="an indexed fashion-footwear home (default: a temp one)")
+    f.add_argument("--queries", type=int, default=200)
     args = parser.parse_args()
     print(machine())
-    {"quality": cmd_quality, "words": cmd_words}[args.cmd](args)
+    {"quality": cmd_quality, "words": cmd_words, "fused": cmd_fused}[args.cmd](args)
 
 
 if __name__ == "__main__":

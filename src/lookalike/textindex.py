@@ -30,7 +30,7 @@ TEXT_INDEX_VERSION = "1"  # bump when what is indexed or how changes: the index 
 TOKENIZE = "porter unicode61 remove_diacritics 2"
 COLUMNS = ("title", "category", "attrs")
 WEIGHTS = (2.0, 4.0, 1.0)  # weight of a match in title, category, attribute values
-RANK_WINDOW = 10_000
+RANK_WINDOW = 5_000
 MAX_WORDS = 32
 MAX_QUERY_CHARS = 1000
 
@@ -239,8 +239,12 @@ def _ranked(
     """Top k (doc, product_id, bm25) for an FTS5 expression, how many matched (at
     least, when ranked in a window) and whether BM25 ranked only a window."""
     joined = where.strip() != "1"
-    source = "products_text JOIN text_docs d ON d.doc = products_text.rowid" + (
-        " JOIN products p ON p.product_id = d.product_id" if joined else ""
+    # without filters the FTS table alone answers (a join costs more than the ranking)
+    source = (
+        "products_text JOIN text_docs d ON d.doc = products_text.rowid"
+        " JOIN products p ON p.product_id = d.product_id"
+        if joined
+        else "products_text"
     )
     cond = "products_text MATCH ?" + (f" AND ({where})" if joined else "")
     args = [match, *params]
@@ -256,7 +260,7 @@ def _ranked(
         args.append(edge[0])
     weights = ", ".join(str(w) for w in WEIGHTS)
     rows = db.execute(
-        f"SELECT d.doc, d.product_id, bm25(products_text, {weights}) AS s FROM {source}"
+        f"SELECT products_text.rowid, bm25(products_text, {weights}) AS s FROM {source}"
         f" WHERE {cond}{window} ORDER BY s LIMIT ?",
         [*args, int(k)],
     ).fetchall()
@@ -264,7 +268,22 @@ def _ranked(
         total = db.execute(f"SELECT COUNT(*) FROM {source} WHERE {cond}", args).fetchone()[0]
     else:
         total = RANK_WINDOW
-    return [(r[0], r[1], -float(r[2])) for r in rows], total, edge is not None
+    owners = products_of(db, [r[0] for r in rows])
+    ranked = [(r[0], owners[r[0]], -float(r[1])) for r in rows if r[0] in owners]
+    return ranked, total, edge is not None
+
+
+def products_of(db: sqlite3.Connection, docs: Sequence[int]) -> dict[int, str]:
+    """doc number -> product_id."""
+    out: dict[int, str] = {}
+    for start in range(0, len(docs), 500):
+        chunk = [int(d) for d in docs[start : start + 500]]
+        inside = ",".join("?" * len(chunk))
+        rows = db.execute(
+            f"SELECT doc, product_id FROM text_docs WHERE doc IN ({inside})", chunk
+        ).fetchall()
+        out.update((r[0], r[1]) for r in rows)
+    return out
 
 
 def column_matches(
