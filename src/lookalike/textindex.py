@@ -273,17 +273,23 @@ def _ranked(
     return ranked, total, edge is not None
 
 
-def products_of(db: sqlite3.Connection, docs: Sequence[int]) -> dict[int, str]:
-    """doc number -> product_id."""
-    out: dict[int, str] = {}
-    for start in range(0, len(docs), 500):
-        chunk = [int(d) for d in docs[start : start + 500]]
+def _lookup(db: sqlite3.Connection, by: str, keys: Sequence[Any]) -> dict[Any, Any]:
+    """text_docs rows looked up by `by` ("doc" or "product_id"): key -> the other."""
+    other = "product_id" if by == "doc" else "doc"
+    out: dict[Any, Any] = {}
+    for start in range(0, len(keys), 500):
+        chunk = list(keys[start : start + 500])
         inside = ",".join("?" * len(chunk))
         rows = db.execute(
-            f"SELECT doc, product_id FROM text_docs WHERE doc IN ({inside})", chunk
+            f"SELECT {by}, {other} FROM text_docs WHERE {by} IN ({inside})", chunk
         ).fetchall()
         out.update((r[0], r[1]) for r in rows)
     return out
+
+
+def products_of(db: sqlite3.Connection, docs: Sequence[int]) -> dict[int, str]:
+    """doc number -> product_id."""
+    return _lookup(db, "doc", [int(d) for d in docs])
 
 
 def column_matches(
@@ -312,15 +318,7 @@ def column_matches(
 
 def docs_of(db: sqlite3.Connection, product_ids: Sequence[str]) -> dict[str, int]:
     """product_id -> doc number in the words index."""
-    out: dict[str, int] = {}
-    for start in range(0, len(product_ids), 500):
-        chunk = list(product_ids[start : start + 500])
-        inside = ",".join("?" * len(chunk))
-        rows = db.execute(
-            f"SELECT product_id, doc FROM text_docs WHERE product_id IN ({inside})", chunk
-        ).fetchall()
-        out.update((r[0], r[1]) for r in rows)
-    return out
+    return _lookup(db, "product_id", list(product_ids))
 
 
 def product_matches(

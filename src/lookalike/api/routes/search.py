@@ -5,9 +5,10 @@ this")."""
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 
+from ...catalog import Filters
 from ...errors import LookalikeError
 from ...fusion import TEXT_WEIGHT, SearchReport
 from ..adapters import result_out, similar_products
@@ -16,6 +17,23 @@ from ..limits import Limits
 from ..params import attribute_filters, make_filters
 from ..schemas import ERRORS, SearchResponse
 from ..uploads import encoder_input_size, load_query_image, parse_crop, read_upload, with_file_name
+
+
+def query_filters(
+    request: Request,
+    category: Annotated[
+        list[str] | None, Query(description="Repeat for any of several categories")
+    ] = None,
+    price_min: Annotated[float | None, Query(ge=0)] = None,
+    price_max: Annotated[float | None, Query(ge=0)] = None,
+    in_stock: bool | None = None,
+) -> Filters | None:
+    """The filters of a GET search (`attr.<name>=<value>` parameters included)."""
+    attrs = attribute_filters(request.query_params.multi_items())
+    return make_filters(category, price_min, price_max, in_stock, attrs)
+
+
+QueryFilters = Annotated[Filters | None, Depends(query_filters)]
 
 
 def make_router(limits: Limits) -> APIRouter:
@@ -109,7 +127,6 @@ def make_router(limits: Limits) -> APIRouter:
         summary="Words alone: products whose title, category or attributes have the words",
     )
     async def search_words(
-        request: Request,
         engine: EngineDep,
         urls: Urls,
         cpu: Cpu,
@@ -121,26 +138,14 @@ def make_router(limits: Limits) -> APIRouter:
                 description="Words (stemmed: 'heel' finds 'Heels'; a non-word is a prefix)",
             ),
         ],
+        filters: QueryFilters,
         k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
-        category: Annotated[
-            list[str] | None, Query(description="Repeat for any of several categories")
-        ] = None,
-        price_min: Annotated[float | None, Query(ge=0)] = None,
-        price_max: Annotated[float | None, Query(ge=0)] = None,
-        in_stock: bool | None = None,
         min_score: Annotated[float | None, Query(ge=0, le=1)] = None,
     ) -> SearchResponse:
         """Attribute equality filters: query parameters `attr.<name>=<value>`. Results
         come ranked by how well their words match (BM25), `score` is the words score
         (0..1) and `matched` the words each has."""
         started = time.perf_counter()
-        filters = make_filters(
-            category,
-            price_min,
-            price_max,
-            in_stock,
-            attribute_filters(request.query_params.multi_items()),
-        )
         report = await cpu.run(lambda: engine.find([], q, k, filters, min_score)[0])
         return _response(report, urls, started)
 
@@ -151,29 +156,16 @@ def make_router(limits: Limits) -> APIRouter:
         summary="More like this: products that look like this product",
     )
     async def similar(
-        request: Request,
         engine: EngineDep,
         urls: Urls,
         cpu: Cpu,
         product_id: str,
+        filters: QueryFilters,
         k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
-        category: Annotated[
-            list[str] | None, Query(description="Repeat for any of several categories")
-        ] = None,
-        price_min: Annotated[float | None, Query(ge=0)] = None,
-        price_max: Annotated[float | None, Query(ge=0)] = None,
-        in_stock: bool | None = None,
         min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
     ) -> SearchResponse:
         """Attribute equality filters: query parameters `attr.<name>=<value>`."""
         started = time.perf_counter()
-        filters = make_filters(
-            category,
-            price_min,
-            price_max,
-            in_stock,
-            attribute_filters(request.query_params.multi_items()),
-        )
         results = await cpu.run(similar_products, engine, product_id, k, filters, min_score)
         return _response(SearchReport(results, "photo"), urls, started)
 
