@@ -52,6 +52,9 @@ CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
 """
 
 PRODUCT_FIELDS = ("title", "category", "price", "in_stock")
+# entries kept per words-index cache: word -> count; term -> its per-column doc lists
+# (each at most textindex.COLUMN_LIST_LIMIT docs a column: at most ~30 MB in all)
+_TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64}
 
 
 @dataclass
@@ -152,8 +155,8 @@ class Catalog:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._word_counts: dict[str, int] = {}
-        self._word_counts_version: tuple[int, int] | None = None
+        self._text_caches: dict[str, dict[str, Any]] = {}
+        self._text_cache_version: tuple[int, int] | None = None
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -363,42 +366,77 @@ class Catalog:
         """product_id -> word -> columns holding it (0 title, 1 category, 2 attribute
         values), for those of these products that have some of the (parsed) words."""
         with self._lock:
-            return textindex.product_matches(self._db, list(words), list(product_ids))
+            return textindex.product_matches(
+                self._db, list(words), list(product_ids), self._column_lists
+            )
 
     def text_image_ids(
         self, words: Sequence[str], filters: Filters | None = None, *, any_word: bool = False
     ) -> np.ndarray:
         """Ids of the images whose product has every word (`any_word`: some word) and
         passes the filters."""
-        where, params = (filters or Filters()).where()
+        filters = filters or Filters()
+        where, params = filters.where()
         with self._lock:
             terms = textindex.resolve_terms(self._db, list(words))
             rows = self._db.execute(
-                "SELECT i.image_id FROM products_text"
-                " JOIN text_docs d ON d.doc = products_text.rowid"
-                " JOIN products p ON p.product_id = d.product_id"
-                " JOIN images i ON i.product_id = p.product_id"
-                f" WHERE products_text MATCH ? AND ({where})",
+                "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
+                + (
+                    " JOIN products p ON p.product_id = i.product_id"
+                    if not filters.is_empty()
+                    else ""
+                )
+                + " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
+                + (f" AND ({where})" if not filters.is_empty() else ""),
                 [(" OR " if any_word else " ").join(terms), *params],
             ).fetchall()
         return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
 
+    def text_count(self, words: Sequence[str], filters: Filters | None = None) -> int:
+        """How many products (passing the filters) have some of the (parsed) words."""
+        filters = filters or Filters()
+        where, params = filters.where()
+        with self._lock:
+            terms = textindex.resolve_terms(self._db, list(words))
+            if filters.is_empty():
+                sql = "SELECT COUNT(*) FROM products_text WHERE products_text MATCH ?"
+            else:
+                sql = (
+                    "SELECT COUNT(*) FROM products_text"
+                    " JOIN text_docs d ON d.doc = products_text.rowid"
+                    " JOIN products p ON p.product_id = d.product_id"
+                    f" WHERE products_text MATCH ? AND ({where})"
+                )
+            return self._db.execute(sql, [" OR ".join(terms), *params]).fetchone()[0]
+
     def word_counts(self, words: Sequence[str]) -> dict[str, int]:
         """How many products have each word (cached until the catalog changes)."""
         with self._lock:
-            version = (
-                self._db.execute("PRAGMA data_version").fetchone()[0],
-                self._db.total_changes,
-            )
-            if self._word_counts_version != version:
-                self._word_counts.clear()
-                self._word_counts_version = version
-            todo = [w for w in words if w not in self._word_counts]
+            cache = self._text_cache("counts")
+            todo = [w for w in words if w not in cache]
             if todo:
-                if len(self._word_counts) > 100_000:
-                    self._word_counts.clear()
-                self._word_counts.update(textindex.document_counts(self._db, todo))
-            return {w: self._word_counts[w] for w in words}
+                cache.update(textindex.document_counts(self._db, todo))
+            return {w: cache[w] for w in words}
+
+    def _column_lists(self, term: str) -> list[np.ndarray] | None:
+        """textindex.column_lists, cached until the catalog changes."""
+        with self._lock:
+            cache = self._text_cache("columns")
+            if term not in cache:
+                cache[term] = textindex.column_lists(self._db, term)
+            return cache[term]
+
+    def _text_cache(self, name: str) -> dict[str, Any]:
+        """A per-connection cache of words-index answers, emptied whenever the catalog
+        changed (here or in another process: SQLite's data_version) and when large."""
+        version = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
+        if self._text_cache_version != version:
+            self._text_caches.clear()
+            self._text_cache_version = version
+        cache = self._text_caches.setdefault(name, {})
+        if len(cache) > _TEXT_CACHE_SIZES[name]:
+            cache.clear()
+        return cache
 
     def check_text_index(self) -> dict[str, Any]:
         """Counts and disagreements between the products and the words index."""

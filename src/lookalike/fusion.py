@@ -3,8 +3,8 @@
 How a photo and words are fused (chosen by measurement on fashion-footwear, see
 docs/search.md and benchmarks/bench_text.py):
 
-1. Candidates: the photo's `POOL` nearest products, and its `POOL` nearest among the
-   products that have some of the words (the words index says which), so a product
+1. Candidates: the photo's `POOL` nearest products, and its 2 x `POOL` nearest among
+   the products that have some of the words (the words index says which), so a product
    that has the words is never lost because others look closer.
 2. Each candidate's words score (`textindex.text_score`, 0..1: how many of the words
    it has, and in which fields) and its visual score (cosine of its best image).
@@ -34,7 +34,7 @@ import numpy as np
 
 from .catalog import Catalog, Filters, Product
 from .errors import UsageError
-from .search import Result, check_k, rank_products
+from .search import Result, best_images, check_k, results_for, search_scope
 from .textindex import parse_words, text_score
 from .vectors.base import VectorStore
 
@@ -42,7 +42,7 @@ TEXT_WEIGHT = 0.4  # default share of the words in the combined score (measured)
 NEIGHBOUR_WEIGHT = 0.6  # the photo's neighbourhood words, beside the typed ones
 NEIGHBOURS = 50  # the photo's nearest products whose attribute words make its profile
 PROFILE_Z = 3.0  # a neighbourhood word counts when this far above its catalog share
-POOL = 100  # candidates from the photo alone, and as many among the word matches
+POOL = 50  # candidates from the photo alone, and twice as many among the word matches
 
 _TOKEN = re.compile(r"[^\W_]+", re.UNICODE)
 
@@ -85,8 +85,11 @@ def check_text_weight(text_weight: float | None) -> float:
 
 def attribute_words(product: Product) -> set[str]:
     """The lower-cased words of a product's attribute values (colour, material, ...)."""
-    text = " ".join(str(v) for v in _leaves(product.attributes))
-    return {word.lower() for word in _TOKEN.findall(text)}
+    values = product.attributes.values()
+    if any(isinstance(v, dict | list | tuple) for v in values):
+        values = list(_leaves(product.attributes))
+    text = " ".join(str(v) for v in values if v is not None and not isinstance(v, bool))
+    return set(_TOKEN.findall(text.lower()))
 
 
 def _leaves(value: Any):
@@ -168,42 +171,47 @@ def gather(
     """The candidates of one photo + words query, scored on each side; and whether any
     product (passing the filters) has any of the words. `exclude`: products left out
     (leave-one-out evaluation)."""
-    visual = rank_products(
-        catalog, store, query, max(pool, neighbours), filters, exclude_products=exclude
-    )[0]
-    ids = catalog.text_image_ids(words, filters, any_word=True)
-    if ids.size == 0:
-        return [Candidate(r) for r in visual], False
-    worded = rank_products(catalog, store, query, pool, allowed_ids=ids, exclude_products=exclude)
-    worded = worded[0]
-    by_id: dict[str, Result] = {r.product_id: r for r in visual[:pool]}
-    for r in worded:
-        by_id.setdefault(r.product_id, r)
-    matches = catalog.text_matches(words, list(by_id))
-    around = [attribute_words(_product_of(r)) for r in visual[:neighbours]]
-    counts = catalog.word_counts(sorted(set().union(*around)))
-    profile = neighbourhood_profile(around, counts, catalog.count_products())
-    near = neighbourhood_scores(
-        profile, {pid: attribute_words(_product_of(r)) for pid, r in by_id.items()}
-    )
+    query = np.asarray(query, dtype=np.float32).reshape(-1)
+    scope = search_scope(catalog, store, filters)
+    if scope.total == 0:
+        return [], catalog.text_count(words, filters) > 0
+    # the photo's nearest products, widely: the word matches among them are often the
+    # nearest word matches of all, found without a second search
+    wide = best_images(catalog, store, query, max(pool, neighbours), scope, None, exclude)
+    nearest = list(wide)
+    matches = catalog.text_matches(words, nearest)
+    worded = [pid for pid in nearest if pid in matches][: 2 * pool]
+    best = dict(list(wide.items())[:pool])
+    if len(worded) < pool:
+        having = catalog.text_count(words, filters)
+        if having == 0:
+            return [Candidate(r) for r in results_for(catalog, list(best.items()))], False
+        if having > len(worded):
+            # fewer word matches near the photo than wanted: search among the matches
+            ids = catalog.text_image_ids(words, filters, any_word=True)
+            inside = search_scope(catalog, store, None, ids)
+            more = best_images(catalog, store, query, 2 * pool, inside, None, exclude)
+            matches.update(catalog.text_matches(words, [p for p in more if p not in matches]))
+            wide = {**more, **wide}
+            worded = sorted(set(worded) | set(more), key=lambda pid: -wide[pid][0])[: 2 * pool]
+    for pid in worded:
+        best.setdefault(pid, wide[pid])
+    around = nearest[:neighbours]
+    products = catalog.products(list(dict.fromkeys([*best, *around])))
+    attrs = {pid: attribute_words(product) for pid, product in products.items()}
+    around_words = [attrs[pid] for pid in around if pid in attrs]
+    counts = catalog.word_counts(sorted(set().union(*around_words)))
+    profile = neighbourhood_profile(around_words, counts, catalog.count_products())
+    near = neighbourhood_scores(profile, {pid: attrs[pid] for pid in best if pid in attrs})
     out = []
-    for pid, r in by_id.items():
-        cols = matches.get(pid, {})
+    for r in results_for(catalog, list(best.items()), products):
+        cols = matches.get(r.product_id, {})
         out.append(
-            Candidate(r, text_score(cols, words), [w for w in words if w in cols], near[pid])
+            Candidate(
+                r, text_score(cols, words), [w for w in words if w in cols], near[r.product_id]
+            )
         )
     return out, True
-
-
-def _product_of(result: Result) -> Product:
-    return Product(
-        product_id=result.product_id,
-        title=result.title,
-        category=result.category,
-        price=result.price,
-        in_stock=result.in_stock,
-        attributes=result.attributes,
-    )
 
 
 def photo_and_words(

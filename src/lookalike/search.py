@@ -66,6 +66,38 @@ def check_k(k: int) -> int:
     return k
 
 
+@dataclass
+class Scope:
+    """Which images a search may return: all (`allowed` and `expr` None), these ids, or
+    those a store-side filter expression selects; `total` is how many that is."""
+
+    allowed: np.ndarray | None
+    expr: str | None
+    total: int
+
+
+def search_scope(
+    catalog: Catalog,
+    store: VectorStore,
+    filters: Filters | None = None,
+    allowed_ids: np.ndarray | None = None,
+) -> Scope:
+    """The images a search with these filters (or exactly these image ids) may return."""
+    if allowed_ids is not None:
+        allowed = np.asarray(allowed_ids, dtype=np.int64).reshape(-1)
+        return Scope(allowed, None, int(allowed.size))
+    if filters is None or filters.is_empty():
+        return Scope(None, None, len(store))
+    # a store that holds the products' fields (Milvus) filters itself; otherwise the
+    # catalog says which images pass and the store searches only those
+    pushdown = getattr(store, "filter_expression", None)
+    expr = pushdown(filters) if pushdown is not None else None
+    if expr is not None:
+        return Scope(None, expr, catalog.count_images_matching(filters))
+    allowed = catalog.image_ids_matching(filters)
+    return Scope(allowed, None, int(allowed.size))
+
+
 def rank_products(
     catalog: Catalog,
     store: VectorStore,
@@ -81,47 +113,35 @@ def rank_products(
     replaces `filters`."""
     check_k(k)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    allowed: np.ndarray | None = None
-    expr: str | None = None
-    total = len(store)
-    if allowed_ids is not None:
-        allowed = np.asarray(allowed_ids, dtype=np.int64).reshape(-1)
-        total = int(allowed.size)
-    elif filters is not None and not filters.is_empty():
-        # a store that holds the products' fields (Milvus) filters itself; otherwise the
-        # catalog says which images pass and the store searches only those
-        pushdown = getattr(store, "filter_expression", None)
-        expr = pushdown(filters) if pushdown is not None else None
-        if expr is not None:
-            total = catalog.count_images_matching(filters)
-        else:
-            allowed = catalog.image_ids_matching(filters)
-            total = int(allowed.size)
-    if total == 0:
+    scope = search_scope(catalog, store, filters, allowed_ids)
+    if scope.total == 0:
         return [[] for _ in range(len(queries))]
-    return [
-        _rank_one(catalog, store, query, k, allowed, expr, total, min_score, set(exclude_products))
-        for query in queries
-    ]
+    exclude = set(exclude_products)
+    out = []
+    for query in queries:
+        best = best_images(catalog, store, query, k, scope, min_score, exclude)
+        out.append(results_for(catalog, list(best.items())[:k]))
+    return out
 
 
-def _rank_one(
+def best_images(
     catalog: Catalog,
     store: VectorStore,
     query: np.ndarray,
     k: int,
-    allowed: np.ndarray | None,
-    expr: str | None,
-    total: int,
-    min_score: float | None,
-    exclude: set[str],
-) -> list[Result]:
+    scope: Scope,
+    min_score: float | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, tuple[float, int, str]]:
+    """product_id -> (score, image_id, source) of its best image, for at least k products
+    when there are that many (best first)."""
     # Ask for more images than products (a product may own several images), and widen
     # the search until k distinct products are found or every candidate has been seen.
+    total = scope.total
     want = min(total, max(4 * (k + len(exclude)), 32))
     while True:
-        pushed = {"expr": expr} if expr is not None else {}
-        scores, ids = store.search(query[None, :], want, allowed_ids=allowed, **pushed)
+        pushed = {"expr": scope.expr} if scope.expr is not None else {}
+        scores, ids = store.search(query[None, :], want, allowed_ids=scope.allowed, **pushed)
         scores, ids = scores[0], ids[0]
         valid = ids >= 0
         scores, ids = scores[valid], ids[valid]
@@ -141,8 +161,17 @@ def _rank_one(
         if len(best) >= k or exhausted or below_floor:
             break
         want = min(total, want * 4)
-    top = sorted(best.items(), key=lambda item: -item[1][0])[:k]
-    products = catalog.products([pid for pid, _ in top])
+    return dict(sorted(best.items(), key=lambda item: -item[1][0]))
+
+
+def results_for(
+    catalog: Catalog,
+    top: list[tuple[str, tuple[float, int, str]]],
+    products: dict[str, Any] | None = None,
+) -> list[Result]:
+    """Results for (product_id, (score, image_id, source)) pairs, in their order."""
+    if products is None:
+        products = catalog.products([pid for pid, _ in top])
     results = []
     for pid, (score, image_id, source) in top:
         product = products.get(pid)

@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import re
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+import numpy as np
 
 from .errors import UsageError
 
@@ -31,6 +33,7 @@ TOKENIZE = "porter unicode61 remove_diacritics 2"
 COLUMNS = ("title", "category", "attrs")
 WEIGHTS = (2.0, 4.0, 1.0)  # weight of a match in title, category, attribute values
 RANK_WINDOW = 5_000
+COLUMN_LIST_LIMIT = 20_000  # a word with more matches is looked up per doc, not per column
 MAX_WORDS = 32
 MAX_QUERY_CHARS = 1000
 
@@ -292,19 +295,53 @@ def products_of(db: sqlite3.Connection, docs: Sequence[int]) -> dict[int, str]:
     return _lookup(db, "doc", [int(d) for d in docs])
 
 
+ColumnLists = Callable[[str], "list[np.ndarray] | None"]
+
+
+def column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
+    """The sorted docs that have `term` in each column (title, category, attribute
+    values); None when the term is too common for whole lists (`COLUMN_LIST_LIMIT`)."""
+    common = db.execute(
+        "SELECT rowid FROM products_text WHERE products_text MATCH ? LIMIT 1 OFFSET ?",
+        (term, COLUMN_LIST_LIMIT),
+    ).fetchone()
+    if common is not None:
+        return None
+    out = []
+    for name in COLUMNS:
+        rows = db.execute(
+            "SELECT rowid FROM products_text WHERE products_text MATCH ?", (f"{{{name}}}: {term}",)
+        ).fetchall()
+        out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+    return out
+
+
 def column_matches(
-    db: sqlite3.Connection, words: Sequence[str], terms: Sequence[str], docs: Sequence[int]
+    db: sqlite3.Connection,
+    words: Sequence[str],
+    terms: Sequence[str],
+    docs: Sequence[int],
+    lists: ColumnLists | None = None,
 ) -> dict[int, dict[str, set[int]]]:
     """For each of these docs that has some of the words: word -> the columns (0 title,
-    1 category, 2 attribute values) that hold it. One FTS5 query per word."""
-    marks = ", ".join(f"highlight(products_text, {i}, char(1), '')" for i in range(len(COLUMNS)))
+    1 category, 2 attribute values) that hold it. A word that few products have is
+    looked up in its whole per-column match lists (`lists`, e.g. a cache of
+    `column_lists`); a common one only for these docs (FTS5 seeks each of them)."""
     out: dict[int, dict[str, set[int]]] = {}
-    for start in range(0, len(docs), 500):
-        chunk = [int(d) for d in docs[start : start + 500]]
-        if not chunk:
+    wanted = np.unique(np.asarray(docs, dtype=np.int64))
+    if not wanted.size:
+        return out
+    for word, term in zip(words, terms, strict=True):
+        per_column = (lists or (lambda t: column_lists(db, t)))(term)
+        if per_column is not None:
+            for col, found in enumerate(per_column):
+                for doc in wanted[np.isin(wanted, found, assume_unique=True)].tolist():
+                    out.setdefault(doc, {}).setdefault(word, set()).add(col)
             continue
-        inside = ",".join("?" * len(chunk))
-        for word, term in zip(words, terms, strict=True):
+        marks = ", ".join(f"highlight(products_text, {i}, char(1), '')" for i in range(3))
+        for start in range(0, wanted.size, 500):
+            chunk = wanted[start : start + 500].tolist()
+            inside = ",".join("?" * len(chunk))
             rows = db.execute(
                 f"SELECT rowid, {marks} FROM products_text"
                 f" WHERE products_text MATCH ? AND rowid IN ({inside})",
@@ -322,13 +359,16 @@ def docs_of(db: sqlite3.Connection, product_ids: Sequence[str]) -> dict[str, int
 
 
 def product_matches(
-    db: sqlite3.Connection, words: Sequence[str], product_ids: Sequence[str]
+    db: sqlite3.Connection,
+    words: Sequence[str],
+    product_ids: Sequence[str],
+    lists: ColumnLists | None = None,
 ) -> dict[str, dict[str, set[int]]]:
     """product_id -> word -> columns holding it, for those of these products with some
     of the words."""
     terms = resolve_terms(db, words)
     docs = docs_of(db, product_ids)
-    by_doc = column_matches(db, words, terms, list(docs.values()))
+    by_doc = column_matches(db, words, terms, list(docs.values()), lists)
     return {pid: by_doc[doc] for pid, doc in docs.items() if doc in by_doc}
 
 
