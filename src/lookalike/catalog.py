@@ -53,8 +53,9 @@ CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
 
 PRODUCT_FIELDS = ("title", "category", "price", "in_stock")
 # entries kept per words-index cache: word -> count; term -> its per-column doc lists
-# (each at most textindex.COLUMN_LIST_LIMIT docs a column: at most ~30 MB in all)
-_TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64}
+# (each at most textindex.COLUMN_LIST_LIMIT docs a column: at most ~30 MB in all);
+# words + filters -> the ids of the images of the products that have them
+_TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64, "image_ids": 64}
 
 
 @dataclass
@@ -379,6 +380,10 @@ class Catalog:
         where, params = filters.where()
         with self._lock:
             terms = textindex.resolve_terms(self._db, list(words))
+            key = (tuple(terms), any_word, where, tuple(map(str, params)))
+            cache = self._text_cache("image_ids")
+            if key in cache:
+                return cache[key]
             rows = self._db.execute(
                 "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
                 + (
@@ -390,7 +395,11 @@ class Catalog:
                 + (f" AND ({where})" if not filters.is_empty() else ""),
                 [(" OR " if any_word else " ").join(terms), *params],
             ).fetchall()
-        return np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            ids.setflags(write=False)
+            if ids.size <= 100_000:
+                cache[key] = ids
+            return ids
 
     def text_count(self, words: Sequence[str], filters: Filters | None = None) -> int:
         """How many products (passing the filters) have some of the (parsed) words."""
