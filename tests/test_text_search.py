@@ -527,3 +527,23 @@ def test_eval_queries_take_an_optional_text_column(shop: Engine, tmp_path: Path,
     bad.write_text("image,product_id,text\n,x1,\n")
     assert cli_main([*home, "eval", "--queries", str(bad)]) != 0
     assert "empty image and text" in capsys.readouterr().err
+
+
+def test_cached_word_answers_follow_writes_from_any_process(tmp_path: Path) -> None:
+    path = tmp_path / "c.sqlite"
+    reader = words_catalog(path)
+    with reader.transaction():
+        for i, pid in enumerate(["p1", "p2", "p3"]):
+            reader.put_image(pid, f"/x/{pid}.jpg", f"sha{i}", np.ones(4, np.float32), "s")
+    assert reader.text_image_ids(["heels"]).size == 2  # p1, p2 (p6 has no image)
+    assert reader.text_matches(["heels"], ["p1", "p3"]) == {"p1": {"heels": {0, 1}}}
+    assert reader.word_counts(["red"]) == {"red": 3}
+    writer = Catalog(path)  # another connection, as another process would have
+    writer.update_product("p3", {"title": "HM Women Red Heels", "attributes": {"colour": "Pink"}})
+    assert reader.text_image_ids(["heels"]).size == 3
+    assert reader.text_matches(["heels"], ["p3"]) == {"p3": {"heels": {0}}}
+    assert reader.word_counts(["red", "pink"]) == {"red": 3, "pink": 1}
+    reader.update_product("p1", {"title": "Catwalk Women Red Pumps", "category": "Pumps"})
+    assert reader.text_image_ids(["heels"]).size == 2
+    writer.close()
+    reader.close()
