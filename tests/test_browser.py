@@ -418,3 +418,39 @@ def test_large_photo_is_scaled_down_before_upload(page, catalog, tmp_path):
     assert abs(x - 2010 * scale) <= 6 and abs(y - 510 * scale) <= 6
     assert abs(w - 1480 * scale) <= 6 and abs(h - 1980 * scale) <= 6
     assert cards(page)[0]["id"] == row["product_id"]
+
+
+def test_words_alone_photo_and_words(page, catalog):
+    """One search box beside the photo: words alone, then photo + words; the cards say
+    which words each product has, and words that match nothing keep the photo's results."""
+    _, rows = catalog
+    heels = [r for r in rows if r["category"] == "Heels"]
+    assert heels, "the test catalog holds heels"
+    page.fill("#q", "heels")
+    expect(page.locator("#search-button")).to_be_enabled()
+    wait_for_results(page, lambda: page.press("#q", "Enter"), "/search?q=heels")
+    found = page.locator("#grid .card").evaluate_all(
+        "cards => cards.map(c => [c.querySelector('.category').textContent,"
+        " c.querySelector('.matched').textContent, c.querySelector('.score span').textContent])"
+    )
+    assert found and all(m == "words: heels" for _, m, _ in found)
+    assert sum(cat == "Heels" for cat, _, _ in found) >= min(len(heels), len(found)) - 2
+    assert all(s.startswith("words match ") for _, _, s in found)
+    expect(page.locator("#results-heading")).to_have_text("Products matching “heels”")
+    shot(page, "desktop-words")
+
+    stiletto = DATA / "footwear300/search_image_01.jpg"
+    wait_for_results(page, lambda: page.set_input_files("#file-input", str(stiletto)))
+    assert last_sent(page)["q"] == "heels" and "image" in last_sent(page)
+    expect(page.locator("#results-heading")).to_have_text("Products like your photo, with “heels”")
+    both = page.locator("#grid .card .matched").all_text_contents()
+    assert both and all(m == "words: heels" for m in both[: len(heels)])
+    expect(page.locator("#words-note")).to_be_hidden()
+    shot(page, "desktop-photo-and-words")
+
+    page.fill("#q", "qwertyuiop")
+    wait_for_results(page, lambda: page.click("#search-button"))
+    expect(page.locator("#words-note")).to_be_visible()
+    expect(page.locator("#words-note")).to_contain_text("results from the photo alone")
+    assert page.locator("#grid .card").count() == 12
+    assert page.locator("#grid .card .matched").count() == 0

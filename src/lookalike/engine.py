@@ -32,6 +32,7 @@ from .errors import (
     UnknownImageError,
     UsageError,
 )
+from .fusion import SearchReport, check_text_weight, photo_and_words, words_alone
 from .images import load_image, probe_image
 from .ingest import IngestReport, ingest, reembed
 from .locks import HomeLock
@@ -389,6 +390,42 @@ class Engine(SharedHome):
         vectors = self.embed_queries(queries)
         with self._lock:
             return rank_products(self.catalog, store, vectors, k, filters, min_score)
+
+    def find(
+        self,
+        images: Sequence[QuerySource] | QuerySource = (),
+        text: str | None = None,
+        k: int = 10,
+        filters: Filters | None = None,
+        min_score: float | None = None,
+        text_weight: float | None = None,
+    ) -> list[SearchReport]:
+        """Photo, words, or both (lookalike.fusion): one report per query image, or one
+        for words alone. With words, `min_score` applies to the combined score."""
+        if isinstance(images, str | os.PathLike | bytes | Image.Image):
+            images = [images]
+        images = list(images)
+        text = text if text is not None and text.strip() else None
+        check_k(k)
+        weight = check_text_weight(text_weight)
+        if filters is not None:
+            filters.validate()
+        if not images and text is None:
+            raise UsageError("give a query photo, words to search for, or both")
+        if text is None:
+            return [
+                SearchReport(results, "photo")
+                for results in self.search(images, k, filters, min_score)
+            ]
+        if not images:
+            return [words_alone(self.catalog, text, k, filters, min_score)]
+        self._follow_catalog_model()
+        store = self.store
+        vectors = self.embed_queries(images)
+        with self._lock:
+            return photo_and_words(
+                self.catalog, store, vectors, text, k, filters, min_score, weight
+            )
 
     def similar(self, product_id: str, k: int = 10, filters: Filters | None = None) -> list[Result]:
         """More like this: products closest to any of this product's images."""

@@ -115,16 +115,20 @@ def parse_ks(text: str | Sequence[int]) -> list[int]:
 
 @dataclass(frozen=True)
 class LabelledQuery:
-    image: Path  # absolute
+    image: Path | None  # absolute; None for words alone
     product_id: str
     line: int  # line in the label file (for messages)
+    text: str | None = None  # words searched with (or without) the photo
 
 
 def read_labels(path: str | Path) -> list[LabelledQuery]:
-    """Parse an `image,product_id` CSV (image paths relative to the CSV).
+    """Parse an `image,product_id[,text]` CSV (image paths relative to the CSV). With a
+    `text` column, a row's words go with its photo, and a row with words may have no
+    photo (words alone).
 
     Raises InputPathError if the file is missing, MetadataError naming FILE:LINE for a
-    row without an image or product id, or whose image file does not exist."""
+    row without a query (image or text) or product id, or whose image file does not
+    exist."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise InputPathError(f"label file not found: {path}")
@@ -136,9 +140,11 @@ def read_labels(path: str | Path) -> list[LabelledQuery]:
             reader = csv.DictReader(fh)
             header = [h.strip() for h in (reader.fieldnames or [])]
             missing = [c for c in ("image", "product_id") if c not in header]
+            if "text" in header and "product_id" in header:
+                missing = []
             if missing:
                 raise MetadataError(
-                    f"{path}:1: label file needs columns image,product_id"
+                    f"{path}:1: label file needs columns image,product_id (or text,product_id)"
                     f" (missing {', '.join(missing)})"
                 )
             reader.fieldnames = header
@@ -146,13 +152,19 @@ def read_labels(path: str | Path) -> list[LabelledQuery]:
                 line = reader.line_num
                 image = (row.get("image") or "").strip()
                 product = (row.get("product_id") or "").strip()
+                text = (row.get("text") or "").strip() or None
                 if not image and not product and not any((v or "").strip() for v in row.values()):
                     continue  # blank line
-                if not image:
-                    problems.append(f"{path}:{line}: empty image")
+                if not image and text is None:
+                    problems.append(
+                        f"{path}:{line}: empty image" + (" and text" * ("text" in header))
+                    )
                     continue
                 if not product:
                     problems.append(f"{path}:{line}: empty product_id")
+                    continue
+                if not image:
+                    out.append(LabelledQuery(None, product, line, text))
                     continue
                 image_path = Path(image).expanduser()
                 if not image_path.is_absolute():
@@ -160,7 +172,7 @@ def read_labels(path: str | Path) -> list[LabelledQuery]:
                 if not image_path.is_file():
                     problems.append(f"{path}:{line}: image not found: {image}")
                     continue
-                out.append(LabelledQuery(image_path, product, line))
+                out.append(LabelledQuery(image_path, product, line, text))
     except UnicodeDecodeError as exc:
         raise MetadataError(f"{path}: not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
@@ -215,6 +227,7 @@ def run_eval(
     *,
     progress: bool = False,
     keep_rankings: int = 10,
+    text_weight: float | None = None,
 ) -> dict[str, Any]:
     """Search every labelled photo against the engine's catalog; return a report dict:
     queries, k, recall{K}, map{K}, ms_per_query (mean), p50_ms, p95_ms, and `per_query`
@@ -235,14 +248,19 @@ def run_eval(
         iterator = tqdm(labels, desc="eval", unit="query")
     for q in iterator:
         t0 = time.perf_counter()
-        results = engine.search([q.image], k=depth)[0]
+        if q.text is None:
+            results = engine.search([q.image], k=depth)[0]
+        else:  # photo and words, or words alone
+            photos = [q.image] if q.image is not None else []
+            results = engine.find(photos, q.text, k=depth, text_weight=text_weight)[0].results
         times.append((time.perf_counter() - t0) * 1000.0)
         ranking = [r.product_id for r in results]
         rank = first_rank(ranking, q.product_id)
         right = next((r for r in results if r.product_id == q.product_id), None)
         per_query.append(
             {
-                "image": str(q.image),
+                "image": None if q.image is None else str(q.image),
+                "text": q.text,
                 "product_id": q.product_id,
                 "rank": rank,
                 "top": ranking[:keep_rankings],
@@ -540,7 +558,8 @@ def draw_failures(
         )
         first = q["top"][0] if q["top"] else "(nothing)"
         first_caption = first + (f" {q['top_score']:.3f}" if q.get("top_score") is not None else "")
-        cell(q["image"], pad, y, f"{Path(q['image']).name} ({rank})")
+        name = Path(q["image"]).name if q.get("image") else f'"{q.get("text")}"'
+        cell(q["image"], pad, y, f"{name} ({rank})")
         cell(right_image, pad + (thumb + pad), y, right_caption)
         cell(q.get("top_image"), pad + 2 * (thumb + pad), y, first_caption)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,13 @@ class Result:
     price: float | None = None
     in_stock: bool = True
     attributes: dict[str, Any] = field(default_factory=dict)
+    # how it scored when words took part (lookalike.fusion); `score` is then `combined`
+    visual: float | None = None  # cosine of the best image (None: words alone)
+    text: float | None = None  # calibrated words score, 0..1 (None: photo alone)
+    matched: list[str] | None = None  # the query's words this product has
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "product_id": self.product_id,
             "score": round(float(self.score), 6),
             "image": self.image,
@@ -48,12 +52,50 @@ class Result:
             "in_stock": self.in_stock,
             "attributes": dict(self.attributes),
         }
+        if self.text is not None or self.matched is not None:
+            out["visual"] = None if self.visual is None else round(float(self.visual), 6)
+            out["text"] = round(float(self.text or 0.0), 6)
+            out["combined"] = out["score"]
+            out["matched"] = list(self.matched or [])
+        return out
 
 
 def check_k(k: int) -> int:
     if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k > MAX_K:
         raise UsageError(f"k must be a whole number from 1 to {MAX_K}, got {k!r}")
     return k
+
+
+@dataclass
+class Scope:
+    """Which images a search may return: all (`allowed` and `expr` None), these ids, or
+    those a store-side filter expression selects; `total` is how many that is."""
+
+    allowed: np.ndarray | None
+    expr: str | None
+    total: int
+
+
+def search_scope(
+    catalog: Catalog,
+    store: VectorStore,
+    filters: Filters | None = None,
+    allowed_ids: np.ndarray | None = None,
+) -> Scope:
+    """The images a search with these filters (or exactly these image ids) may return."""
+    if allowed_ids is not None:
+        allowed = np.asarray(allowed_ids, dtype=np.int64).reshape(-1)
+        return Scope(allowed, None, int(allowed.size))
+    if filters is None or filters.is_empty():
+        return Scope(None, None, len(store))
+    # a store that holds the products' fields (Milvus) filters itself; otherwise the
+    # catalog says which images pass and the store searches only those
+    pushdown = getattr(store, "filter_expression", None)
+    expr = pushdown(filters) if pushdown is not None else None
+    if expr is not None:
+        return Scope(None, expr, catalog.count_images_matching(filters))
+    allowed = catalog.image_ids_matching(filters)
+    return Scope(allowed, None, int(allowed.size))
 
 
 def rank_products(
@@ -64,48 +106,42 @@ def rank_products(
     filters: Filters | None = None,
     min_score: float | None = None,
     exclude_products: Collection[str] = (),
+    allowed_ids: np.ndarray | None = None,
 ) -> list[list[Result]]:
-    """Top-k products for each query vector (rows of `queries`)."""
+    """Top-k products for each query vector (rows of `queries`). `allowed_ids` (image
+    ids that already passed the filters, e.g. those of products with some words)
+    replaces `filters`."""
     check_k(k)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
-    allowed: np.ndarray | None = None
-    expr: str | None = None
-    total = len(store)
-    if filters is not None and not filters.is_empty():
-        # a store that holds the products' fields (Milvus) filters itself; otherwise the
-        # catalog says which images pass and the store searches only those
-        pushdown = getattr(store, "filter_expression", None)
-        expr = pushdown(filters) if pushdown is not None else None
-        if expr is not None:
-            total = catalog.count_images_matching(filters)
-        else:
-            allowed = catalog.image_ids_matching(filters)
-            total = int(allowed.size)
-    if total == 0:
+    scope = search_scope(catalog, store, filters, allowed_ids)
+    if scope.total == 0:
         return [[] for _ in range(len(queries))]
-    return [
-        _rank_one(catalog, store, query, k, allowed, expr, total, min_score, set(exclude_products))
-        for query in queries
-    ]
+    exclude = set(exclude_products)
+    out = []
+    for query in queries:
+        best = best_images(catalog, store, query, k, scope, min_score, exclude)
+        out.append(results_for(catalog, list(best.items())[:k]))
+    return out
 
 
-def _rank_one(
+def best_images(
     catalog: Catalog,
     store: VectorStore,
     query: np.ndarray,
     k: int,
-    allowed: np.ndarray | None,
-    expr: str | None,
-    total: int,
-    min_score: float | None,
-    exclude: set[str],
-) -> list[Result]:
+    scope: Scope,
+    min_score: float | None = None,
+    exclude: Collection[str] = (),
+) -> dict[str, tuple[float, int, str]]:
+    """product_id -> (score, image_id, source) of its best image, for at least k products
+    when there are that many (best first)."""
     # Ask for more images than products (a product may own several images), and widen
     # the search until k distinct products are found or every candidate has been seen.
+    total = scope.total
     want = min(total, max(4 * (k + len(exclude)), 32))
     while True:
-        pushed = {"expr": expr} if expr is not None else {}
-        scores, ids = store.search(query[None, :], want, allowed_ids=allowed, **pushed)
+        pushed = {"expr": scope.expr} if scope.expr is not None else {}
+        scores, ids = store.search(query[None, :], want, allowed_ids=scope.allowed, **pushed)
         scores, ids = scores[0], ids[0]
         valid = ids >= 0
         scores, ids = scores[valid], ids[valid]
@@ -125,8 +161,17 @@ def _rank_one(
         if len(best) >= k or exhausted or below_floor:
             break
         want = min(total, want * 4)
-    top = sorted(best.items(), key=lambda item: -item[1][0])[:k]
-    products = catalog.products([pid for pid, _ in top])
+    return dict(sorted(best.items(), key=lambda item: -item[1][0]))
+
+
+def results_for(
+    catalog: Catalog,
+    top: list[tuple[str, tuple[float, int, str]]],
+    products: dict[str, Any] | None = None,
+) -> list[Result]:
+    """Results for (product_id, (score, image_id, source)) pairs, in their order."""
+    if products is None:
+        products = catalog.products([pid for pid, _ in top])
     results = []
     for pid, (score, image_id, source) in top:
         product = products.get(pid)

@@ -27,6 +27,20 @@ def thumbnail(source, size: int = THUMB) -> Image.Image:
     return tile
 
 
+def words_tile(text: str, size: int = THUMB) -> Image.Image:
+    """A white tile with the words of a words-only query written on it."""
+    tile = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(tile)
+    words, lines = text.split(), [""]
+    for word in words:
+        if lines[-1] and len(lines[-1]) + 1 + len(word) > 16:
+            lines.append("")
+        lines[-1] = (lines[-1] + " " + word).strip()
+    for i, line in enumerate(lines[:7]):
+        draw.text((10, 12 + 20 * i), line, fill="#1f6feb", font=_font(16))
+    return tile
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         return ImageFont.load_default(size=size)
@@ -45,7 +59,7 @@ def draw_rows(rows: Sequence[tuple[str, object, Sequence[tuple[str, object, str]
     font = _font(12)
     for r, (label, query, items) in enumerate(rows):
         y = PAD + r * row_h
-        sheet.paste(thumbnail(query), (PAD, y))
+        sheet.paste(thumbnail(query) if query is not None else words_tile(label), (PAD, y))
         draw.rectangle([PAD - 2, y - 2, PAD + THUMB + 1, y + THUMB + 1], outline="#1f6feb", width=2)
         draw.text((PAD, y + THUMB + 3), _clip(label, 24), fill="#1f6feb", font=font)
         for c, (caption, source, colour) in enumerate(items):

@@ -23,9 +23,11 @@ def value_of(obj: Any, name: str, default: Any = None) -> Any:
 
 def result_out(result: Any, urls: UrlMaker) -> SearchResult:
     image_id = int(value_of(result, "image_id"))
+    score = float(value_of(result, "score"))
+    text = value_of(result, "text")
     return SearchResult(
         product_id=str(value_of(result, "product_id")),
-        score=float(value_of(result, "score")),
+        score=score,
         title=value_of(result, "title"),
         category=value_of(result, "category"),
         price=value_of(result, "price"),
@@ -34,6 +36,10 @@ def result_out(result: Any, urls: UrlMaker) -> SearchResult:
         image_url=urls.thumb(image_id),
         full_image_url=urls.full(image_id),
         attributes=dict(value_of(result, "attributes") or {}),
+        visual=score if text is None else value_of(result, "visual"),
+        text=text,
+        combined=score,
+        matched=value_of(result, "matched"),
     )
 
 

@@ -9,7 +9,10 @@ from .. import __version__
 
 class SearchResult(BaseModel):
     product_id: str
-    score: float = Field(description="Cosine similarity of the best-matching product image")
+    score: float = Field(
+        description="Cosine similarity of the best-matching product image; with words,"
+        " the combined score (photo and words) or the words score (words alone)"
+    )
     title: str | None = None
     category: str | None = None
     price: float | None = None
@@ -18,11 +21,29 @@ class SearchResult(BaseModel):
     image_url: str = Field(description="Thumbnail of that image, sized for result grids")
     full_image_url: str
     attributes: dict[str, Any] = Field(default_factory=dict)
+    visual: float | None = Field(
+        default=None, description="Cosine of the best image (null when words alone)"
+    )
+    text: float | None = Field(
+        default=None, description="Words score, 0..1 (null when photo alone)"
+    )
+    combined: float | None = Field(default=None, description="The score the ranking used")
+    matched: list[str] | None = Field(
+        default=None, description="The query's words this product has (null when photo alone)"
+    )
 
 
 class SearchResponse(BaseModel):
     results: list[SearchResult]
     took_ms: float = Field(description="Server time for this request, decode to ranking")
+    mode: str = Field(default="photo", description="photo, words or both")
+    words: list[str] | None = Field(default=None, description="The words searched for")
+    unmatched: list[str] | None = Field(default=None, description="Words that no result has")
+    note: str | None = Field(
+        default=None,
+        description="e.g. words that match no product: the photo's results came back",
+    )
+    text_weight: float | None = Field(default=None, description="Words' share (photo+words)")
 
 
 class ProductImage(BaseModel):

@@ -32,7 +32,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
             report = run_leave_one_out(engine, args.field, ks[0])
         else:
             report = run_eval(
-                engine, args.queries, parse_ks(args.ks or "1,5,10"), progress=show_progress(args)
+                engine,
+                args.queries,
+                parse_ks(args.ks or "1,5,10"),
+                progress=show_progress(args),
+                text_weight=args.text_weight,
             )
         if args.json:
             print(report_json(report, per_query=args.per_query))
@@ -77,7 +81,9 @@ def add_commands(sub: Any) -> None:
         help="measure retrieval quality (Recall@K, mAP@K, leave-one-out precision@K)",
         description=(
             "Evaluate the catalog in the home folder. Either --queries LABELS.csv (columns"
-            " image,product_id; paths relative to the CSV): Recall@K and mAP@K of the"
+            " image,product_id and an optional text column: the words searched with the"
+            " photo, or alone on a row without image; paths relative to the CSV): Recall@K"
+            " and mAP@K of the"
             " labelled product, or --leave-one-out --field FIELD: each catalog image queries"
             " the other products; precision@K = share of the top K sharing its FIELD value."
         ),
@@ -93,6 +99,13 @@ def add_commands(sub: Any) -> None:
         dest="ks",
         default=None,
         help="K values, comma-separated (default 1,5,10; leave-one-out: 10)",
+    )
+    p.add_argument(
+        "--text-weight",
+        type=float,
+        default=None,
+        metavar="W",
+        help="rows with a photo and words: the words' share, 0..1 (default as search)",
     )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(

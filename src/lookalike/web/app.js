@@ -1,7 +1,7 @@
 // The lookalike search page: pick/drop/paste/shoot a photo, optionally drag a box
-// around one item, filter, and see the most similar products. Plain JS, no build step.
-// Talks only to the API it is served by: POST /search, GET /products/{id}/similar,
-// GET /categories, GET /readyz.
+// around one item, type words, filter, and see the best products: like the photo, matching
+// the words, or both. Plain JS, no build step. Talks only to the API it is served by:
+// POST /search, GET /search?q=, GET /products/{id}/similar, GET /categories, GET /readyz.
 
 const MAX_UPLOAD_SIDE = 2048; // bigger photos are scaled down in the browser before upload
 const MIN_SELECTION_PX = 8; // a drag smaller than this (on screen) is a click, not a box
@@ -19,6 +19,8 @@ const els = {
   cropInfo: $("crop-info"),
   clearCrop: $("clear-crop"),
   form: $("filters"),
+  q: $("q"),
+  wordsNote: $("words-note"),
   category: $("category"),
   priceMin: $("price-min"),
   priceMax: $("price-max"),
@@ -41,7 +43,7 @@ const state = {
   uploadScale: 1, // upload pixels per natural pixel
   natural: null, // {w, h} of the photo as displayed (EXIF-rotated), when the browser can show it
   crop: null, // {x, y, w, h} in natural pixels, or null for the whole photo
-  mode: "photo", // "photo" or "similar"
+  mode: "photo", // "photo" (photo and/or words) or "similar"
   similarTo: null, // {product_id, title} in "similar" mode
   request: 0, // id of the newest request; older answers are dropped
   revealResults: false, // on a phone, scroll to the results once they arrive
@@ -307,11 +309,21 @@ function validFilters() {
   return true;
 }
 
+function words() {
+  return els.q.value.trim();
+}
+
 function runSearch() {
   if (state.mode === "similar" && state.similarTo) return runSimilar(state.similarTo);
-  if (!state.upload) return;
+  const q = words();
+  if (!state.upload && !q) return;
   if (!validFilters()) return;
+  if (!state.upload) {
+    const query = new URLSearchParams([["q", q], ...filterParams()]).toString();
+    return send(`/search?${query}`, { method: "GET" }, `Products matching “${q}”`);
+  }
   const form = new FormData();
+  if (q) form.append("q", q);
   const name = state.file.name || "photo.jpg";
   form.append("image", state.upload, state.upload === state.file ? name : "photo.jpg");
   for (const [key, value] of filterParams()) form.append(key, value);
@@ -323,7 +335,8 @@ function runSearch() {
     box[3] = Math.max(1, box[3]);
     form.append("crop", box.join(","));
   }
-  const heading = state.crop ? "Products like the selected area" : "Products like your photo";
+  let heading = state.crop ? "Products like the selected area" : "Products like your photo";
+  if (q) heading += `, with “${q}”`;
   return send("/search", { method: "POST", body: form }, heading);
 }
 
@@ -368,7 +381,8 @@ async function send(url, options, heading) {
   }
   const total = Math.round(performance.now() - started);
   els.heading.textContent = heading;
-  render(body.results);
+  render(body.results, body.mode || "photo");
+  showWordsNote(body);
   const count = body.results.length;
   els.timing.textContent =
     `${count} result${count === 1 ? "" : "s"} · ${formatMs(body.took_ms)} on the server · ` +
@@ -379,7 +393,17 @@ async function send(url, options, heading) {
   state.revealResults = false;
 }
 
+function showWordsNote(body) {
+  let text = "";
+  if (body.note) text = body.note.charAt(0).toUpperCase() + body.note.slice(1) + ".";
+  else if (body.unmatched && body.unmatched.length)
+    text = `No result has the word${body.unmatched.length === 1 ? "" : "s"}: ${body.unmatched.join(", ")}.`;
+  els.wordsNote.textContent = text;
+  els.wordsNote.hidden = !text;
+}
+
 function clearResults() {
+  els.wordsNote.hidden = true;
   els.grid.replaceChildren();
   els.heading.textContent = "Results";
   els.timing.textContent = "";
@@ -428,13 +452,19 @@ function hideError() {
 
 // ---------------------------------------------------------------- results
 
-function render(results) {
-  els.grid.replaceChildren(...results.map(card));
+const SCORE_LABELS = {
+  photo: ["similarity", "Cosine similarity to your photo (1 = identical)"],
+  words: ["words match", "How well the product's title, category and attributes match your words"],
+  both: ["score", "The photo's similarity and the words' match, combined"],
+};
+
+function render(results, mode = "photo") {
+  els.grid.replaceChildren(...results.map((result) => card(result, mode)));
   els.empty.hidden = results.length > 0;
   els.empty.textContent = "No products match. Try fewer filters or a different area.";
 }
 
-function card(result) {
+function card(result, mode = "photo") {
   const li = document.createElement("li");
   const button = document.createElement("button");
   button.type = "button";
@@ -472,11 +502,19 @@ function card(result) {
   stock.textContent = result.in_stock === false ? "Out of stock" : "In stock";
   meta.append(price, stock);
 
+  if (result.matched && result.matched.length) {
+    const matched = document.createElement("p");
+    matched.className = "matched";
+    matched.textContent = `words: ${result.matched.join(", ")}`;
+    body.append(matched);
+  }
+
   const score = document.createElement("div");
   score.className = "score";
-  score.title = "Cosine similarity to your photo (1 = identical)";
+  const [scoreName, scoreHelp] = SCORE_LABELS[mode] || SCORE_LABELS.photo;
+  score.title = scoreHelp;
   const label = document.createElement("span");
-  label.textContent = `similarity ${result.score.toFixed(2)}`;
+  label.textContent = `${scoreName} ${result.score.toFixed(2)}`;
   const bar = document.createElement("span");
   bar.className = "bar";
   const fill = document.createElement("i");
@@ -506,7 +544,14 @@ els.back.addEventListener("click", () => {
 
 els.form.addEventListener("submit", (event) => {
   event.preventDefault();
+  if (words()) {
+    state.mode = "photo"; // new words: a new search, not "more like" a product
+    state.similarTo = null;
+  }
   runSearch();
+});
+els.q.addEventListener("input", () => {
+  els.searchButton.disabled = !state.upload && !words();
 });
 for (const el of [els.category, els.inStock, els.k, els.priceMin, els.priceMax]) {
   el.addEventListener("change", () => {

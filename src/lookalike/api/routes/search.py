@@ -1,18 +1,39 @@
-"""POST /search (products that look like an uploaded photo) and
-GET /products/{id}/similar ("more like this")."""
+"""POST /search (products that look like an uploaded photo, refined by words `q`, or
+words alone), GET /search?q= (words alone) and GET /products/{id}/similar ("more like
+this")."""
 
 import time
-from typing import Annotated, Any
+from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi.exceptions import RequestValidationError
 
+from ...catalog import Filters
 from ...errors import LookalikeError
+from ...fusion import TEXT_WEIGHT, SearchReport
 from ..adapters import result_out, similar_products
 from ..deps import Cpu, EngineDep, UrlMaker, Urls
 from ..limits import Limits
 from ..params import attribute_filters, make_filters
 from ..schemas import ERRORS, SearchResponse
 from ..uploads import encoder_input_size, load_query_image, parse_crop, read_upload, with_file_name
+
+
+def query_filters(
+    request: Request,
+    category: Annotated[
+        list[str] | None, Query(description="Repeat for any of several categories")
+    ] = None,
+    price_min: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
+    price_max: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
+    in_stock: bool | None = None,
+) -> Filters | None:
+    """The filters of a GET search (`attr.<name>=<value>` parameters included)."""
+    attrs = attribute_filters(request.query_params.multi_items())
+    return make_filters(category, price_min, price_max, in_stock, attrs)
+
+
+QueryFilters = Annotated[Filters | None, Depends(query_filters)]
 
 
 def make_router(limits: Limits) -> APIRouter:
@@ -23,14 +44,30 @@ def make_router(limits: Limits) -> APIRouter:
         "/search",
         response_model=SearchResponse,
         responses=ERRORS,
-        summary="Products that look like the uploaded photo",
+        summary="Products that look like the uploaded photo, refined by words, or words alone",
     )
     async def search(
         request: Request,
         engine: EngineDep,
         urls: Urls,
         cpu: Cpu,
-        image: Annotated[UploadFile, File(description="The query photo")],
+        image: Annotated[
+            UploadFile | None, File(description="The query photo (optional with q)")
+        ] = None,
+        q: Annotated[
+            str | None,
+            Form(
+                max_length=1000,
+                description="Words: with the photo, they refine its results; alone, a"
+                " words search of titles, categories and attribute values",
+            ),
+        ] = None,
+        text_weight: Annotated[
+            float | None,
+            Form(
+                ge=0, le=1, description=f"Photo and words: the words' share (default {TEXT_WEIGHT})"
+            ),
+        ] = None,
         k: Annotated[int, Form(ge=1, le=limits.max_k)] = 10,
         category: Annotated[
             list[str] | None, Form(description="Repeat for any of several categories")
@@ -47,25 +84,70 @@ def make_router(limits: Limits) -> APIRouter:
         w: Annotated[float | None, Form(allow_inf_nan=False)] = None,
         h: Annotated[float | None, Form(allow_inf_nan=False)] = None,
     ) -> SearchResponse:
-        """Attribute equality filters: extra form fields `attr.<name>=<value>`
-        (e.g. `attr.colour=Black`)."""
+        """Give `image`, `q`, or both. Attribute equality filters: extra form fields
+        `attr.<name>=<value>` (e.g. `attr.colour=Black`). With words, `min_score`
+        applies to the combined score, and each result says which words it has."""
         started = time.perf_counter()
         form = await request.form()
         filters = make_filters(
             category, price_min, price_max, in_stock, attribute_filters(form.multi_items())
         )
+        words = q if q is not None and q.strip() else None
+        if image is None and words is None:
+            raise RequestValidationError(
+                [{"loc": ("body", "image"), "msg": "give a photo (image), words (q), or both"}]
+            )
+        if image is None:
+            report = await cpu.run(
+                lambda: engine.find([], words, k, filters, min_score, text_weight)[0]
+            )
+            return _response(report, urls, started)
         box = parse_crop(crop, x, y, w, h)
-        data = await read_upload(image, limits.max_image_bytes)
+        upload = image
+        data = await read_upload(upload, limits.max_image_bytes)
 
-        def work() -> list[Any]:
+        def work() -> SearchReport:
             try:
                 img = load_query_image(data, box, encoder_input_size(engine), limits)
             except LookalikeError as exc:
-                raise with_file_name(exc, image.filename) from None
-            return engine.search([img], k=k, filters=filters, min_score=min_score)[0]
+                raise with_file_name(exc, upload.filename) from None
+            if words is None:
+                return SearchReport(
+                    engine.search([img], k=k, filters=filters, min_score=min_score)[0], "photo"
+                )
+            return engine.find([img], words, k, filters, min_score, text_weight)[0]
 
-        results = await cpu.run(work)
-        return _response(results, urls, started)
+        report = await cpu.run(work)
+        return _response(report, urls, started)
+
+    @router.get(
+        "/search",
+        response_model=SearchResponse,
+        responses=ERRORS,
+        summary="Words alone: products whose title, category or attributes have the words",
+    )
+    async def search_words(
+        engine: EngineDep,
+        urls: Urls,
+        cpu: Cpu,
+        q: Annotated[
+            str,
+            Query(
+                min_length=1,
+                max_length=1000,
+                description="Words (stemmed: 'heel' finds 'Heels'; a non-word is a prefix)",
+            ),
+        ],
+        filters: QueryFilters,
+        k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
+        min_score: Annotated[float | None, Query(ge=0, le=1, allow_inf_nan=False)] = None,
+    ) -> SearchResponse:
+        """Attribute equality filters: query parameters `attr.<name>=<value>`. Results
+        come ranked by how well their words match (BM25), `score` is the words score
+        (0..1) and `matched` the words each has."""
+        started = time.perf_counter()
+        report = await cpu.run(lambda: engine.find([], q, k, filters, min_score)[0])
+        return _response(report, urls, started)
 
     @router.get(
         "/products/{product_id}/similar",
@@ -74,38 +156,30 @@ def make_router(limits: Limits) -> APIRouter:
         summary="More like this: products that look like this product",
     )
     async def similar(
-        request: Request,
         engine: EngineDep,
         urls: Urls,
         cpu: Cpu,
         product_id: str,
+        filters: QueryFilters,
         k: Annotated[int, Query(ge=1, le=limits.max_k)] = 10,
-        category: Annotated[
-            list[str] | None, Query(description="Repeat for any of several categories")
-        ] = None,
-        price_min: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
-        price_max: Annotated[float | None, Query(ge=0, allow_inf_nan=False)] = None,
-        in_stock: bool | None = None,
         min_score: Annotated[float | None, Query(ge=-1, le=1, allow_inf_nan=False)] = None,
     ) -> SearchResponse:
         """Attribute equality filters: query parameters `attr.<name>=<value>`."""
         started = time.perf_counter()
-        filters = make_filters(
-            category,
-            price_min,
-            price_max,
-            in_stock,
-            attribute_filters(request.query_params.multi_items()),
-        )
         results = await cpu.run(similar_products, engine, product_id, k, filters, min_score)
-        return _response(results, urls, started)
+        return _response(SearchReport(results, "photo"), urls, started)
 
     return router
 
 
-def _response(results: list[Any], urls: UrlMaker, started: float) -> SearchResponse:
+def _response(report: SearchReport, urls: UrlMaker, started: float) -> SearchResponse:
     """The ranked results as the API answers them, with the time since `started`."""
     return SearchResponse(
-        results=[result_out(r, urls) for r in results],
+        results=[result_out(r, urls) for r in report.results],
         took_ms=round((time.perf_counter() - started) * 1000, 2),
+        mode=report.mode,
+        words=report.words or None,
+        unmatched=report.unmatched if report.words else None,
+        note=report.note,
+        text_weight=report.text_weight,
     )
