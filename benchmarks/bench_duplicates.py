@@ -188,10 +188,13 @@ def run_lookalike(home: Path, items, truth: Truth) -> tuple[list, dict]:
     return scored, timing
 
 
-def run_imagededup(python: str, items, workdir: Path, max_distance: int) -> dict:
+def run_imagededup(python: str, items, workdir: Path, max_distance: int, reuse: bool) -> dict:
     files = workdir / "files.json"
-    files.write_text(json.dumps([str(it.path) for it in items]))
+    listing = json.dumps([str(it.path) for it in items])
     out = workdir / "imagededup.json"
+    if reuse and out.exists() and files.exists() and files.read_text() == listing:
+        return json.loads(out.read_text())  # the same files, hashed by an earlier run
+    files.write_text(listing)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     subprocess.run(
         [python, str(HERE / "imagededup_runner.py"), str(files), str(max_distance), str(out)],
@@ -208,6 +211,11 @@ def main() -> None:
     ap.add_argument("--dedup-python", default="/tmp/dedup-venv/bin/python")
     ap.add_argument("--max-distance", type=int, default=24)
     ap.add_argument("--json", help="write the figures here too")
+    ap.add_argument(
+        "--reuse-imagededup",
+        action="store_true",
+        help="take imagededup's pairs from an earlier run on the same files",
+    )
     args = ap.parse_args()
     workdir = Path(args.workdir)
     if (workdir / "home").exists():
@@ -223,7 +231,9 @@ def main() -> None:
     scored, timing = run_lookalike(workdir / "home", items, truth)
     methods = {"lookalike": (scored, timing)}
     if args.dedup_python:
-        dedup = run_imagededup(args.dedup_python, items, workdir, args.max_distance)
+        dedup = run_imagededup(
+            args.dedup_python, items, workdir, args.max_distance, args.reuse_imagededup
+        )
         for name, res in dedup.items():
             pairs = [(a, b, -float(d)) for a, b, d in res["pairs"]]
             methods[f"imagededup {name}"] = (

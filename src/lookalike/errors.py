@@ -74,3 +74,10 @@ class UnknownImageError(LookalikeError):
 
     exit_code = 6
     http_status = 404
+
+
+class DuplicateImageError(LookalikeError):
+    """A new image is a copy of another product's image, and duplicates were refused."""
+
+    exit_code = 9
+    http_status = 409

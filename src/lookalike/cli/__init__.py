@@ -5,7 +5,8 @@ or JSON.
 Exit status: 0 success; 1 other error; 2 bad usage or filter; 3 a path that does not
 exist or cannot be read; 4 an image that cannot be decoded (or is too large); 5 a
 metadata file that cannot be used; 6 unknown product or image id; 7 model error;
-8 `index` finished but skipped some files or metadata rows (listed in its summary).
+8 `index` finished but skipped some files or metadata rows (listed in its summary);
+9 a duplicate image refused.
 """
 
 from __future__ import annotations
@@ -16,12 +17,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import LookalikeError
-from . import catalog, evaluate, search, serve, tune
+from . import catalog, duplicates, evaluate, search, serve, tune
 from .common import EXIT_PARTIAL
 
 __all__ = ["EXIT_PARTIAL", "build_parser", "main"]
 
-COMMAND_GROUPS = (catalog, search, serve, evaluate, tune)
+COMMAND_GROUPS = (catalog, search, duplicates, serve, evaluate, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="lookalike",
         description="Visual product search: find the catalog products that look like a photo.",
         epilog="Exit status: 0 ok, 2 usage, 3 path, 4 image, 5 metadata, 6 unknown id, "
-        "7 model, 8 index finished with skipped files/rows.",
+        "7 model, 8 index finished with skipped files/rows, 9 duplicate refused.",
     )
     parser.add_argument(
         "--home",
