@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -143,9 +144,10 @@ def test_group_pairs_joins_chains_and_keeps_the_weakest_score():
     pairs = [DuplicatePair(1, 2, 0.9, 0.95), DuplicatePair(2, 3, 0.9, 0.85)]
     pairs += [DuplicatePair(7, 8, 0.9, 0.99)]
     groups = group_pairs(pairs, owners.__getitem__)
-    assert [[i.image_id for i in g.images] for g in groups] == [[1, 2, 3], [7, 8]]
+    # images ordered by product, then id; groups by size
+    assert [[i.image_id for i in g.images] for g in groups] == [[3, 1, 2], [7, 8]]
     assert groups[0].score == pytest.approx(0.85)
-    assert groups[0].images[0] == DuplicateImage(1, "p1", "/img/1.jpg")
+    assert groups[0].images[1] == DuplicateImage(1, "p1", "/img/1.jpg")
 
 
 def test_near_pairs_finds_planted_vectors_without_a_full_matrix():
@@ -210,3 +212,104 @@ def test_add_product_returns_or_refuses_duplicates(home, tmp_path):
         assert [[i.product_id for i in g.images] for g in found] == [["again", "ff-2886"]]
         assert found[0].score == 1.0 or found[0].score > 0.95
         engine.remove(["again"])
+
+
+# ----------------------------------------------------------------- the CLI and the API
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lookalike", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_cli_duplicates_json_text_and_sheet(home, report, tmp_path):
+    done = _cli(home, "duplicates", "--json", "--sheet", str(tmp_path / "dups.png"))
+    assert done.returncode == 0, done.stderr
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    assert lines == [g.to_dict() for g in report.groups]
+    assert f"{len(report.groups)} group(s) of duplicates across products" in done.stderr
+    sheet = Image.open(tmp_path / "dups.png")
+    assert sheet.height > 160 * len(report.groups)
+    text = _cli(home, "duplicates", "--threshold", "0.999")
+    assert text.returncode == 0 and "threshold 0.999" in text.stderr
+    bad = _cli(home, "duplicates", "--threshold", "2")
+    assert bad.returncode == 2 and bad.stderr.startswith("lookalike: threshold")
+    assert "Traceback" not in bad.stderr
+
+
+def test_cli_index_warns_and_rejects(home, tmp_path):
+    _, items = _catalog_rows(tmp_path)
+    copy = tmp_path / "cli-copy.png"
+    dup_data.pad(Image.open(items["fw-footwear_0030"].path).convert("RGB"), random.Random(1)).save(
+        copy
+    )
+    meta = _write_csv(tmp_path / "cli.csv", [("cli-copy", str(copy))])
+    done = _cli(home, "index", "--metadata", str(meta), "--json")
+    assert done.returncode == 0, done.stderr
+    body = json.loads(done.stdout)
+    assert [[i["product_id"] for i in d["images"]] for d in body["duplicates"]] == [
+        ["cli-copy", "fw-footwear_0030"]
+    ]
+    _cli(home, "remove", "cli-copy")
+    again = _cli(home, "index", "--metadata", str(meta), "--reject-duplicates")
+    assert again.returncode == 0, again.stderr
+    assert "duplicates: 1 new image" in again.stdout and "rejected" in again.stdout
+    with Engine(home) as engine:
+        assert engine.catalog.find_product("cli-copy") is None
+
+
+@pytest.fixture()
+def api(home):
+    from fastapi.testclient import TestClient
+
+    from lookalike.api import create_app
+
+    with Engine(home) as engine, TestClient(create_app(engine, api_key="k")) as client:
+        yield client
+
+
+def test_api_duplicates_pages_and_shape(api, report):
+    first = api.get("/duplicates", params={"limit": 2})
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert body["total"] == len(report.groups) and body["limit"] == 2
+    assert len(body["groups"]) == 2
+    rest = api.get("/duplicates", params={"limit": 2, "offset": 2}).json()["groups"]
+    together = body["groups"] + rest
+    expected = [g.to_dict() for g in report.groups][: len(together)]
+    for got, want in zip(together, expected, strict=True):
+        assert got["score"] == want["score"]
+        assert [(i["product_id"], i["image_id"]) for i in got["images"]] == [
+            (i["product_id"], i["image_id"]) for i in want["images"]
+        ]
+        assert all(set(i) == {"product_id", "image", "image_id"} for i in got["images"])
+        assert api.get(got["images"][0]["image"]).status_code == 200  # a URL, not a path
+    assert api.get("/duplicates", params={"threshold": 5}).status_code == 422
+    page = api.get("/duplicates", headers={"Accept": "text/html"})
+    assert page.status_code == 200 and "duplicates.js" in page.text
+
+
+def test_api_post_products_lists_or_refuses_duplicates(api, tmp_path):
+    _, items = _catalog_rows(tmp_path)
+    src = Image.open(items["gr-Pink-Lady"].path).convert("RGB")
+    path = tmp_path / "pink.jpg"
+    dup_data.resize(src, random.Random(2)).save(path)
+    files = {"images": ("pink.jpg", path.read_bytes(), "image/jpeg")}
+    auth = {"Authorization": "Bearer k"}
+    refused = api.post(
+        "/products", data={"product_id": "pink", "reject_duplicates": "true"}, files=files,
+        headers=auth,
+    )  # fmt: skip
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "DuplicateImageError"
+    assert api.get("/products/pink").status_code == 404
+    added = api.post("/products", data={"product_id": "pink"}, files=files, headers=auth)
+    assert added.status_code == 201, added.text
+    dups = added.json()["duplicates"]
+    assert [[i["product_id"] for i in d["images"]] for d in dups] == [["pink", "gr-Pink-Lady"]]
+    assert api.delete("/products/pink", headers=auth).status_code == 204

@@ -16,7 +16,7 @@ from .deps import API_KEY_ENV, CpuSlots
 from .errors import install_error_handlers
 from .holder import EngineHolder, default_home
 from .limits import BodyLimitMiddleware, Limits
-from .routes import catalog, catalog_writes, images, meta, search
+from .routes import catalog, catalog_writes, duplicates, images, meta, search
 from .thumbnails import ThumbnailCache
 
 CORS_ENV = "LOOKALIKE_CORS_ORIGINS"
@@ -79,6 +79,7 @@ def create_app(
 
     app.include_router(search.make_router(limits))
     app.include_router(catalog.make_router(limits))
+    app.include_router(duplicates.make_router(limits))
     app.include_router(images.router)
     app.include_router(catalog_writes.router)
     app.include_router(meta.router)

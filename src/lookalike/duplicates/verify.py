@@ -29,8 +29,9 @@ SCALES = (1.0, 0.93, 0.86, 0.79, 0.72, 0.65, 0.58, 0.5)  # widths one is searche
 BAND = (3, 9)  # the detail band: local means of these sizes subtracted
 TRIM = 0.15  # share of the worst-matching aligned pixels ignored (overlays, watermarks)
 LIGHTNESS_WEIGHT = 0.5  # lightness counts half in the colour difference
+CONTENT_DELTA = 8.0  # colour distance from the background that makes a pixel content
 COLOUR_WEIGHT = 0.03  # score = detail - COLOUR_WEIGHT * (colour difference - allowance)
-COLOUR_ALLOWANCE = 2.5  # colour difference (Lab units) a re-encode or light edit makes
+COLOUR_ALLOWANCE = 6.0  # colour difference (Lab units) a re-encode or light edit makes
 
 
 @dataclass
@@ -183,11 +184,26 @@ def compare_thumbs(a: Thumb, b: Thumb, scales: Sequence[float] = SCALES) -> Comp
     keep = max(1, int(round(xl.size * (1 - TRIM))))
     structure = _robust_correlation(xl, ylum, keep)
     detail = _robust_correlation(_high_pass(xl), _high_pass(ylum), keep)
-    tone = LIGHTNESS_WEIGHT * (xl - ylum)  # brown and black differ mostly in lightness
-    cdiff = np.sqrt(((xc - ych) ** 2).sum(-1) + tone * tone).ravel()
-    colour = float(np.partition(cdiff, keep - 1)[:keep].mean())
+    colour = _colour_difference(xl, xc, ylum, ych)
     penalty = COLOUR_WEIGHT * max(0.0, colour - COLOUR_ALLOWANCE)
     return Comparison(detail - penalty, structure, colour, mirrored, detail)
+
+
+def _colour_difference(xl: np.ndarray, xc: np.ndarray, yl: np.ndarray, yc: np.ndarray) -> float:
+    """Robust mean colour difference (Lab, lightness weighted LIGHTNESS_WEIGHT) over the
+    pixels that stand out from the background (the colour of the window's edge) in
+    either image: a colour variant differs on the product, not on the studio white."""
+    x = np.concatenate([xl[..., None] * LIGHTNESS_WEIGHT, xc], -1)
+    y = np.concatenate([yl[..., None] * LIGHTNESS_WEIGHT, yc], -1)
+    content = np.zeros(xl.shape, dtype=bool)
+    for img in (x, y):
+        ring = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
+        content |= np.sqrt(((img - np.median(ring, axis=0)) ** 2).sum(-1)) > CONTENT_DELTA
+    if content.sum() < 0.1 * content.size:
+        content[:] = True
+    diff = np.sqrt(((x - y) ** 2).sum(-1))[content]
+    keep = max(1, int(round(diff.size * (1 - TRIM))))
+    return float(np.partition(diff, keep - 1)[:keep].mean())
 
 
 def _refine(value: float, where: tuple) -> tuple[float, tuple]:
