@@ -614,6 +614,12 @@ class Catalog:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM images").fetchone()[0]
 
+    def max_image_id(self) -> int:
+        """The highest image id given so far (0 for none): ids above it are new."""
+        with self._lock:
+            row = self._db.execute("SELECT MAX(image_id) FROM images").fetchone()
+        return int(row[0] or 0)
+
     def image_products(self, image_ids: Sequence[int]) -> dict[int, tuple[str, str]]:
         """image_id -> (product_id, source) for the ids that exist."""
         out: dict[int, tuple[str, str]] = {}

@@ -22,10 +22,12 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import duplicates
 from .catalog import Catalog, Filters, Product, attributes_json, check_product_id
 from .encoders import DEFAULT_MODEL
 from .errors import (
     CatalogMismatchError,
+    DuplicateImageError,
     ImageInUseError,
     InputPathError,
     ProductExistsError,
@@ -79,6 +81,7 @@ class Engine(SharedHome):
         self._write_depth = 0
         self._entry_mark: str | None = None  # the clean mark as the current write found it
         self._next_follow = 0.0
+        self._duplicates_cache: tuple[tuple, duplicates.DuplicatesReport] | None = None
 
     @classmethod
     def open(cls, home=None, model: str | None = None, vector_store: str | None = None, **kw):
@@ -229,12 +232,16 @@ class Engine(SharedHome):
         paths: Iterable[str | os.PathLike] = (),
         metadata: str | os.PathLike | None = None,
         progress: bool = True,
+        reject_duplicates: bool = False,
         **kw: Any,
     ) -> IngestReport:
         """Index folders/files and/or a metadata file (see lookalike.ingest). The home's
-        lock is held one batch at a time, so the server's writes go on meanwhile."""
+        lock is held one batch at a time, so the server's writes go on meanwhile. New
+        images that are the same photo as another product's image are reported
+        (`report.duplicates`), and with `reject_duplicates` taken out again."""
         with self.writing():
             self._switch_model_if_needed()
+            before = self.catalog.max_image_id()
             payload = metadata is not None and self._payload_changing()
             store, encoder = self._store, self.encoder
         report = ingest(
@@ -247,11 +254,76 @@ class Engine(SharedHome):
                 # new and re-encoded images went in with their payload; the products
                 # whose fields changed need theirs re-sent for their other images
                 self._refresh_payload(dict.fromkeys(report.changed_products))
+            self._check_new_images(before, report, reject_duplicates)
+        return report
+
+    def _check_new_images(self, before: int, report: IngestReport, reject: bool) -> None:
+        """Report (or reject) images above id `before` that copy another product's image."""
+        new = self.catalog.embedded_ids(self.encoder.stamp)
+        new = np.sort(new[new > before])
+        if new.size > duplicates.INGEST_CHECK_LIMIT:
+            report.notes.append(
+                f"{new.size:,} new images: not checked for duplicates one by one; run"
+                " `lookalike duplicates` for the whole catalog"
+            )
+            return
+        groups = duplicates.new_image_duplicates(self.catalog, self._store, new.tolist())
+        report.duplicates = [group.to_dict() for group in groups]
+        if reject and groups:
+            refused = sorted({group.images[0].image_id for group in groups})
+            self.catalog.remove_images(refused)
+            self._store.remove(np.array(refused, dtype=np.int64))
+            report.rejected = len(refused)
+            report.added -= len(refused)
+
+    def duplicates(
+        self,
+        threshold: float | None = None,
+        within_products: bool = False,
+        progress: duplicates.Progress | None = None,
+    ) -> duplicates.DuplicatesReport:
+        """Groups of catalog images that are the same photo (lookalike.duplicates). The
+        last report is kept until the catalog changes, so pages of it come cheap."""
+        threshold = duplicates.DEFAULT_THRESHOLD if threshold is None else threshold
+        self._follow_catalog_model()
+        store = self.store
+        key = (
+            self.encoder.stamp,
+            self.catalog.count_images(),
+            self.catalog.max_image_id(),
+            float(threshold),
+            bool(within_products),
+        )
+        cached = self._duplicates_cache
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with self._lock:
+            source = store if hasattr(store, "get") else None  # FAISS: its vector log
+            report = duplicates.find_duplicates(
+                self.catalog,
+                self.encoder.stamp,
+                threshold=threshold,
+                within_products=within_products,
+                source=source,
+                progress=progress,
+            )
+        self._duplicates_cache = (key, report)
         return report
 
     def add_product(self, fields: dict[str, Any], images: Sequence[bytes | os.PathLike]) -> Product:
         """Add one product with one or more images (bytes of uploads, or paths). Every
         image is decoded before anything is written: a bad one adds nothing."""
+        return self.add_product_checked(fields, images)[0]
+
+    def add_product_checked(
+        self,
+        fields: dict[str, Any],
+        images: Sequence[bytes | os.PathLike],
+        reject_duplicates: bool = False,
+    ) -> tuple[Product, list[duplicates.DuplicateGroup]]:
+        """`add_product`, and the new images that are the same photo as an image of
+        another product ([new, other] groups). With `reject_duplicates` such a product is
+        refused (DuplicateImageError) and nothing is written."""
         product = _product_from_fields(fields)
         if not images:
             raise UsageError("a product needs at least one image")
@@ -280,6 +352,12 @@ class Engine(SharedHome):
             if self.encoder.stamp != encoder.stamp:  # the model changed meanwhile (tune)
                 encoder = self.encoder
                 vectors = encoder.embed(np.stack([encoder.prepare(p) for _, p, _ in decoded]))
+            thumbs = [duplicates.make_thumb(pil) for _, pil, _ in decoded]
+            matches = duplicates.match_new(
+                self.catalog, self._store, vectors, thumbs, [product.product_id] * len(thumbs)
+            )
+            if reject_duplicates and matches:
+                raise DuplicateImageError(_refusal(matches, self.catalog))
             (self.home / "uploads").mkdir(exist_ok=True)
             ids = []
             with self.catalog.transaction():
@@ -295,7 +373,7 @@ class Engine(SharedHome):
                     )
                     ids.append(image_id)
             self._store.add(np.array(ids, dtype=np.int64), vectors)
-        return product
+        return product, duplicates.pairs_to_groups(self.catalog, ids, matches)
 
     def _refuse_existing(self, product_id: str) -> None:
         if self.catalog.find_product(product_id) is not None:
@@ -573,6 +651,15 @@ class PayloadStore:
         if expr is not None and expr in self._fractions:
             kw.setdefault("filter_fraction", self._fractions[expr])
         return self._inner.search(queries, k, allowed_ids=allowed_ids, expr=expr, **kw)
+
+
+def _refusal(matches: list[tuple[int, int, float]], catalog: Catalog) -> str:
+    owners = catalog.image_products(sorted({other for _, other, _ in matches}))
+    row, other, score = max(matches, key=lambda m: m[2])
+    return (
+        f"image {row + 1} is the same photo as image {other} of product"
+        f" {owners[other][0]} (score {score:.3f}); not added (duplicates were refused)"
+    )
 
 
 def _active_encoder(home: Path, base):

@@ -114,3 +114,10 @@ class StorageError(LookalikeError):
         if isinstance(exc, sqlite3.OperationalError) and "full" in str(exc):
             return cls(f"the catalog cannot grow ({exc}): free space and run it again")
         return None
+
+
+class DuplicateImageError(LookalikeError):
+    """A new image is a copy of another product's image, and duplicates were refused."""
+
+    exit_code = 11
+    http_status = 409

@@ -56,6 +56,10 @@ class IngestReport:
     notes: list[str] = field(default_factory=list)
     encoded: int = 0
     seconds: float = 0.0
+    # new images that are the same photo as another product's image (lookalike.duplicates):
+    # {"score", "images": [new, other]} each; `rejected`: how many were taken out again
+    duplicates: list[dict] = field(default_factory=list)
+    rejected: int = 0
 
     @property
     def ok(self) -> bool:
@@ -75,6 +79,8 @@ class IngestReport:
             "failed": [{"path": p, "reason": r} for p, r in self.failed],
             "metadata_errors": list(self.metadata_errors),
             "notes": list(self.notes),
+            "duplicates": list(self.duplicates),
+            "rejected_duplicates": self.rejected,
         }
 
     def summary(self) -> str:
@@ -95,6 +101,20 @@ class IngestReport:
         lines += [f"  failed: {path}: {reason}" for path, reason in self.failed]
         lines += [f"  skipped row: {err}" for err in self.metadata_errors]
         lines += [f"  note: {note}" for note in self.notes]
+        if self.duplicates:
+            verb = "rejected (not indexed)" if self.rejected else "kept"
+            lines.append(
+                f"  duplicates: {len(self.duplicates)} new image(s) are the same photo as an"
+                f" image of another product ({verb}; `lookalike duplicates` lists them all)"
+            )
+            for pair in self.duplicates[:10]:
+                new, other = pair["images"]
+                lines.append(
+                    f"    {new['product_id']} {new['image']} = {other['product_id']}"
+                    f" {other['image']} (score {pair['score']:.3f})"
+                )
+            if len(self.duplicates) > 10:
+                lines.append(f"    ... {len(self.duplicates) - 10} more (--json lists them)")
         return "\n".join(lines)
 
 

@@ -17,7 +17,7 @@ from .deps import CpuSlots
 from .errors import install_error_handlers
 from .holder import EngineHolder, default_home
 from .limits import Limits, RequestGate
-from .routes import catalog, catalog_writes, images, meta, search
+from .routes import catalog, catalog_writes, duplicates, images, meta, search
 from .thumbnails import ThumbnailCache
 
 CORS_ENV = "LOOKALIKE_CORS_ORIGINS"
@@ -80,6 +80,7 @@ def create_app(
 
     app.include_router(search.make_router(limits))
     app.include_router(catalog.make_router(limits))
+    app.include_router(duplicates.make_router(limits))
     app.include_router(images.router)
     app.include_router(catalog_writes.router)
     app.include_router(meta.router)

@@ -113,3 +113,30 @@ class ErrorBody(BaseModel):
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 503)
 }
+
+
+class DuplicateImageOut(BaseModel):
+    product_id: str
+    image: str = Field(description="The image's URL on this server (never a file path)")
+    image_id: int
+
+
+class DuplicateGroupOut(BaseModel):
+    score: float = Field(description="Lowest verified same-photo score that joined the group")
+    images: list[DuplicateImageOut]
+
+
+class DuplicatePage(BaseModel):
+    groups: list[DuplicateGroupOut]
+    total: int = Field(description="Groups in the whole report")
+    limit: int
+    offset: int
+    threshold: float
+    images: int = Field(description="Catalog images scanned")
+
+
+class ProductAdded(ProductOut):
+    duplicates: list[DuplicateGroupOut] = Field(
+        default_factory=list,
+        description="New images that are the same photo as another product's: [new, other]",
+    )

@@ -19,12 +19,12 @@ import sys
 from collections.abc import Sequence
 
 from ..errors import LookalikeError, StorageError
-from . import catalog, evaluate, search, serve, tune
+from . import catalog, duplicates, evaluate, search, serve, tune
 from .common import EXIT_PARTIAL
 
 __all__ = ["EXIT_PARTIAL", "build_parser", "main"]
 
-COMMAND_GROUPS = (catalog, search, serve, evaluate, tune)
+COMMAND_GROUPS = (catalog, search, duplicates, serve, evaluate, tune)
 
 
 def build_parser() -> argparse.ArgumentParser:

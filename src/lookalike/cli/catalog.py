@@ -21,6 +21,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             progress=not args.quiet and sys.stderr.isatty() or args.progress,
             prune=not args.no_prune,
             workers=args.workers,
+            reject_duplicates=args.reject_duplicates,
         )
         if args.json:
             print(json.dumps(report.to_dict()))
@@ -57,6 +58,12 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--no-prune", action="store_true", help="keep images gone from their source")
     p.add_argument("--progress", action="store_true", help="progress bar even when not a tty")
     p.add_argument("--workers", type=int, default=2, help="decoding threads (default 2)")
+    p.add_argument(
+        "--reject-duplicates",
+        action="store_true",
+        help="take new images that are the same photo as another product's out again"
+        " (they are reported either way)",
+    )
     p.set_defaults(func=cmd_index)
 
     p = sub.add_parser("remove", help="remove products (out of stock for good, discontinued)")

@@ -13,8 +13,9 @@ from ...images import load_image
 from ..adapters import product_payload
 from ..deps import Cpu, EngineDep, LimitsDep, Urls, require_key
 from ..params import attribute_filters, parse_attributes
-from ..schemas import ERRORS, ProductOut, ProductPatch
+from ..schemas import ERRORS, ProductAdded, ProductOut, ProductPatch
 from ..uploads import read_upload, with_file_name
+from .duplicates import group_out
 
 router = APIRouter(tags=["catalog writes"], dependencies=[Depends(require_key)])
 
@@ -22,8 +23,8 @@ router = APIRouter(tags=["catalog writes"], dependencies=[Depends(require_key)])
 @router.post(
     "/products",
     status_code=201,
-    response_model=ProductOut,
-    responses=ERRORS,
+    response_model=ProductAdded,
+    responses={**ERRORS, 409: ERRORS[422]},
     summary="Add a product (or add images to an existing one) with its image(s)",
 )
 async def add_product(
@@ -41,9 +42,15 @@ async def add_product(
     attributes: Annotated[
         str | None, Form(description='JSON object of attributes, e.g. {"colour": "Red"}')
     ] = None,
+    reject_duplicates: Annotated[
+        bool,
+        Form(description="refuse (409) an image that is the same photo as another product's"),
+    ] = False,
 ) -> JSONResponse:
     """Attributes: a JSON object in `attributes`, and/or form fields
-    `attr.<name>=<value>`. The product is searchable as soon as this returns."""
+    `attr.<name>=<value>`. The product is searchable as soon as this returns. Images that
+    are the same photo as another product's image are listed in `duplicates` (and refused
+    with 409, nothing added, when `reject_duplicates` is true)."""
     form = await request.form()
     attributes_ = parse_attributes(attributes)
     attributes_.update(attribute_filters(form.multi_items()))
@@ -61,7 +68,7 @@ async def add_product(
         "attributes": attributes_,
     }
 
-    def work() -> ProductOut:
+    def work() -> ProductAdded:
         # decode every upload first: a bad file is refused before the catalog changes
         for number, (blob, upload) in enumerate(zip(blobs, images, strict=True), start=1):
             try:
@@ -71,8 +78,9 @@ async def add_product(
             except LookalikeError as exc:
                 name = f"image {number} ({upload.filename or 'upload'})"
                 raise with_file_name(exc, name) from None
-        engine.add_product(fields_, blobs)
-        return product_payload(engine, fields_["product_id"], urls)
+        _, found = engine.add_product_checked(fields_, blobs, reject_duplicates)
+        product = product_payload(engine, fields_["product_id"], urls)
+        return ProductAdded(**product.model_dump(), duplicates=[group_out(g, urls) for g in found])
 
     product = await cpu.run(work)
     return JSONResponse(
