@@ -296,8 +296,13 @@ def test_labels_with_no_known_product_are_refused(tuned_home, tmp_path):
 
 
 def test_tune_on_empty_catalog_is_a_usage_error(tmp_path, grocery_split):
+    Engine(tmp_path / "h").close()  # a home with a catalog that holds nothing
     assert cli_main(["--home", str(tmp_path / "h"), "-q", "tune", "--labels",
                      str(grocery_split["train"])]) == UsageError.exit_code  # fmt: skip
+    # and a home that does not exist is refused as a path, before anything is created
+    assert cli_main(["--home", str(tmp_path / "nope"), "-q", "tune", "--labels",
+                     str(grocery_split["train"])]) == 3  # fmt: skip
+    assert not (tmp_path / "nope").exists()
 
 
 def test_cli_status_and_json(tuned_home, capsys):
