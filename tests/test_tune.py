@@ -296,6 +296,7 @@ def test_labels_with_no_known_product_are_refused(tuned_home, tmp_path):
 
 
 def test_tune_on_empty_catalog_is_a_usage_error(tmp_path, grocery_split):
+    Engine(tmp_path / "h").close()  # an empty home (a missing one is exit 3, see test_cli_errors)
     assert cli_main(["--home", str(tmp_path / "h"), "-q", "tune", "--labels",
                      str(grocery_split["train"])]) == UsageError.exit_code  # fmt: skip
 
