@@ -110,6 +110,23 @@ def mutate(folder: Path, pool: list[Path], rng: random.Random, names: list[str])
         shutil.copy(rng.choice(pool), folder / f"{name}.jpg")
 
 
+def landed(home: Path) -> tuple[bool, tuple]:
+    """Where a kill landed, read from the catalog: inside a write (the clean mark is
+    empty while a writer holds the home) and what the catalog's images look like."""
+    import sqlite3
+
+    db = sqlite3.connect(f"file:{home / 'catalog.sqlite'}?mode=ro", uri=True)
+    try:
+        mark = db.execute("SELECT value FROM meta WHERE key='store_clean'").fetchone()
+        shape = db.execute(
+            "SELECT count(*), coalesce(max(image_id), 0), coalesce(sum(unicode(sha256)), 0)"
+            " FROM images"
+        ).fetchone()
+    finally:
+        db.close()
+    return (mark is not None and mark[0] == ""), tuple(shape)
+
+
 def timed_index(home: Path, folder: Path) -> float:
     started = time.monotonic()
     done = lookalike("--home", str(home), "index", str(folder))
@@ -132,15 +149,20 @@ def kill_index(work: Path, kills: int, rng: random.Random) -> dict:
     full = timed_index(home, folder)
     mutate(folder, pool, rng, names)
     round_s = timed_index(home, folder)  # what one round's run takes, start-up included
-    delays, finished = [], 0
+    delays, finished, inside, wrote = [], 0, 0, 0
     while len(delays) < kills and finished < 3 * kills:
         mutate(folder, pool, rng, names)
         delay = rng.uniform(0.2, 1.0) * round_s
+        before = landed(home)[1]
         proc = lookalike_bg("--home", str(home), "index", str(folder), log=work / "index.log")
         time.sleep(delay)
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
             delays.append(round(delay, 2))
+            in_write, after = landed(home)
+            inside += in_write
+            wrote += after != before
         else:
             finished += 1
         proc.wait()
@@ -148,6 +170,8 @@ def kill_index(work: Path, kills: int, rng: random.Random) -> dict:
     report = verify(home, {p.stem for p in folder.glob("*.jpg")})
     report.update(
         kills=len(delays),
+        kills_inside_a_write=inside,
+        kills_after_the_run_had_written=wrote,
         runs_that_finished_first=finished,
         kill_at_s=delays,
         first_index_s=round(full, 1),
@@ -243,7 +267,7 @@ def kill_api(work: Path, kills: int, rng: random.Random) -> dict:
     state = {"next": 0, "live": set(), "deleted": set(), "acked": 0, "in_flight": None}
     state["photos"] = work / "photos"
     state["photos"].mkdir()
-    delays, lost, back = [], 0, 0
+    delays, lost, back, inside = [], 0, 0, 0
     for _ in range(kills):
         server = Serve(home, work / "serve.log")
         got_lost, got_back = reconcile(state, products_of(server))
@@ -253,6 +277,7 @@ def kill_api(work: Path, kills: int, rng: random.Random) -> dict:
         delay = rng.uniform(0.5, 4.0)
         time.sleep(delay)
         server.kill()  # kill -9, mid-request most of the time
+        inside += landed(home)[0]
         writer.stop.set()
         writer.join(30)
         delays.append(round(delay, 2))
@@ -262,6 +287,7 @@ def kill_api(work: Path, kills: int, rng: random.Random) -> dict:
     report = verify(home, {p.stem for p in pool[:30]} | state["live"])
     report.update(
         kills=kills,
+        kills_inside_a_write=inside,
         acked_writes=state["acked"],
         lost=lost + got_lost,
         deletes_undone=back + got_back,
