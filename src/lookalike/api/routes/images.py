@@ -39,7 +39,7 @@ MEDIA_TYPES = {
 
 @router.get(
     "/images/{image_id}",
-    responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}, **ERRORS},
     response_class=Response,
     summary="A catalog image by id; ?size=N (64, 128, 256, 512) for a JPEG thumbnail",
 )
