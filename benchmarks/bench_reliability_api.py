@@ -257,7 +257,8 @@ def run_schema(home: Path, examples: int, seed: int) -> dict:
 def run_fuzz(examples: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LOOKALIKE_FUZZ_EXAMPLES": str(examples)}
     command = [sys.executable, "-m", "pytest", str(ROOT / "tests/test_fuzz_inputs.py"),
-               "-p", "no:cacheprovider", "-W", "ignore", "--hypothesis-show-statistics"]  # fmt: skip
+               "-p", "no:cacheprovider", "-W", "ignore",
+               "--hypothesis-show-statistics"]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     elapsed = time.perf_counter() - started
