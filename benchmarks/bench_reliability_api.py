@@ -233,7 +233,8 @@ def run_schema(home: Path, examples: int, seed: int) -> dict:
         done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
         elapsed = time.perf_counter() - started
     out = done.stdout + done.stderr
-    cases = re.search(r"(\d+) generated, (\d+) passed(?:, (\d+) failed)?", out)
+    generated = re.search(r"(\d+) generated", out)
+    failed = re.search(r"(\d+) unique failures", out)
     failures = re.findall(r"^- (.+)$", out, flags=re.M)
     (WORK / "schemathesis.log").write_text(out)
     return {
@@ -242,9 +243,8 @@ def run_schema(home: Path, examples: int, seed: int) -> dict:
         + f" --max-examples {examples} --seed {seed} --workers 1 -H 'Authorization: Bearer …'",
         "exit_code": done.returncode,
         "operations": (re.search(r"Tested: (\d+)", out) or [None, "?"])[1],
-        "test_cases": int(cases[1]) if cases else None,
-        "passed": int(cases[2]) if cases else None,
-        "failed": int(cases[3] or 0) if cases else None,
+        "test_cases": int(generated[1]) if generated else None,
+        "unique_failures": int(failed[1]) if failed else 0,
         "failure_kinds": sorted(set(failures))[:20],
         "seconds": round(elapsed, 1),
         "log": str(WORK / "schemathesis.log"),
@@ -256,8 +256,9 @@ def run_schema(home: Path, examples: int, seed: int) -> dict:
 
 def run_fuzz(examples: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "LOOKALIKE_FUZZ_EXAMPLES": str(examples)}
-    command = [sys.executable, "-m", "pytest", str(ROOT / "tests/test_fuzz_inputs.py"), "-q",
-               "-p", "no:cacheprovider", "--hypothesis-show-statistics"]  # fmt: skip
+    command = [sys.executable, "-m", "pytest", str(ROOT / "tests/test_fuzz_inputs.py"),
+               "-p", "no:cacheprovider", "-W", "ignore",
+               "--hypothesis-show-statistics"]  # fmt: skip
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
     elapsed = time.perf_counter() - started
@@ -265,11 +266,13 @@ def run_fuzz(examples: int) -> dict:
     (WORK / "fuzz.log").write_text(out)
     summary = re.findall(r"(\d+) (passed|failed|error)", out)
     tests = re.findall(r"test_fuzz_inputs.py::(\w+):", out)
-    counts = [int(n) for n in re.findall(r"- (\d+) passing examples", out)]
+    counts = re.findall(r"(\d+) passing, (\d+) failing, and (\d+) invalid", out)
     return {
         "examples_per_test": examples,
         "property_tests": len(tests),
-        "examples_run": sum(counts),
+        "examples_passing": sum(int(c[0]) for c in counts),
+        "examples_failing": sum(int(c[1]) for c in counts),
+        "examples_invalid": sum(int(c[2]) for c in counts),
         "result": {kind: int(n) for n, kind in summary},
         "exit_code": done.returncode,
         "seconds": round(elapsed, 1),

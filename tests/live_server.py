@@ -1,9 +1,10 @@
 """A real `lookalike serve` in a subprocess, for tests and benchmarks that need real
-HTTP (raw sockets, chunked bodies, slow clients) and the server's own memory."""
+HTTP (raw sockets, chunked bodies, slow clients) and the server's own memory: any
+environment (limits, key), the peak RSS from /proc, raw connections. `live.Serve` is
+the multi-process tests' simpler one."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -11,14 +12,8 @@ import time
 from pathlib import Path
 
 import httpx
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from live import env as live_env
+from live import free_port
 
 
 class LiveServer:
@@ -29,7 +24,7 @@ class LiveServer:
         self.home = Path(home)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), **(env or {})}
+        self.env = live_env(**(env or {}))
         self.log_path = log or self.home.parent / f"server-{self.port}.log"
         self.proc: subprocess.Popen | None = None
 

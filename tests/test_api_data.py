@@ -270,3 +270,18 @@ def test_uploads_keep_their_type_and_go_with_their_product(app, fmt, suffix, med
     assert image.content == data
     assert client.delete("/products/T", headers=AUTH).status_code == 204
     assert uploads(engine) == before  # the file went with the last product using it
+
+
+def test_an_upload_stored_without_its_type_is_served_with_the_right_one(app):
+    """Homes written before issue 12 hold uploads as <sha>.img."""
+    client, engine = app
+    data = photo(13, "PNG")
+    response = add(client, "L", ("l.png", data))
+    image_id = response.json()["images"][0]["image_id"]
+    path = engine.image_path(image_id)
+    legacy = path.with_suffix(".img")
+    path.rename(legacy)
+    with engine.catalog.transaction() as catalog:  # as an older lookalike stored it
+        catalog._db.execute("UPDATE images SET source=? WHERE image_id=?", (str(legacy), image_id))
+    image = client.get(f"/images/{image_id}")
+    assert image.headers["content-type"] == "image/png" and image.content == data

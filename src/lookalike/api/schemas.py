@@ -111,7 +111,7 @@ class ErrorBody(BaseModel):
 
 # The error statuses an endpoint may answer, for its OpenAPI `responses`.
 ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 503)
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 408, 409, 413, 415, 422, 503)
 }
 
 

@@ -2,6 +2,7 @@
 thumbnails (?size=N) made on demand and cached."""
 
 from enum import IntEnum
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
@@ -9,6 +10,8 @@ from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse, Response
 
+from ...errors import LookalikeError
+from ...images import probe_image
 from ..adapters import locate_image
 from ..deps import Cpu, EngineDep, LimitsDep
 from ..limits import THUMBNAIL_SIZES
@@ -39,7 +42,7 @@ MEDIA_TYPES = {
 
 @router.get(
     "/images/{image_id}",
-    responses={200: {"content": {"image/jpeg": {}}}, **ERRORS},
+    responses={200: {"content": {media: {} for media in MEDIA_TYPES.values()}}, **ERRORS},
     response_class=Response,
     summary="A catalog image by id; ?size=N (64, 128, 256, 512) for a JPEG thumbnail",
 )
@@ -57,7 +60,9 @@ async def get_image(
     path, stat = await run_in_threadpool(locate_image, engine, image_id)
     headers = {"Cache-Control": "public, max-age=3600", "X-Content-Type-Options": "nosniff"}
     if size is None:
-        media = MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream")
+        media = MEDIA_TYPES.get(path.suffix.lower())
+        if media is None:  # e.g. an upload stored as <sha>.img by an older lookalike
+            media = await run_in_threadpool(sniffed_media_type, path)
         return FileResponse(path, media_type=media, headers=headers)
     thumbs = request.app.state.thumbnails
     key = (image_id, int(size), stat.st_mtime_ns, stat.st_size)
@@ -66,3 +71,12 @@ async def get_image(
         data = await cpu.run(make_thumbnail, path, int(size), limits)
         thumbs.put(key, data)
     return Response(data, media_type="image/jpeg", headers=headers)
+
+
+def sniffed_media_type(path: Path) -> str:
+    """The content type of an image file whose name does not say it, from its header."""
+    try:
+        suffix = probe_image(path).suffix
+    except LookalikeError:
+        return "application/octet-stream"
+    return MEDIA_TYPES.get(suffix, "application/octet-stream")
