@@ -55,7 +55,7 @@ PRODUCT_FIELDS = ("title", "category", "price", "in_stock")
 # entries kept per words-index cache: word -> count; term -> its per-column doc lists
 # (each at most textindex.COLUMN_LIST_LIMIT docs a column: at most ~30 MB in all);
 # words + filters -> the ids of the images of the products that have them
-_TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64, "image_ids": 64}
+_TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64, "image_ids": 64, "image_columns": 64}
 
 
 @dataclass
@@ -371,6 +371,21 @@ class Catalog:
                 self._db, list(words), list(product_ids), self._column_lists
             )
 
+    def text_image_columns(self, words: Sequence[str]) -> dict[str, list[np.ndarray] | None]:
+        """word -> for each column (title, category, attribute values) the sorted ids of
+        the images whose product has the word there; None for a word more than
+        textindex.COLUMN_LIST_LIMIT products have. Kept until the catalog changes."""
+        with self._lock:
+            cache = self._text_cache("image_columns")
+            out: dict[str, list[np.ndarray] | None] = {}
+            for word, term in zip(
+                words, textindex.resolve_terms(self._db, list(words)), strict=True
+            ):
+                if term not in cache:
+                    cache[term] = textindex.image_column_lists(self._db, term)
+                out[word] = cache[term]
+            return out
+
     def text_image_ids(
         self, words: Sequence[str], filters: Filters | None = None, *, any_word: bool = False
     ) -> np.ndarray:
@@ -427,12 +442,15 @@ class Catalog:
                 cache.update(textindex.document_counts(self._db, todo))
             return {w: cache[w] for w in words}
 
-    def _column_lists(self, term: str) -> list[np.ndarray] | None:
-        """textindex.column_lists, cached until the catalog changes."""
+    def _column_lists(self, term: str, limit: int) -> list[np.ndarray] | None:
+        """textindex.column_lists, kept until the catalog changes."""
         with self._lock:
             cache = self._text_cache("columns")
             if term not in cache:
-                cache[term] = textindex.column_lists(self._db, term)
+                lists = textindex.column_lists(self._db, term, limit)
+                if lists is None:
+                    return None
+                cache[term] = lists
             return cache[term]
 
     def _text_cache(self, name: str) -> dict[str, Any]:

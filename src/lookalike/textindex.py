@@ -34,6 +34,7 @@ COLUMNS = ("title", "category", "attrs")
 WEIGHTS = (2.0, 4.0, 1.0)  # weight of a match in title, category, attribute values
 RANK_WINDOW = 5_000
 COLUMN_LIST_LIMIT = 20_000  # a word with more matches is looked up per doc, not per column
+COLUMN_LIST_FACTOR = 20  # ... and so is one with 20 times more matches than docs asked about
 MAX_WORDS = 32
 MAX_QUERY_CHARS = 1000
 
@@ -295,12 +296,32 @@ def products_of(db: sqlite3.Connection, docs: Sequence[int]) -> dict[int, str]:
     return _lookup(db, "doc", [int(d) for d in docs])
 
 
-ColumnLists = Callable[[str], "list[np.ndarray] | None"]
+ColumnLists = Callable[[str, int], "list[np.ndarray] | None"]
 
 
-def column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
+def column_lists(
+    db: sqlite3.Connection, term: str, limit: int = COLUMN_LIST_LIMIT
+) -> list[np.ndarray] | None:
     """The sorted docs that have `term` in each column (title, category, attribute
-    values); None when the term is too common for whole lists (`COLUMN_LIST_LIMIT`)."""
+    values); None when more than `limit` products have it."""
+    common = db.execute(
+        "SELECT rowid FROM products_text WHERE products_text MATCH ? LIMIT 1 OFFSET ?",
+        (term, int(limit)),
+    ).fetchone()
+    if common is not None:
+        return None
+    out = []
+    for name in COLUMNS:
+        rows = db.execute(
+            "SELECT rowid FROM products_text WHERE products_text MATCH ?", (f"{{{name}}}: {term}",)
+        ).fetchall()
+        out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
+    return out
+
+
+def image_column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
+    """For each column, the sorted ids of the images whose product has `term` there;
+    None when more than `COLUMN_LIST_LIMIT` products have it."""
     common = db.execute(
         "SELECT rowid FROM products_text WHERE products_text MATCH ? LIMIT 1 OFFSET ?",
         (term, COLUMN_LIST_LIMIT),
@@ -310,7 +331,10 @@ def column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
     out = []
     for name in COLUMNS:
         rows = db.execute(
-            "SELECT rowid FROM products_text WHERE products_text MATCH ?", (f"{{{name}}}: {term}",)
+            "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
+            " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
+            " ORDER BY i.image_id",
+            (f"{{{name}}}: {term}",),
         ).fetchall()
         out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
     return out
@@ -332,7 +356,8 @@ def column_matches(
     if not wanted.size:
         return out
     for word, term in zip(words, terms, strict=True):
-        per_column = (lists or (lambda t: column_lists(db, t)))(term)
+        limit = min(COLUMN_LIST_LIMIT, COLUMN_LIST_FACTOR * int(wanted.size))
+        per_column = (lists or (lambda t, n: column_lists(db, t, n)))(term, limit)
         if per_column is not None:
             for col, found in enumerate(per_column):
                 for doc in wanted[np.isin(wanted, found, assume_unique=True)].tolist():
