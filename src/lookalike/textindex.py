@@ -304,6 +304,27 @@ def column_lists(
 ) -> list[np.ndarray] | None:
     """The sorted docs that have `term` in each column (title, category, attribute
     values); None when more than `limit` products have it."""
+    return _per_column(
+        db, term, limit, "SELECT rowid FROM products_text WHERE products_text MATCH ?"
+    )
+
+
+def image_column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
+    """For each column, the sorted ids of the images whose product has `term` there;
+    None when more than `COLUMN_LIST_LIMIT` products have it."""
+    return _per_column(
+        db,
+        term,
+        COLUMN_LIST_LIMIT,
+        "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
+        " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
+        " ORDER BY i.image_id",
+    )
+
+
+def _per_column(db: sqlite3.Connection, term: str, limit: int, sql: str) -> list[np.ndarray] | None:
+    """`sql` (one id column, one MATCH parameter) run for `term` in each column, as sorted
+    id arrays; None when more than `limit` products have the term."""
     common = db.execute(
         "SELECT rowid FROM products_text WHERE products_text MATCH ? LIMIT 1 OFFSET ?",
         (term, int(limit)),
@@ -312,30 +333,7 @@ def column_lists(
         return None
     out = []
     for name in COLUMNS:
-        rows = db.execute(
-            "SELECT rowid FROM products_text WHERE products_text MATCH ?", (f"{{{name}}}: {term}",)
-        ).fetchall()
-        out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
-    return out
-
-
-def image_column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
-    """For each column, the sorted ids of the images whose product has `term` there;
-    None when more than `COLUMN_LIST_LIMIT` products have it."""
-    common = db.execute(
-        "SELECT rowid FROM products_text WHERE products_text MATCH ? LIMIT 1 OFFSET ?",
-        (term, COLUMN_LIST_LIMIT),
-    ).fetchone()
-    if common is not None:
-        return None
-    out = []
-    for name in COLUMNS:
-        rows = db.execute(
-            "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
-            " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
-            " ORDER BY i.image_id",
-            (f"{{{name}}}: {term}",),
-        ).fetchall()
+        rows = db.execute(sql, (f"{{{name}}}: {term}",)).fetchall()
         out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
     return out
 
