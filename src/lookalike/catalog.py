@@ -24,7 +24,6 @@ import numpy as np
 
 from . import textindex
 from .errors import BusyError, InputPathError, StorageError, UnknownProductError, UsageError
-from .textindex import TextResults
 
 # 1: products, images, meta.  2: + the words index (text_docs, products_text, triggers)
 SCHEMA_VERSION = 2
@@ -54,10 +53,6 @@ CREATE INDEX IF NOT EXISTS images_sha ON images(sha256);
 """
 
 PRODUCT_FIELDS = ("title", "category", "price", "in_stock")
-# entries kept per words-index cache: word -> count; term -> its per-column doc lists
-# (each at most textindex.COLUMN_LIST_LIMIT docs a column: at most ~30 MB in all);
-# words + filters -> the ids of the images of the products that have them
-_TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64, "image_ids": 64}
 
 MAX_PRODUCT_ID = 200
 """Characters in a product id."""
@@ -190,15 +185,15 @@ def blob_to_vector(blob: bytes) -> np.ndarray:
     return np.frombuffer(blob, dtype=np.float32)
 
 
-class Catalog:
+class Catalog(textindex.WordsQueries):
     """A SQLite catalog file. Safe to share between threads: every call holds a lock."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._text_caches: dict[str, dict[str, Any]] = {}
-        self._text_cache_version: tuple[int, int] | None = None
+        self._text_caches = {}
+        self._text_cache_version = None
         try:
             self._open()
         except sqlite3.DatabaseError as exc:  # not SQLite, a damaged file, no permission
@@ -401,112 +396,6 @@ class Catalog:
                 " GROUP BY category ORDER BY category"
             ).fetchall()
         return [(r[0], r[1]) for r in rows]
-
-    # -- words ----------------------------------------------------------------------
-    def text_search(
-        self, words: str | Sequence[str], k: int, filters: Filters | None = None
-    ) -> TextResults:
-        """The k products that best match the words (BM25), among those passing the
-        filters; see lookalike.textindex."""
-        parsed = textindex.parse_words(words) if isinstance(words, str) else list(words)
-        where, params = (filters or Filters()).where()
-        with self._lock:
-            return textindex.search(self._db, parsed, k, where, params)
-
-    def text_matches(
-        self, words: Sequence[str], product_ids: Sequence[str]
-    ) -> dict[str, dict[str, set[int]]]:
-        """product_id -> word -> columns holding it (0 title, 1 category, 2 attribute
-        values), for those of these products that have some of the (parsed) words."""
-        with self._lock:
-            return textindex.product_matches(
-                self._db, list(words), list(product_ids), self._column_lists
-            )
-
-    def text_image_ids(
-        self, words: Sequence[str], filters: Filters | None = None, *, any_word: bool = False
-    ) -> np.ndarray:
-        """Ids of the images whose product has every word (`any_word`: some word) and
-        passes the filters."""
-        filters = filters or Filters()
-        where, params = filters.where()
-        with self._lock:
-            terms = textindex.resolve_terms(self._db, list(words))
-            key = (tuple(terms), any_word, where, tuple(map(str, params)))
-            cache = self._text_cache("image_ids")
-            if key in cache:
-                return cache[key]
-            rows = self._db.execute(
-                "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
-                + (
-                    " JOIN products p ON p.product_id = i.product_id"
-                    if not filters.is_empty()
-                    else ""
-                )
-                + " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
-                + (f" AND ({where})" if not filters.is_empty() else ""),
-                [(" OR " if any_word else " ").join(terms), *params],
-            ).fetchall()
-            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-            ids.setflags(write=False)
-            if ids.size <= 100_000:
-                cache[key] = ids
-            return ids
-
-    def text_count(self, words: Sequence[str], filters: Filters | None = None) -> int:
-        """How many products (passing the filters) have some of the (parsed) words."""
-        filters = filters or Filters()
-        where, params = filters.where()
-        with self._lock:
-            terms = textindex.resolve_terms(self._db, list(words))
-            if filters.is_empty():
-                sql = "SELECT COUNT(*) FROM products_text WHERE products_text MATCH ?"
-            else:
-                sql = (
-                    "SELECT COUNT(*) FROM products_text"
-                    " JOIN text_docs d ON d.doc = products_text.rowid"
-                    " JOIN products p ON p.product_id = d.product_id"
-                    f" WHERE products_text MATCH ? AND ({where})"
-                )
-            return self._db.execute(sql, [" OR ".join(terms), *params]).fetchone()[0]
-
-    def word_counts(self, words: Sequence[str]) -> dict[str, int]:
-        """How many products have each word (cached until the catalog changes)."""
-        with self._lock:
-            cache = self._text_cache("counts")
-            todo = [w for w in words if w not in cache]
-            if todo:
-                cache.update(textindex.document_counts(self._db, todo))
-            return {w: cache[w] for w in words}
-
-    def _column_lists(self, term: str) -> list[np.ndarray] | None:
-        """textindex.column_lists, cached until the catalog changes."""
-        with self._lock:
-            cache = self._text_cache("columns")
-            if term not in cache:
-                cache[term] = textindex.column_lists(self._db, term)
-            return cache[term]
-
-    def _text_cache(self, name: str) -> dict[str, Any]:
-        """A per-connection cache of words-index answers, emptied whenever the catalog
-        changed (here or in another process: SQLite's data_version) and when large."""
-        version = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
-        if self._text_cache_version != version:
-            self._text_caches.clear()
-            self._text_cache_version = version
-        cache = self._text_caches.setdefault(name, {})
-        if len(cache) > _TEXT_CACHE_SIZES[name]:
-            cache.clear()
-        return cache
-
-    def check_text_index(self) -> dict[str, Any]:
-        """Counts and disagreements between the products and the words index."""
-        with self._lock:
-            return textindex.check(self._db)
-
-    def rebuild_text_index(self) -> int:
-        with self._lock, self.transaction():
-            return textindex.build(self._db)
 
     # -- images -------------------------------------------------------------------
     def image_by_source(self, source: str) -> ImageRow | None:

@@ -179,7 +179,7 @@ def gather(
     # nearest word matches of all, found without a second search
     wide = best_images(catalog, store, query, max(pool, neighbours), scope, None, exclude)
     nearest = list(wide)
-    matches = catalog.text_matches(words, nearest)
+    matches = _word_matches(catalog, words, wide, nearest)
     worded = [pid for pid in nearest if pid in matches][: 2 * pool]
     best = dict(list(wide.items())[:pool])
     if len(worded) < pool:
@@ -191,7 +191,9 @@ def gather(
             ids = catalog.text_image_ids(words, filters, any_word=True)
             inside = search_scope(catalog, store, None, ids)
             more = best_images(catalog, store, query, 2 * pool, inside, None, exclude)
-            matches.update(catalog.text_matches(words, [p for p in more if p not in matches]))
+            matches.update(
+                _word_matches(catalog, words, more, [p for p in more if p not in matches])
+            )
             wide = {**more, **wide}
             worded = sorted(set(worded) | set(more), key=lambda pid: -wide[pid][0])[: 2 * pool]
     for pid in worded:
@@ -212,6 +214,27 @@ def gather(
             )
         )
     return out, True
+
+
+def _word_matches(
+    catalog: Catalog,
+    words: Sequence[str],
+    best: dict[str, tuple[float, int, str]],
+    product_ids: Sequence[str],
+) -> dict[str, dict[str, set[int]]]:
+    """product_id -> word -> columns, for these products that have some of the words:
+    from the cached per-column image lists of the words when every word has them (any
+    image of a product stands for the product), else from the words index."""
+    lists = catalog.text_image_columns(words)
+    if any(found is None for found in lists.values()):
+        return catalog.text_matches(words, product_ids)
+    image_ids = np.array([best[pid][1] for pid in product_ids], dtype=np.int64)
+    out: dict[str, dict[str, set[int]]] = {}
+    for word, per_column in lists.items():
+        for col, found in enumerate(per_column or ()):
+            for i in np.flatnonzero(np.isin(image_ids, found)).tolist():
+                out.setdefault(product_ids[i], {}).setdefault(word, set()).add(col)
+    return out
 
 
 def photo_and_words(

@@ -34,6 +34,7 @@ COLUMNS = ("title", "category", "attrs")
 WEIGHTS = (2.0, 4.0, 1.0)  # weight of a match in title, category, attribute values
 RANK_WINDOW = 5_000
 COLUMN_LIST_LIMIT = 20_000  # a word with more matches is looked up per doc, not per column
+COLUMN_LIST_FACTOR = 20  # ... and so is one with 20 times more matches than docs asked about
 MAX_WORDS = 32
 MAX_QUERY_CHARS = 1000
 
@@ -295,23 +296,44 @@ def products_of(db: sqlite3.Connection, docs: Sequence[int]) -> dict[int, str]:
     return _lookup(db, "doc", [int(d) for d in docs])
 
 
-ColumnLists = Callable[[str], "list[np.ndarray] | None"]
+ColumnLists = Callable[[str, int], "list[np.ndarray] | None"]
 
 
-def column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
+def column_lists(
+    db: sqlite3.Connection, term: str, limit: int = COLUMN_LIST_LIMIT
+) -> list[np.ndarray] | None:
     """The sorted docs that have `term` in each column (title, category, attribute
-    values); None when the term is too common for whole lists (`COLUMN_LIST_LIMIT`)."""
+    values); None when more than `limit` products have it."""
+    return _per_column(
+        db, term, limit, "SELECT rowid FROM products_text WHERE products_text MATCH ?"
+    )
+
+
+def image_column_lists(db: sqlite3.Connection, term: str) -> list[np.ndarray] | None:
+    """For each column, the sorted ids of the images whose product has `term` there;
+    None when more than `COLUMN_LIST_LIMIT` products have it."""
+    return _per_column(
+        db,
+        term,
+        COLUMN_LIST_LIMIT,
+        "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
+        " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
+        " ORDER BY i.image_id",
+    )
+
+
+def _per_column(db: sqlite3.Connection, term: str, limit: int, sql: str) -> list[np.ndarray] | None:
+    """`sql` (one id column, one MATCH parameter) run for `term` in each column, as sorted
+    id arrays; None when more than `limit` products have the term."""
     common = db.execute(
         "SELECT rowid FROM products_text WHERE products_text MATCH ? LIMIT 1 OFFSET ?",
-        (term, COLUMN_LIST_LIMIT),
+        (term, int(limit)),
     ).fetchone()
     if common is not None:
         return None
     out = []
     for name in COLUMNS:
-        rows = db.execute(
-            "SELECT rowid FROM products_text WHERE products_text MATCH ?", (f"{{{name}}}: {term}",)
-        ).fetchall()
+        rows = db.execute(sql, (f"{{{name}}}: {term}",)).fetchall()
         out.append(np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows)))
     return out
 
@@ -332,7 +354,8 @@ def column_matches(
     if not wanted.size:
         return out
     for word, term in zip(words, terms, strict=True):
-        per_column = (lists or (lambda t: column_lists(db, t)))(term)
+        limit = min(COLUMN_LIST_LIMIT, COLUMN_LIST_FACTOR * int(wanted.size))
+        per_column = (lists or (lambda t, n: column_lists(db, t, n)))(term, limit)
         if per_column is not None:
             for col, found in enumerate(per_column):
                 for doc in wanted[np.isin(wanted, found, assume_unique=True)].tolist():
@@ -380,3 +403,140 @@ def document_counts(db: sqlite3.Connection, words: Sequence[str]) -> dict[str, i
         ).fetchone()[0]
         for word in words
     }
+
+
+# ------------------------------------------------------------------ the catalog's side
+
+# entries kept per words-index cache: word -> count; term -> its per-column doc lists
+# (each at most COLUMN_LIST_LIMIT docs a column: at most ~30 MB in all);
+# words + filters -> the ids of the images of the products that have them; term -> per
+# column, the ids of the images of the products that have it there
+TEXT_CACHE_SIZES = {"counts": 100_000, "columns": 64, "image_ids": 64, "image_columns": 64}
+
+
+def _where(filters: Any) -> tuple[str, list[Any]]:
+    return ("1", []) if filters is None else filters.where()
+
+
+class WordsQueries:
+    """The catalog's words-index methods (a mixin of `Catalog`, which provides the
+    connection `_db`, its lock `_lock`, and the cache fields). `filters` are
+    `catalog.Filters`."""
+
+    _db: sqlite3.Connection
+    _lock: Any
+    _text_caches: dict[str, dict[Any, Any]]
+    _text_cache_version: tuple[int, int] | None
+
+    def text_search(self, words: str | Sequence[str], k: int, filters: Any = None) -> TextResults:
+        """The k products that best match the words (BM25), among those passing the
+        filters (see `search`)."""
+        parsed = parse_words(words) if isinstance(words, str) else list(words)
+        where, params = _where(filters)
+        with self._lock:
+            return search(self._db, parsed, k, where, params)
+
+    def text_matches(
+        self, words: Sequence[str], product_ids: Sequence[str]
+    ) -> dict[str, dict[str, set[int]]]:
+        """product_id -> word -> columns holding it (0 title, 1 category, 2 attribute
+        values), for those of these products that have some of the (parsed) words."""
+        with self._lock:
+            return product_matches(self._db, list(words), list(product_ids), self._column_lists)
+
+    def text_image_columns(self, words: Sequence[str]) -> dict[str, list[np.ndarray] | None]:
+        """word -> for each column (title, category, attribute values) the sorted ids of
+        the images whose product has the word there; None for a word more than
+        COLUMN_LIST_LIMIT products have. Kept until the catalog changes."""
+        with self._lock:
+            cache = self._text_cache("image_columns")
+            out: dict[str, list[np.ndarray] | None] = {}
+            for word, term in zip(words, resolve_terms(self._db, list(words)), strict=True):
+                if term not in cache:
+                    cache[term] = image_column_lists(self._db, term)
+                out[word] = cache[term]
+            return out
+
+    def text_image_ids(
+        self, words: Sequence[str], filters: Any = None, *, any_word: bool = False
+    ) -> np.ndarray:
+        """Ids of the images whose product has every word (`any_word`: some word) and
+        passes the filters."""
+        where, params = _where(filters)
+        plain = filters is None or filters.is_empty()
+        with self._lock:
+            terms = resolve_terms(self._db, list(words))
+            key = (tuple(terms), any_word, where, tuple(map(str, params)))
+            cache = self._text_cache("image_ids")
+            if key in cache:
+                return cache[key]
+            rows = self._db.execute(
+                "SELECT i.image_id FROM images i JOIN text_docs d ON d.product_id = i.product_id"
+                + (" JOIN products p ON p.product_id = i.product_id" if not plain else "")
+                + " WHERE d.doc IN (SELECT rowid FROM products_text WHERE products_text MATCH ?)"
+                + (f" AND ({where})" if not plain else ""),
+                [(" OR " if any_word else " ").join(terms), *params],
+            ).fetchall()
+            ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+            ids.setflags(write=False)
+            if ids.size <= 100_000:
+                cache[key] = ids
+            return ids
+
+    def text_count(self, words: Sequence[str], filters: Any = None) -> int:
+        """How many products (passing the filters) have some of the (parsed) words."""
+        where, params = _where(filters)
+        plain = filters is None or filters.is_empty()
+        with self._lock:
+            terms = resolve_terms(self._db, list(words))
+            if plain:
+                sql = "SELECT COUNT(*) FROM products_text WHERE products_text MATCH ?"
+            else:
+                sql = (
+                    "SELECT COUNT(*) FROM products_text"
+                    " JOIN text_docs d ON d.doc = products_text.rowid"
+                    " JOIN products p ON p.product_id = d.product_id"
+                    f" WHERE products_text MATCH ? AND ({where})"
+                )
+            return self._db.execute(sql, [" OR ".join(terms), *params]).fetchone()[0]
+
+    def word_counts(self, words: Sequence[str]) -> dict[str, int]:
+        """How many products have each word (cached until the catalog changes)."""
+        with self._lock:
+            cache = self._text_cache("counts")
+            todo = [w for w in words if w not in cache]
+            if todo:
+                cache.update(document_counts(self._db, todo))
+            return {w: cache[w] for w in words}
+
+    def _column_lists(self, term: str, limit: int) -> list[np.ndarray] | None:
+        """column_lists, kept until the catalog changes."""
+        with self._lock:
+            cache = self._text_cache("columns")
+            if term not in cache:
+                lists = column_lists(self._db, term, limit)
+                if lists is None:
+                    return None
+                cache[term] = lists
+            return cache[term]
+
+    def _text_cache(self, name: str) -> dict[str, Any]:
+        """A per-connection cache of words-index answers, emptied whenever the catalog
+        changed (here or in another process: SQLite's data_version) and when large."""
+        version = (self._db.execute("PRAGMA data_version").fetchone()[0], self._db.total_changes)
+        if self._text_cache_version != version:
+            self._text_caches.clear()
+            self._text_cache_version = version
+        cache = self._text_caches.setdefault(name, {})
+        if len(cache) > TEXT_CACHE_SIZES[name]:
+            cache.clear()
+        return cache
+
+    def check_text_index(self) -> dict[str, Any]:
+        """Counts and disagreements between the products and the words index."""
+        with self._lock:
+            return check(self._db)
+
+    def rebuild_text_index(self) -> int:
+        with self._lock, self.transaction():
+            return build(self._db)
