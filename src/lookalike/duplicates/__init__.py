@@ -69,7 +69,7 @@ __all__ = [
     "verify_pairs",
 ]
 
-DEFAULT_THRESHOLD = 0.95
+DEFAULT_THRESHOLD = 0.97
 """Verified `score` a pair needs to count as the same photo (stage 2)."""
 INGEST_CHECK_LIMIT = 10_000  # `index` checks at most this many new images one by one
 
