@@ -313,3 +313,25 @@ def test_api_post_products_lists_or_refuses_duplicates(api, tmp_path):
     dups = added.json()["duplicates"]
     assert [[i["product_id"] for i in d["images"]] for d in dups] == [["pink", "gr-Pink-Lady"]]
     assert api.delete("/products/pink", headers=auth).status_code == 204
+
+
+def test_milvus_store_gives_the_same_groups(tmp_path):
+    pytest.importorskip("milvus_lite")
+    _, items = _catalog_rows(tmp_path)
+    rng = random.Random(5)
+    rows = [
+        (pid, str(items[pid].path))
+        for pid in ("fw-footwear_0001", "fw-footwear_0003", "ff-35783", "ff-35782", "gr-Pink-Lady")
+    ]
+    copy = tmp_path / "milvus-copy.jpg"
+    dup_data.crop(Image.open(items["fw-footwear_0003"].path).convert("RGB"), rng).save(copy)
+    with Engine(tmp_path / "home", vector_store="vectors.db") as engine:
+        engine.index([], metadata=_write_csv(tmp_path / "a.csv", rows), progress=False)
+        later = engine.index(
+            [], metadata=_write_csv(tmp_path / "b.csv", [("copy", str(copy))]), progress=False
+        )
+        assert [[i["product_id"] for i in d["images"]] for d in later.duplicates] == [
+            ["copy", "fw-footwear_0003"]
+        ]
+        groups = engine.duplicates().groups
+    assert [sorted(g.product_ids) for g in groups] == [["copy", "fw-footwear_0003"]]

@@ -261,10 +261,13 @@ class Engine(SharedHome):
         """Report (or reject) images above id `before` that copy another product's image."""
         new = self.catalog.embedded_ids(self.encoder.stamp)
         new = np.sort(new[new > before])
-        if new.size > duplicates.INGEST_CHECK_LIMIT:
+        if new.size == 0:
+            return
+        if before == 0 or new.size > duplicates.INGEST_CHECK_LIMIT:
+            what = "a first import" if before == 0 else f"{new.size:,} new images"
             report.notes.append(
-                f"{new.size:,} new images: not checked for duplicates one by one; run"
-                " `lookalike duplicates` for the whole catalog"
+                f"{what}: not checked for duplicates one by one; `lookalike duplicates`"
+                " checks the whole catalog"
             )
             return
         groups = duplicates.new_image_duplicates(self.catalog, self._store, new.tolist())

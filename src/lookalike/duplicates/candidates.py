@@ -25,8 +25,9 @@ MIN_SIMILARITY = 0.75
 NEIGHBOURS = 32  # nearest neighbours looked at per image
 
 PROJECTED_DIM = 128
+SAMPLE = 20_000  # vectors the projection is fitted on
 BATCH = 8192
-EXACT_LIMIT = 60_000  # up to this many images the projected search is exact (flat)
+EXACT_LIMIT = 20_000  # up to this many images the projected search is exact (flat)
 
 Progress = Callable[[str, int, int], None]
 """progress(stage, done, total): called as each batch finishes."""
@@ -72,15 +73,33 @@ def _batches(n: int, size: int) -> Iterable[tuple[int, int]]:
         yield start, min(n, start + size)
 
 
-def _fit_projection(source: VectorSource, ids: np.ndarray, dim: int) -> faiss.PCAMatrix | None:
-    """PCA to PROJECTED_DIM on a sample of the vectors (None when that would not shrink)."""
+class Projection:
+    """x -> (x - mean) @ rows.T with orthonormal rows: distances can only shrink."""
+
+    def __init__(self, mean: np.ndarray, rows: np.ndarray):
+        self.mean = mean.astype(np.float32)
+        self.rows_t = np.ascontiguousarray(rows.T, dtype=np.float32)
+        self.d_out = rows.shape[0]
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray((x - self.mean) @ self.rows_t)
+
+
+def _fit_projection(source: VectorSource, ids: np.ndarray, dim: int) -> Projection | None:
+    """The top PROJECTED_DIM principal directions of a sample of the vectors (randomised
+    SVD, two power iterations); None when that would not shrink the vectors."""
     if ids.size <= PROJECTED_DIM * 4 or dim <= PROJECTED_DIM:
         return None
     rng = np.random.default_rng(0)
-    take = np.sort(rng.choice(ids, size=min(ids.size, 50_000), replace=False))
-    pca = faiss.PCAMatrix(dim, PROJECTED_DIM)
-    pca.train(np.ascontiguousarray(source.get(take), dtype=np.float32))
-    return pca
+    take = np.sort(rng.choice(ids, size=min(ids.size, SAMPLE), replace=False))
+    x = np.asarray(source.get(take), dtype=np.float32)
+    mean = x.mean(axis=0)
+    x -= mean
+    y = x @ rng.standard_normal((dim, PROJECTED_DIM + 16)).astype(np.float32)
+    for _ in range(2):
+        y, _ = np.linalg.qr(x @ (x.T @ y))
+    _, _, vt = np.linalg.svd(y.T @ x, full_matrices=False)
+    return Projection(mean, vt[:PROJECTED_DIM])
 
 
 def near_pairs(

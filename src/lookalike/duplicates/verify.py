@@ -113,21 +113,32 @@ class _Frame:
 
     def ncc(self, t: np.ndarray) -> tuple[float, int, int]:
         """Best normalised cross-correlation of template t over every offset: (value, i, j)."""
+        return self.best([t])[0]
+
+    def best(self, templates: Sequence[np.ndarray]) -> list[tuple[float, int, int]]:
+        """`ncc` of several templates, their FFTs taken in one batch."""
         x = self.thumb.lum
         hx, wx = x.shape
-        ht, wt = t.shape
-        t0 = t - t.mean()
-        tnorm = float(np.sqrt((t0 * t0).sum()))
-        if tnorm < 1e-3:
-            return -1.0, 0, 0
-        corr = np.fft.irfft2(self.fft * np.conj(np.fft.rfft2(t0, s=x.shape)), s=x.shape)
-        corr = corr[: hx - ht + 1, : wx - wt + 1]
-        s1 = _window(self.c1, ht, wt)
-        var = np.maximum(_window(self.c2, ht, wt) - s1 * s1 / (ht * wt), 1e-3)
-        m = corr / (tnorm * np.sqrt(var))
-        pos = int(np.argmax(m))
-        i, j = divmod(pos, m.shape[1])
-        return float(m.flat[pos]), i, j
+        stack = np.zeros((len(templates), hx, wx), dtype=np.float32)
+        norms = []
+        for k, t in enumerate(templates):
+            t0 = t - t.mean()
+            stack[k, : t.shape[0], : t.shape[1]] = t0
+            norms.append(float(np.sqrt((t0 * t0).sum())))
+        corr = np.fft.irfft2(self.fft[None] * np.conj(np.fft.rfft2(stack)), s=x.shape)
+        out = []
+        for k, t in enumerate(templates):
+            ht, wt = t.shape
+            if norms[k] < 1e-3:
+                out.append((-1.0, 0, 0))
+                continue
+            s1 = _window(self.c1, ht, wt)
+            var = np.maximum(_window(self.c2, ht, wt) - s1 * s1 / (ht * wt), 1e-3)
+            m = corr[k, : hx - ht + 1, : wx - wt + 1] / (norms[k] * np.sqrt(var))
+            pos = int(np.argmax(m))
+            i, j = divmod(pos, m.shape[1])
+            out.append((float(m.flat[pos]), i, j))
+        return out
 
 
 def _window(c: np.ndarray, h: int, w: int) -> np.ndarray:
@@ -167,12 +178,12 @@ def compare_thumbs(a: Thumb, b: Thumb, scales: Sequence[float] = SCALES) -> Comp
         if not sizes:
             continue
         frame = _Frame(x)
-        for mirrored in (False, True):
-            ylum = np.ascontiguousarray(y.lum[:, ::-1]) if mirrored else y.lum
-            for wt, ht in sizes:
-                value, i, j = frame.ncc(_resize(ylum, wt, ht))
-                if value > best[0]:
-                    best = (value, (x, y, mirrored, i, j, ht, wt))
+        tried = [(m, wt, ht) for m in (False, True) for wt, ht in sizes]
+        flips = {False: y.lum, True: np.ascontiguousarray(y.lum[:, ::-1])}
+        found = frame.best([_resize(flips[m], wt, ht) for m, wt, ht in tried])
+        for (mirrored, wt, ht), (value, i, j) in zip(tried, found, strict=True):
+            if value > best[0]:
+                best = (value, (x, y, mirrored, i, j, ht, wt))
     if best[1] is None:
         return Comparison(-1.0, -1.0, 100.0, False, -1.0)
     best = _refine(*best)
@@ -213,13 +224,12 @@ def _refine(value: float, where: tuple) -> tuple[float, tuple]:
     frame = _Frame(x)
     hx, wx = x.shape
     best = (value, where)
-    for step in (-2, -1, 1, 2):
-        w = wt + step
-        h = round(w * y.shape[0] / y.shape[1])
-        if 6 <= w <= wx and 6 <= h <= hx:
-            v, a, b = frame.ncc(_resize(ylum, w, h))
-            if v > best[0]:
-                best = (v, (x, y, mirrored, a, b, h, w))
+    sizes = [(w, round(w * y.shape[0] / y.shape[1])) for w in (wt - 2, wt - 1, wt + 1, wt + 2)]
+    sizes = [(w, h) for w, h in sizes if 6 <= w <= wx and 6 <= h <= hx]
+    found = frame.best([_resize(ylum, w, h) for w, h in sizes]) if sizes else []
+    for (w, h), (v, a, b) in zip(sizes, found, strict=True):
+        if v > best[0]:
+            best = (v, (x, y, mirrored, a, b, h, w))
     return best
 
 
