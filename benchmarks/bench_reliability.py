@@ -98,16 +98,17 @@ def footwear() -> list[Path]:
 
 
 def mutate(folder: Path, pool: list[Path], rng: random.Random, names: list[str]) -> None:
-    """Between rounds: 25 files get another photo, 5 go, 8 new ones come."""
+    """Between rounds: 25 files get another photo, 5 go, 8 new ones come. Every new photo
+    is a fresh random crop of a catalog one, so each is encoded, not copied."""
     present = sorted(p.stem for p in folder.glob("*.jpg"))
     for name in rng.sample(present, min(25, len(present))):
-        shutil.copy(rng.choice(pool), folder / f"{name}.jpg")
+        variant(rng.choice(pool), folder, rng, name)
     for name in rng.sample(present, 5):
         (folder / f"{name}.jpg").unlink(missing_ok=True)
     for _ in range(8):
         name = f"p{len(names):04d}"
         names.append(name)
-        shutil.copy(rng.choice(pool), folder / f"{name}.jpg")
+        variant(rng.choice(pool), folder, rng, name)
 
 
 def landed(home: Path) -> tuple[bool, tuple]:

@@ -102,5 +102,6 @@ def test_the_venv_of_make_setup_holds_exactly_the_lock() -> None:
         for d in importlib.metadata.distributions()
     }
     installed.pop("lookalike", None)
-    assert {n: v for n, v in installed.items() if pins.get(n) != v} == {}
-    assert sorted(set(pins) - set(installed)) == []
+    hint = "the venv is not requirements.lock: run `make setup`"
+    assert {n: str(v) for n, v in installed.items() if pins.get(n) != v} == {}, hint
+    assert sorted(set(pins) - set(installed)) == [], hint
