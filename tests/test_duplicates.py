@@ -164,9 +164,10 @@ def test_near_pairs_finds_planted_vectors_without_a_full_matrix():
         def get(self, ids):
             return data[np.asarray(ids) // 10]
 
-    found = duplicates.near_pairs(Source(), min_similarity=0.9)
-    pairs = set(zip(found.a.tolist(), found.b.tolist(), strict=True))
-    assert pairs == {(i * 10, (3000 + i) * 10) for i in range(50)}
+    planted = {(i * 10, (3000 + i) * 10) for i in range(50)}
+    for exact_limit in (10_000, 1_000):  # a flat index, then an inverted file
+        found = duplicates.near_pairs(Source(), min_similarity=0.9, exact_limit=exact_limit)
+        assert set(zip(found.a.tolist(), found.b.tolist(), strict=True)) == planted
 
 
 def test_ingest_reports_and_can_reject_duplicates(home, tmp_path):

@@ -109,6 +109,7 @@ def near_pairs(
     batch: int = BATCH,
     progress: Progress | None = None,
     nprobe: int = 8,
+    exact_limit: int = EXACT_LIMIT,
 ) -> Candidates:
     """Pairs of stored vectors with cosine >= min_similarity, each image's k nearest
     looked at (see the module docstring: a projected index, then exact re-scoring)."""
@@ -123,11 +124,11 @@ def near_pairs(
     dim = first.shape[1]
     pca = _fit_projection(source, ids, dim)
     pdim = pca.d_out if pca is not None else dim
-    if n <= EXACT_LIMIT:
+    if n <= exact_limit:
         index: faiss.Index = faiss.IndexFlatL2(pdim)
     else:
         nlist = int(min(16384, max(64, 2 ** round(np.log2(4 * np.sqrt(n))))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(pdim), nlist)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(pdim), pdim, nlist)
     projected = np.zeros((n, pdim), dtype=np.float32)  # what the index holds, kept once
     for start, stop in _batches(n, batch):
         vec = np.ascontiguousarray(source.get(ids[start:stop]), dtype=np.float32)
