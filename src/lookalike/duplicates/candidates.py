@@ -22,7 +22,7 @@ from ..errors import UsageError
 
 MIN_SIMILARITY = 0.75
 """Embedding cosine a candidate pair needs (stage 1); measured in docs/duplicates.md."""
-NEIGHBOURS = 32  # nearest neighbours looked at per image
+NEIGHBOURS = 24  # nearest neighbours looked at per image
 
 PROJECTED_DIM = 128
 SAMPLE = 20_000  # vectors the projection is fitted on
@@ -147,10 +147,10 @@ def near_pairs(
     for start, stop in _batches(n, batch):
         dist, rows = index.search(projected[start:stop], kk)
         me = np.arange(start, stop)[:, None]
-        keep = (rows > me) & (dist <= radius)  # each pair once, from its lower row
+        keep = (rows >= 0) & (rows != me) & (dist <= radius)  # found from either end
         qi, col = np.nonzero(keep)
-        found_a.append(qi + start)
-        found_b.append(rows[qi, col])
+        found_a.append(np.minimum(qi + start, rows[qi, col]))
+        found_b.append(np.maximum(qi + start, rows[qi, col]))
         if progress:
             progress("search", stop, n)
     del projected, index
