@@ -300,16 +300,16 @@ class Engine(SharedHome):
         cached = self._duplicates_cache
         if cached is not None and cached[0] == key:
             return cached[1]
-        with self._lock:
-            source = store if hasattr(store, "get") else None  # FAISS: its vector log
-            report = duplicates.find_duplicates(
-                self.catalog,
-                self.encoder.stamp,
-                threshold=threshold,
-                within_products=within_products,
-                source=source,
-                progress=progress,
-            )
+        # not under the engine's lock: a scan takes minutes, and the store and the catalog
+        # are safe to read from several threads (searches go on meanwhile)
+        report = duplicates.find_duplicates(
+            self.catalog,
+            self.encoder.stamp,
+            threshold=threshold,
+            within_products=within_products,
+            source=store if hasattr(store, "get") else None,  # FAISS: its vector log
+            progress=progress,
+        )
         self._duplicates_cache = (key, report)
         return report
 

@@ -103,8 +103,9 @@ class IngestReport:
         lines += [f"  note: {note}" for note in self.notes]
         if self.duplicates:
             verb = "rejected (not indexed)" if self.rejected else "kept"
+            new = len({pair["images"][0]["image_id"] for pair in self.duplicates})
             lines.append(
-                f"  duplicates: {len(self.duplicates)} new image(s) are the same photo as an"
+                f"  duplicates: {new} new image(s) are the same photo as an"
                 f" image of another product ({verb}; `lookalike duplicates` lists them all)"
             )
             for pair in self.duplicates[:10]:

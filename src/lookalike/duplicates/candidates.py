@@ -22,7 +22,7 @@ from ..errors import UsageError
 
 MIN_SIMILARITY = 0.75
 """Embedding cosine a candidate pair needs (stage 1); measured in docs/duplicates.md."""
-NEIGHBOURS = 32  # nearest neighbours looked at per image
+NEIGHBOURS = 24  # nearest neighbours looked at per image
 
 PROJECTED_DIM = 128
 SAMPLE = 20_000  # vectors the projection is fitted on
@@ -109,6 +109,7 @@ def near_pairs(
     batch: int = BATCH,
     progress: Progress | None = None,
     nprobe: int = 8,
+    exact_limit: int = EXACT_LIMIT,
 ) -> Candidates:
     """Pairs of stored vectors with cosine >= min_similarity, each image's k nearest
     looked at (see the module docstring: a projected index, then exact re-scoring)."""
@@ -123,11 +124,11 @@ def near_pairs(
     dim = first.shape[1]
     pca = _fit_projection(source, ids, dim)
     pdim = pca.d_out if pca is not None else dim
-    if n <= EXACT_LIMIT:
+    if n <= exact_limit:
         index: faiss.Index = faiss.IndexFlatL2(pdim)
     else:
         nlist = int(min(16384, max(64, 2 ** round(np.log2(4 * np.sqrt(n))))))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(pdim), nlist)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatL2(pdim), pdim, nlist)
     projected = np.zeros((n, pdim), dtype=np.float32)  # what the index holds, kept once
     for start, stop in _batches(n, batch):
         vec = np.ascontiguousarray(source.get(ids[start:stop]), dtype=np.float32)
@@ -146,10 +147,10 @@ def near_pairs(
     for start, stop in _batches(n, batch):
         dist, rows = index.search(projected[start:stop], kk)
         me = np.arange(start, stop)[:, None]
-        keep = (rows > me) & (dist <= radius)  # each pair once, from its lower row
+        keep = (rows >= 0) & (rows != me) & (dist <= radius)  # found from either end
         qi, col = np.nonzero(keep)
-        found_a.append(qi + start)
-        found_b.append(rows[qi, col])
+        found_a.append(np.minimum(qi + start, rows[qi, col]))
+        found_b.append(np.maximum(qi + start, rows[qi, col]))
         if progress:
             progress("search", stop, n)
     del projected, index
