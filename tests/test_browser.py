@@ -210,9 +210,14 @@ def test_upload_a_photo_and_see_results(page, catalog):
     shown = [float(c["score"].removeprefix("similarity ")) for c in found]
     assert shown == sorted(shown, reverse=True) and 0.9 < shown[0] <= 1.0
     # thumbnails load after the cards render: wait until each has loaded or failed
-    page.wait_for_function(
-        "[...document.querySelectorAll('#grid .card img')].every(img => img.complete)"
-    )
+    # (polled with evaluate: wait_for_function's polling needs eval, which the page's CSP
+    # forbids, and that made this wait flaky)
+    deadline = time.monotonic() + 20
+    while not page.evaluate(
+        "() => [...document.querySelectorAll('#grid .card img')].every(img => img.complete)"
+    ):
+        assert time.monotonic() < deadline, "thumbnails still loading after 20 s"
+        page.wait_for_timeout(100)
     found = cards(page)
     assert all(c["imageLoaded"] for c in found), "every result shows its thumbnail"
     expect(page.locator("#timing")).to_contain_text("12 results")
