@@ -185,7 +185,8 @@ def test_engine_pushes_metadata_filters_down_to_milvus(tmp_path: Path) -> None:
     the same products as the FAISS store, and follow product edits at once; a payload
     left stale by a crash is re-sent on the next open."""
     from lookalike.catalog import Filters
-    from lookalike.engine import Engine, PayloadStore
+    from lookalike.engine import Engine
+    from lookalike.payload import PayloadStore
 
     meta = tmp_path / "products.csv"
     rows = fashion_products(

@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from . import duplicates
-from .catalog import Catalog, Filters, Product, attributes_json, check_product_id
+from .catalog import Catalog, Filters, Product
 from .encoders import DEFAULT_MODEL
 from .errors import (
     CatalogMismatchError,
@@ -38,7 +38,9 @@ from .fusion import SearchReport, check_text_weight, photo_and_words, words_alon
 from .images import load_image, probe_image
 from .ingest import IngestReport, ingest, reembed
 from .locks import HomeLock
-from .metadata import parse_bool, parse_price
+from .metadata import parse_bool, parse_price, product_from_fields
+from .models import active_encoder
+from .payload import PayloadStore
 from .repair import sync_store
 from .search import Result, check_k, rank_products
 from .sharing import SharedHome
@@ -105,7 +107,7 @@ class Engine(SharedHome):
                 from .encoders import load_encoder
 
                 encoder = load_encoder(self.model, self.models_dir)
-                self._encoder = _active_encoder(self.home, encoder)
+                self._encoder = active_encoder(self.home, encoder)
             return self._encoder
 
     def _check_model_matches(self) -> None:
@@ -327,7 +329,7 @@ class Engine(SharedHome):
         """`add_product`, and the new images that are the same photo as an image of
         another product ([new, other] groups). With `reject_duplicates` such a product is
         refused (DuplicateImageError) and nothing is written."""
-        product = _product_from_fields(fields)
+        product = product_from_fields(fields)
         if not images:
             raise UsageError("a product needs at least one image")
         decoded, seen = [], set()
@@ -597,65 +599,6 @@ class Engine(SharedHome):
         self.close()
 
 
-class PayloadStore:
-    """A vector store that can filter on per-vector payload (Milvus), fed by the catalog:
-    every vector it is given goes in with its product's category, price, stock and
-    attributes, so search filters go down to it as expressions (`filter_expression`)
-    instead of as lists of allowed image ids. Everything else is the wrapped store's."""
-
-    def __init__(self, store: VectorStore, catalog: Catalog):
-        self._inner = store
-        self._catalog = catalog
-        self._fractions: dict[str, float] = {}  # expression -> share of images passing
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
-
-    def __len__(self) -> int:
-        return len(self._inner)
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        from .vectors.milvus_store import payload_from_products
-
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        owners = self._catalog.image_products(ids.tolist())
-        products = self._catalog.products(sorted({pid for pid, _ in owners.values()}))
-        rows = []
-        for image_id in ids.tolist():
-            product = products.get(owners.get(image_id, ("", ""))[0])
-            rows.append(payload_from_products([product.to_dict()])[0] if product else {})
-        self._inner.add(ids, vectors, payload=rows)
-
-    def filter_expression(self, filters: Filters) -> str | None:
-        """The Milvus expression for these filters; None when they cannot be expressed
-        (an attribute name Milvus cannot address): the caller then sends allowed ids."""
-        from .vectors.milvus_store import filters_to_expr
-
-        try:
-            expr = filters_to_expr(filters)
-        except UsageError:
-            return None
-        if expr and getattr(self._inner, "approximate", False):
-            # an approximate server index searches wider for selective filters
-            if len(self._fractions) > 256:
-                self._fractions.clear()
-            total = max(1, self._catalog.count_images())
-            self._fractions[expr] = self._catalog.count_images_matching(filters) / total
-        return expr
-
-    def search(
-        self,
-        queries: np.ndarray,
-        k: int,
-        allowed_ids: np.ndarray | None = None,
-        expr: str | None = None,
-        **kw: Any,
-    ) -> tuple[np.ndarray, np.ndarray]:
-        if expr is not None and expr in self._fractions:
-            kw.setdefault("filter_fraction", self._fractions[expr])
-        return self._inner.search(queries, k, allowed_ids=allowed_ids, expr=expr, **kw)
-
-
 def _refusal(matches: list[tuple[int, int, float]], catalog: Catalog) -> str:
     owners = catalog.image_products(sorted({other for _, other, _ in matches}))
     row, other, score = max(matches, key=lambda m: m[2])
@@ -663,15 +606,6 @@ def _refusal(matches: list[tuple[int, int, float]], catalog: Catalog) -> str:
         f"image {row + 1} is the same photo as image {other} of product"
         f" {owners[other][0]} (score {score:.3f}); not added (duplicates were refused)"
     )
-
-
-def _active_encoder(home: Path, base):
-    """The tuned encoder when `lookalike tune` made one for this base model, else the base."""
-    try:
-        from .models import active_encoder
-    except ImportError:
-        return base
-    return active_encoder(home, base)
 
 
 def _check_home(home: Path, create: bool) -> None:
@@ -686,24 +620,3 @@ def _check_home(home: Path, create: bool) -> None:
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputPathError(f"cannot create the home {home}: {exc.strerror}") from None
-
-
-def _product_from_fields(fields: dict[str, Any]) -> Product:
-    try:
-        product_id = check_product_id(fields.get("product_id") or "")
-        price = parse_price(fields.get("price"))
-        in_stock = True if fields.get("in_stock") in (None, "") else parse_bool(fields["in_stock"])
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    attributes = fields.get("attributes") or {}
-    if not isinstance(attributes, dict):
-        raise UsageError("attributes must be an object of name: value")
-    attributes_json(attributes)  # NaN/Infinity refused before any work
-    return Product(
-        product_id=product_id,
-        title=fields.get("title") or None,
-        category=fields.get("category") or None,
-        price=price,
-        in_stock=in_stock,
-        attributes=dict(attributes),
-    )

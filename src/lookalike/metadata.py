@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .catalog import PRODUCT_FIELDS, Product, check_product_id
-from .errors import InputPathError, MetadataError
+from .catalog import PRODUCT_FIELDS, Product, attributes_json, check_product_id
+from .errors import InputPathError, MetadataError, UsageError
 
 REQUIRED = ("product_id", "image")
 _TRUE = {"1", "true", "yes", "y", "t", "in stock", "in_stock", "instock", "available"}
@@ -215,4 +215,27 @@ def _product_row(row: dict[str, Any]) -> tuple[Product, str]:
             attributes=attributes,
         ),
         image,
+    )
+
+
+def product_from_fields(fields: dict[str, Any]) -> Product:
+    """A Product from the fields of an API write (product_id, title, category, price,
+    in_stock, attributes), or UsageError naming what is wrong."""
+    try:
+        product_id = check_product_id(fields.get("product_id") or "")
+        price = parse_price(fields.get("price"))
+        in_stock = True if fields.get("in_stock") in (None, "") else parse_bool(fields["in_stock"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    attributes = fields.get("attributes") or {}
+    if not isinstance(attributes, dict):
+        raise UsageError("attributes must be an object of name: value")
+    attributes_json(attributes)  # NaN/Infinity refused before any work
+    return Product(
+        product_id=product_id,
+        title=fields.get("title") or None,
+        category=fields.get("category") or None,
+        price=price,
+        in_stock=in_stock,
+        attributes=dict(attributes),
     )
