@@ -35,8 +35,11 @@ class TuneSettings:
     views: int = 2  # finetune: augmented views of each labelled photo (finetune.random_view)
     catalog_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
+    field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
+    keep_base: float | None = None  # base embedding appended, scaled; None: 1.0 with --field
+    pseudo_rounds: int = 2  # --photos: head rounds of self-training before the final model
 
-    def resolved(self, base: Any) -> TuneSettings:
+    def resolved(self, base: Any, field: bool = False) -> TuneSettings:
         """These settings with the method and its defaults filled in for `base`."""
         method = self.method
         if method == "auto":
@@ -56,4 +59,6 @@ class TuneSettings:
             out.epochs = defaults["epochs"]
         if out.batch_size is None:
             out.batch_size = defaults["batch_size"]
+        if out.keep_base is None:
+            out.keep_base = 1.0 if field else 0.0
         return out
