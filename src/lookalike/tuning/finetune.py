@@ -135,7 +135,11 @@ def random_view(img: Any, sha256: str, view: int) -> Any:
 
 
 def build_tail(
-    base_name: str, first_block: int, hidden: int, dim: int, dropout: float,
+    base_name: str,
+    first_block: int,
+    hidden: int,
+    dim: int,
+    dropout: float,
     keep_base: float = 0.0,
 ):
     """The torch tail: trunk map -> L2-normalised tuned embedding, starting from the

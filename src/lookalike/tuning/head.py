@@ -113,9 +113,11 @@ def fit_head(
             q = forward(pool(px[idx], True))
             c = forward(pool(cx, True))
             p = F.normalize(proxies, dim=-1)
-            loss = F.cross_entropy(q @ p.T / t, py[idx]) + settings.catalog_weight * (
-                F.cross_entropy(c @ p.T / t, cy)
-            ) + settings.field_weight * field.loss(c, None, t)
+            loss = (
+                F.cross_entropy(q @ p.T / t, py[idx])
+                + settings.catalog_weight * (F.cross_entropy(c @ p.T / t, cy))
+                + settings.field_weight * field.loss(c, None, t)
+            )
             opt.zero_grad()
             loss.backward()
             opt.step()

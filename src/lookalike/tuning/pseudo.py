@@ -51,8 +51,7 @@ class PseudoLabels:
         return {
             "photos": int(len(self.labels)),
             "products_assigned": int(len(np.unique(self.labels))),
-            "mean_confidence": round(float(self.confidence.mean()), 4) if len(self.labels)
-            else 0.0,
+            "mean_confidence": round(float(self.confidence.mean()), 4) if len(self.labels) else 0.0,
             "rounds": self.rounds,
         }
 
