@@ -149,7 +149,7 @@ def _precision(engine: Engine, ids: set[str] | None) -> dict[str, float]:
 
 
 def _stiletto(engine: Engine) -> dict:
-    res = engine.search(str(STILETTO), k=10)
+    res = engine.search([str(STILETTO)], k=10)[0]
     prods = engine.catalog.products([r.product_id for r in res])
     top = [(prods[r.product_id].category, prods[r.product_id].attributes.get("colour"))
            for r in res]  # fmt: skip
@@ -225,6 +225,7 @@ def main() -> int:
     try:
         if args.part in ("all", "photos"):
             figures["photos"] = bench_photos(work, args)
+            print(json.dumps(figures["photos"]), flush=True)
         if args.part in ("all", "field"):
             figures["field"] = bench_field(work, args)
     finally:

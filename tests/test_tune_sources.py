@@ -176,7 +176,7 @@ def test_photos_with_the_finetune_method(grocery, tmp_path_factory):
                                    validate_csv=grocery["held"], progress=False,
                                    settings=settings)  # fmt: skip
         assert engine.encoder.stamp == report.stamp
-        hits = engine.search(_rows(grocery["held"])[0]["image"], k=3)
+        hits = engine.search([_rows(grocery["held"])[0]["image"]], k=3)[0]
     info = _model_json(home, report.version)
     assert info["kind"] == "finetune" and info["sources"]["used"] == ["photos"]
     assert (tuned_root(home) / report.version / "model.onnx").is_file()
@@ -257,9 +257,11 @@ def test_all_sources_in_one_run_then_versions_and_reset(grocery, tmp_path_factor
         first = train_tuned_model(engine, grocery["labels"], photos=[grocery["photos_bare"]],
                                   field="category", progress=False, settings=HEAD)  # fmt: skip
         assert first.sources["used"] == ["labels", "photos", "field"]
-        # the labelled photos are not counted again among the unlabelled ones
-        assert first.sources["photos"]["photos"] == N_PRODUCTS * PHOTOS_PER_PRODUCT
-        assert first.photos_used == N_PRODUCTS * (PHOTOS_PER_PRODUCT + 4)
+        # a photo that is also labelled keeps its label and is not counted again
+        labelled = {r["image"] for r in _rows(grocery["labels"])}
+        unlabelled = [r for r in _rows(grocery["photos_bare"]) if r["image"] not in labelled]
+        assert first.sources["photos"]["photos"] == len(unlabelled) < N_PRODUCTS * 16
+        assert first.photos_used == len(unlabelled) + len(labelled)
         second = train_tuned_model(engine, photos=[grocery["photos_bare"]], progress=False,
                                    settings=TuneSettings(method="head", seed=1))  # fmt: skip
         assert second.version != first.version and active_version(home) == second.version
@@ -269,7 +271,7 @@ def test_all_sources_in_one_run_then_versions_and_reset(grocery, tmp_path_factor
         assert status["sources"]["used"] == ["labels", "photos", "field"]
         use_model(engine, None, progress=False)
         assert engine.encoder.stamp == base_stamp and active_version(home) is None
-        assert len(engine.search(_rows(grocery["held"])[0]["image"], k=3)) == 3
+        assert len(engine.search([_rows(grocery["held"])[0]["image"]], k=3)[0]) == 3
     assert _model_json(home, first.version)["labels"] == str(grocery["labels"])
 
 
