@@ -33,7 +33,6 @@ import os
 import platform
 import re
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -45,6 +44,9 @@ sys.path.insert(0, str(ROOT / "src"))
 from lookalike.engine import Engine  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.tuning import TuneSettings, train_tuned_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tune import latency  # noqa: E402  (the same interleaved timing as bench_tune)
 
 DATA = ROOT / "../shared/data"
 GROCERY = DATA / "grocery"
@@ -75,20 +77,6 @@ def recall(engine: Engine, rows: list[dict[str, str]]) -> dict[str, float]:
             hits1 += bool(ids) and ids[0] == row["product_id"]
             hits5 += row["product_id"] in ids
     return {"recall@1": round(hits1 / len(rows), 4), "recall@5": round(hits5 / len(rows), 4)}
-
-
-def latency(engines: dict[str, Engine], paths: list[str]) -> dict[str, dict[str, float]]:
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for engine in engines.values():  # warm-up
-        engine.search(paths[0], k=10)
-    for path in paths:
-        for name, engine in engines.items():
-            t0 = time.perf_counter()
-            engine.search(path, k=10)
-            times[name].append(1000 * (time.perf_counter() - t0))
-    return {name: {"median_ms": round(statistics.median(ts), 2),
-                   "p90_ms": round(sorted(ts)[int(0.9 * (len(ts) - 1))], 2)}
-            for name, ts in times.items()}  # fmt: skip
 
 
 def burst_split(rows: list[dict[str, str]]) -> tuple[list[dict], list[dict]]:
