@@ -172,6 +172,9 @@ def bench_field(work: Path, args: argparse.Namespace) -> dict:
             split.index([], metadata=held_csv, progress=False)  # unseen products arrive
             out["tuned_held"] = _precision(split, held)
         full_home = work / "fashion-full"
+        # the split home's feature cache (by file content) spares computing it again
+        shutil.copytree(work / "fashion-split" / "models" / "features",
+                        full_home / "models" / "features", dirs_exist_ok=True)  # fmt: skip
         with Engine(full_home) as full:
             full.index([], metadata=FASHION / "catalog.csv", progress=False)
             t0 = time.perf_counter()
