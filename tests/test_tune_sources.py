@@ -282,9 +282,10 @@ def test_cli_sources_and_modes(grocery, tmp_path_factory, capsys):
     assert "--labels, --photos, --field" in capsys.readouterr().err
     assert cli_main([*h, "tune", "--reset", "--photos", str(grocery["photos"])]) == 2
     assert cli_main([*h, "tune", "--photos", str(grocery["photos_bare"]), "--field",
-                     "category", "--method", "head", "--json"]) == 0  # fmt: skip
+                     "category", "--json"]) == 0  # fmt: skip
     out = json.loads(capsys.readouterr().out)
     assert out["sources"]["used"] == ["photos", "field"]
+    assert out["settings"]["method"] == "head"  # auto: head without labelled photos
     assert cli_main([*h, "tune", "--status", "--json"]) == 0
     status = json.loads(capsys.readouterr().out)
     assert status["version"] == out["version"] and status["sources"]["used"] == ["photos", "field"]

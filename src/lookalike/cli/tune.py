@@ -51,8 +51,9 @@ def add_commands(sub: Any) -> None:
         "--method",
         choices=["auto", "finetune", "head"],
         default="auto",
-        help="finetune: the network's last blocks and a head (bundled models; the default);"
-        " head: a head on frozen features (any model, faster, less accurate)",
+        help="finetune: the network's last blocks and a head (bundled models; the default"
+        " with --labels); head: a head on frozen features (any model, faster; the default for"
+        " --photos / --field without --labels)",
     )
     p.add_argument(
         "--epochs",

@@ -19,7 +19,9 @@ class TuneSettings:
     """Training hyper-parameters (defaults chosen on grocery; docs/quality.md says how).
     `None` fields take the method's default (METHOD_DEFAULTS)."""
 
-    method: str = "auto"  # "finetune", "head", or "auto": finetune where the base allows
+    # "finetune", "head", or "auto": finetune where the base allows and labelled photos are
+    # given; head for --photos / --field alone (as good there, measured, and 4-5x faster)
+    method: str = "auto"
     dim: int = 512
     hidden: int = 1024  # 0: a linear projection (head method only)
     dropout: float = 0.5
@@ -39,11 +41,12 @@ class TuneSettings:
     keep_base: float | None = None  # base embedding appended, scaled; None: 1.0 with --field
     pseudo_rounds: int = 2  # --photos: head rounds of self-training before the final model
 
-    def resolved(self, base: Any, field: bool = False) -> TuneSettings:
-        """These settings with the method and its defaults filled in for `base`."""
+    def resolved(self, base: Any, field: bool = False, labelled: bool = True) -> TuneSettings:
+        """These settings with the method and its defaults filled in for `base` (`field`:
+        the run uses --field; `labelled`: it has labelled photos)."""
         method = self.method
         if method == "auto":
-            method = "finetune" if supports(base) else "head"
+            method = "finetune" if supports(base) and labelled else "head"
         if method not in METHOD_DEFAULTS:
             raise UsageError(f"unknown tuning method {method!r}: use finetune or head")
         if method == "finetune" and not supports(base):

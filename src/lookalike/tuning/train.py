@@ -145,7 +145,9 @@ def train_tuned_model(
     receives a line per epoch (loss, validation figures); by default they are dropped."""
     started = time.perf_counter()
     base = base_of(engine.encoder)
-    settings = (settings or TuneSettings()).resolved(base, field=field is not None)
+    settings = (settings or TuneSettings()).resolved(
+        base, field=field is not None, labelled=labels_csv is not None
+    )
     if log is None:
         log = _no_log
     home = Path(engine.home)
