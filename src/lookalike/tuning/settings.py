@@ -39,7 +39,7 @@ class TuneSettings:
     seed: int = 0
     field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
     keep_base: float | None = None  # base embedding appended, scaled; None: 1.0 with --field
-    pseudo_rounds: int = 2  # --photos: head rounds of self-training before the final model
+    pseudo_rounds: int = 0  # --photos: rounds of a head trained on the labels, then relabel
 
     def resolved(self, base: Any, field: bool = False, labelled: bool = True) -> TuneSettings:
         """These settings with the method and its defaults filled in for `base` (`field`:
