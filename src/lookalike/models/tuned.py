@@ -29,6 +29,8 @@ HEAD_FORMAT = 1
 """Format of head.npz and model.json (recorded in model.json, hashed into the head digest)."""
 TRUNK_INPUT = "trunk"
 """The tail graph's input: the trunk's output map (N, C, h, w)."""
+SMALL_BATCH = 16
+"""Up to this many rows a Head multiplies without BLAS (Head.apply)."""
 
 
 @dataclass
@@ -55,10 +57,14 @@ class Head:
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(N, D_in) base embeddings -> (N, D_out) float32 L2-normalised."""
         y = np.asarray(x, dtype=np.float32) - self.mean
+        # a query's few rows: a plain loop, not BLAS, whose threads fight ONNX Runtime's
+        # still-spinning ones right after the base pass (measured: 7 ms a query under
+        # load instead of 0.2 ms; docs/quality.md)
+        few = len(y) <= SMALL_BATCH
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if i:
                 np.maximum(y, 0, out=y)
-            y = y @ w + b
+            y = (np.einsum("ij,jk->ik", y, w, optimize=False) if few else y @ w) + b
         if self.keep_base:
             x = np.asarray(x, dtype=np.float32)
             y = np.concatenate([l2_normalise(y), self.keep_base * x], axis=1)
