@@ -190,6 +190,27 @@ def bench_field(work: Path, args: argparse.Namespace) -> dict:
     return out
 
 
+def latency_only(work: Path, args: argparse.Namespace) -> int:
+    """Time base and tuned homes kept by an earlier run (--workdir), interleaved."""
+    val = [str(GROCERY / r["image"]) for r in _rows(GROCERY / "val.csv")][: args.queries]
+    fashion = [str(STILETTO)] + [str(FASHION / r["image"])
+                                 for r in _rows(FASHION / "catalog.csv")[::47]]  # fmt: skip
+    out = {}
+    for name, paths in (("grocery", val), ("fashion", fashion[: args.queries])):
+        homes = {"base": work / f"{name}-base",
+                 "tuned": work / ("grocery-tuned" if name == "grocery" else "fashion-full")}
+        engines = {k: Engine(h) for k, h in homes.items()}
+        try:
+            out[name] = latency(engines, paths)
+        finally:
+            for engine in engines.values():
+                engine.close()
+        print(name, {k: str(e) for k, e in homes.items()}, out[name], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--part", default="all", choices=["all", "photos", "field"])
@@ -207,7 +228,11 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=60, help="queries for the latency test")
     ap.add_argument("--workdir", help="keep the homes here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only time the homes a previous run left in --workdir")
     args = ap.parse_args()
+    if args.latency_only:
+        return latency_only(Path(args.workdir), args)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sources-"))
     work.mkdir(parents=True, exist_ok=True)
     figures: dict = {
