@@ -16,10 +16,13 @@ from .common import open_engine
 def add_commands(sub: Any) -> None:
     p = sub.add_parser(
         "tune",
-        help="learn from labelled shop photos (image,product_id CSV); --reset to undo",
+        help="learn from labelled or unlabelled shop photos and catalog fields; --reset to undo",
         description=(
-            "Adapt the model to labelled photos of catalog products (CSV with"
-            " image,product_id; image paths relative to the CSV) and the catalog images:"
+            "Adapt the model to what the shop has, alone or together: labelled photos of"
+            " catalog products (--labels CSV with image,product_id; image paths relative to"
+            " the CSV), unlabelled shopper photos (--photos, given pseudo-labels by"
+            " self-training; no label is read), a catalog field as weak labels (--field),"
+            " and always the catalog images:"
             " fine-tune the network's last blocks plus a head (--method finetune, the"
             " default for the bundled models) or learn a head on frozen features (--method"
             " head, any model). The catalog is then re-embedded: searches use"
@@ -29,18 +32,28 @@ def add_commands(sub: Any) -> None:
             " a saved one; --status shows the active model."
         ),
     )
-    mode = p.add_mutually_exclusive_group(required=True)
-    mode.add_argument("--labels", metavar="PHOTOS.csv", help="labelled photos to learn from")
-    mode.add_argument("--reset", action="store_true", help="go back to the base model")
-    mode.add_argument("--use", metavar="VERSION", help="activate a saved tuned model")
-    mode.add_argument("--status", action="store_true", help="show the active model")
+    p.add_argument("--labels", metavar="PHOTOS.csv", help="labelled photos to learn from")
+    p.add_argument(
+        "--photos", nargs="+", metavar="PHOTOS",
+        help="unlabelled shopper photos to learn from (folders, images, or CSVs of which only"
+        " the image column is read): each is given a pseudo-label by self-training",
+    )  # fmt: skip
+    p.add_argument(
+        "--field", metavar="NAME",
+        help="a catalog field (category or any attribute) to learn from as weak labels;"
+        " the base embedding is kept beside it (colour, pattern)",
+    )  # fmt: skip
+    p.add_argument("--reset", action="store_true", help="go back to the base model")
+    p.add_argument("--use", metavar="VERSION", help="activate a saved tuned model")
+    p.add_argument("--status", action="store_true", help="show the active model")
     p.add_argument("--validate", metavar="HELD.csv", help="held-out labelled photos to score")
     p.add_argument(
         "--method",
         choices=["auto", "finetune", "head"],
         default="auto",
-        help="finetune: the network's last blocks and a head (bundled models; the default);"
-        " head: a head on frozen features (any model, faster, less accurate)",
+        help="finetune: the network's last blocks and a head (bundled models; the default"
+        " with --labels); head: a head on frozen features (any model, faster; the default for"
+        " --photos / --field without --labels)",
     )
     p.add_argument(
         "--epochs",
@@ -53,7 +66,24 @@ def add_commands(sub: Any) -> None:
     p.set_defaults(func=cmd_tune)
 
 
+def _check_mode(args: argparse.Namespace) -> None:
+    """At least one source (--labels/--photos/--field, together if wanted), or exactly
+    one of --use/--reset/--status on its own."""
+    learn = [f for f, v in (("--labels", args.labels), ("--photos", args.photos),
+                            ("--field", args.field)) if v]  # fmt: skip
+    switch = [f for f, v in (("--reset", args.reset), ("--use", args.use),
+                             ("--status", args.status)) if v]  # fmt: skip
+    if len(switch) > 1 or (switch and learn):
+        raise UsageError(f"{' and '.join(switch + learn)} cannot be combined")
+    if not switch and not learn:
+        raise UsageError(
+            "tune needs one of --labels, --photos, --field (any together), or --use, --reset,"
+            " --status"
+        )
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
+    _check_mode(args)
     progress = not getattr(args, "quiet", False) and not args.json
     with open_engine(args) as engine:
         if args.status:
@@ -62,7 +92,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             return 0
         if args.reset or args.use:
             if args.validate:
-                raise UsageError("--validate goes with --labels")
+                raise UsageError("--validate goes with --labels, --photos or --field")
             counts = use_model(engine, None if args.reset else args.use, progress=progress)
             out = {**describe_active(engine.home, engine.encoder), "reembedded": counts}
             if args.json:
@@ -84,6 +114,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             args.labels,
             args.validate,
             progress=progress,
+            photos=args.photos,
+            field=args.field,
             settings=settings,
             log=_stderr if progress else None,
         )

@@ -124,6 +124,7 @@ def describe_active(home: str | os.PathLike, encoder: Any) -> dict[str, Any]:
             "stamp": encoder.stamp,
             "base_stamp": encoder.base.stamp,
             "labels_sha256": info.get("labels_sha256"),
+            "sources": info.get("sources"),
             "validation": info.get("validation"),
         }
     return {"model": "base", "stamp": encoder.stamp, "tuned_versions": len(list_models(home))}

@@ -29,20 +29,26 @@ HEAD_FORMAT = 1
 """Format of head.npz and model.json (recorded in model.json, hashed into the head digest)."""
 TRUNK_INPUT = "trunk"
 """The tail graph's input: the trunk's output map (N, C, h, w)."""
+SMALL_BATCH = 16
+"""Up to this many rows a Head multiplies without BLAS (Head.apply)."""
 
 
 @dataclass
 class Head:
     """A small MLP on the base embedding: normalise(layers((x - mean))), with ReLU between
-    layers (one layer: a linear projection)."""
+    layers (one layer: a linear projection). With `keep_base` > 0 the base embedding
+    itself, scaled by it, is appended before the final normalisation (`tune --field`
+    keeps what the base sees, such as colour, beside what the head learned)."""
 
     mean: np.ndarray  # (D_in,)
     weights: list[np.ndarray]  # (D_in, H), ..., (H, D_out)
     biases: list[np.ndarray]
+    keep_base: float = 0.0
 
     @property
     def dim(self) -> int:
-        return int(self.weights[-1].shape[1])
+        out = int(self.weights[-1].shape[1])
+        return out + self.in_dim if self.keep_base else out
 
     @property
     def in_dim(self) -> int:
@@ -51,14 +57,23 @@ class Head:
     def apply(self, x: np.ndarray) -> np.ndarray:
         """(N, D_in) base embeddings -> (N, D_out) float32 L2-normalised."""
         y = np.asarray(x, dtype=np.float32) - self.mean
+        # a query's few rows: a plain loop, not BLAS, whose threads fight ONNX Runtime's
+        # still-spinning ones right after the base pass (measured: 7 ms a query under
+        # load instead of 0.2 ms; docs/quality.md)
+        few = len(y) <= SMALL_BATCH
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             if i:
                 np.maximum(y, 0, out=y)
-            y = y @ w + b
+            y = (np.einsum("ij,jk->ik", y, w, optimize=False) if few else y @ w) + b
+        if self.keep_base:
+            x = np.asarray(x, dtype=np.float32)
+            y = np.concatenate([l2_normalise(y), self.keep_base * x], axis=1)
         return l2_normalise(y)
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean}
+        if self.keep_base:
+            out["keep_base"] = np.array([self.keep_base], dtype=np.float32)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             out[f"w{i}"] = w
             out[f"b{i}"] = b
@@ -84,6 +99,7 @@ class Head:
                 mean=z["mean"].astype(np.float32),
                 weights=[z[f"w{i}"].astype(np.float32) for i in range(n)],
                 biases=[z[f"b{i}"].astype(np.float32) for i in range(n)],
+                keep_base=float(z["keep_base"][0]) if "keep_base" in z.files else 0.0,
             )
 
 

@@ -1,5 +1,8 @@
-"""Learn from the shop's own labelled photos: `lookalike tune` (layer L7: workflows over an
-Engine).
+"""Learn from what the shop has: `lookalike tune` (layer L7: workflows over an Engine).
+Labelled photos (`--labels`), unlabelled shopper photos (`--photos`, given pseudo-labels by
+self-training, pseudo.py) and the catalog's own metadata (`--field`, weak labels, weak.py),
+alone or together (sources.py); the paragraphs below describe the labelled case, which
+the other two reduce to.
 
 An ImageNet network was never taught that a shelf photo of a juice carton and the
 carton's catalog picture show the same product. A shop knows it: `lookalike tune
@@ -30,6 +33,9 @@ mix vectors of two models: activating or resetting re-embeds the catalog, from c
 features where they exist (`switch.py`).
 
     settings.py   TuneSettings, each method's defaults
+    sources.py    reading --labels / --photos / --field and the catalog: Inputs
+    pseudo.py     pseudo-labels for unlabelled photos (propagation, balancing, rounds)
+    weak.py       a catalog field as weak labels: FieldLabels, the field's loss
     features.py   FeatureCache, computing features, grid cells
     head.py       the head method
     finetune.py   the finetune method: trunk, augmented views, tail training, export

@@ -37,6 +37,7 @@ from ..encoders.runtime import make_session
 from ..errors import ModelError
 from ..fsutil import atomic_write
 from ..models import TRUNK_INPUT
+from .weak import FieldTerm
 
 TUNED_BLOCKS = 2
 """How many of the network's last MBConv blocks are fine-tuned (plus the head conv)."""
@@ -133,9 +134,20 @@ def random_view(img: Any, sha256: str, view: int) -> Any:
 # --------------------------------------------------------------------------- the tail
 
 
-def build_tail(base_name: str, first_block: int, hidden: int, dim: int, dropout: float):
+def build_tail(
+    base_name: str,
+    first_block: int,
+    hidden: int,
+    dim: int,
+    dropout: float,
+    keep_base: float = 0.0,
+):
     """The torch tail: trunk map -> L2-normalised tuned embedding, starting from the
-    bundled weights (blocks `first_block`.. and the head conv) and a fresh MLP head."""
+    bundled weights (blocks `first_block`.. and the head conv) and a fresh MLP head.
+    With `keep_base` > 0 the exported embedding appends the base model's own embedding
+    (frozen copies of the tuned blocks), scaled by it, to the tuned vector."""
+    import copy
+
     import torch
     import torch.nn.functional as F
 
@@ -155,19 +167,33 @@ def build_tail(base_name: str, first_block: int, hidden: int, dim: int, dropout:
             self.fc1 = torch.nn.Linear(width, hidden)
             self.fc2 = torch.nn.Linear(hidden, dim)
             self.drop = torch.nn.Dropout(dropout)
+            self.keep_base = float(keep_base)
+            # the base's own layers, frozen (not registered as trainable modules)
+            self._frozen = [copy.deepcopy(m).requires_grad_(False).eval()
+                            for m in (self.blocks, self.conv_head, self.bn1)] \
+                if keep_base else None  # fmt: skip
 
-        def pooled(self, x):
+        def pooled(self, x, layers=None):
             """The base model's own embedding of this trunk map (module docstring)."""
-            for block in self.blocks:
+            blocks, conv_head, bn1 = layers or (self.blocks, self.conv_head, self.bn1)
+            for block in blocks:
                 x = block(x)
-            head = self.act(self.bn1(self.conv_head(x)))
+            head = self.act(bn1(conv_head(x)))
             features = torch.cat([head, BLOCK_WEIGHT * x], dim=1)
             return F.normalize(features.mean(dim=(2, 3)), dim=1)
 
-        def forward(self, x):
+        def tuned(self, x):
+            """The tuned vector alone (what the losses see)."""
             y = self.pooled(x) - self.mean
             y = self.drop(torch.relu(self.fc1(y)))
             return F.normalize(self.fc2(y), dim=1)
+
+        def forward(self, x):
+            y = self.tuned(x)
+            if self._frozen is None:
+                return y
+            base = self.pooled(x, self._frozen)
+            return F.normalize(torch.cat([y, self.keep_base * base], dim=1), dim=1)
 
         def train_mode(self) -> None:
             """Batch norm keeps the ImageNet statistics; only dropout trains."""
@@ -189,11 +215,13 @@ def train_tail(
     *,
     photo_views: np.ndarray | None = None,
     cat_views: np.ndarray | None = None,
+    cat_field: np.ndarray | None = None,
     on_step: Callable[[], None] | None = None,
     on_epoch: Callable[[int, float, Any], None] | None = None,
 ):
     """Fine-tune the tail on cached trunk maps; returns the torch module (eval mode).
-    `settings` is the resolved TuneSettings of the run.
+    `settings` is the resolved TuneSettings of the run. `cat_field` (a class per catalog
+    image, -1 for none; `tune --field`) adds a loss towards one proxy per class.
     `*_views` (N, V, C, h, w): trunk maps of V augmented views of each image
     (random_view); each sample then takes the image or one of its views at random."""
     import torch
@@ -201,7 +229,8 @@ def train_tail(
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
-    tail = build_tail(base_name, first_block, settings.hidden, settings.dim, settings.dropout)
+    tail = build_tail(base_name, first_block, settings.hidden, settings.dim, settings.dropout,
+                      keep_base=settings.keep_base or 0.0)  # fmt: skip
     px = torch.from_numpy(np.ascontiguousarray(photo_maps, dtype=np.float32))
     cx = torch.from_numpy(np.ascontiguousarray(cat_maps, dtype=np.float32))
     py = torch.from_numpy(photo_y.astype(np.int64))
@@ -212,9 +241,11 @@ def train_tail(
         tail.mean.copy_(
             torch.cat([_batched(tail.pooled, sample), _batched(tail.pooled, cx)]).mean(0)
         )
-        start = torch.zeros(n_products, settings.dim).index_add_(0, cy, _batched(tail, cx))
+        start_vectors = _batched(tail.tuned, cx)
+        start = torch.zeros(n_products, settings.dim).index_add_(0, cy, start_vectors)
+        field = FieldTerm.make(cat_field, start_vectors)
     proxies = torch.nn.Parameter(F.normalize(start, dim=1))
-    head_params = [*tail.fc1.parameters(), *tail.fc2.parameters(), proxies]
+    head_params = [*tail.fc1.parameters(), *tail.fc2.parameters(), proxies, *field.parameters()]
     body_params = [p for n, p in tail.named_parameters() if not n.startswith("fc")]
     opt = torch.optim.AdamW(
         [{"params": head_params, "lr": settings.lr},
@@ -269,9 +300,10 @@ def train_tail(
                 rng.choice(len(cx), min(len(cx), settings.catalog_per_step), replace=False)
             )
             p = F.normalize(proxies, dim=1)
-            q = tail(augment(take(px, photo_views, idx)))
-            c = tail(augment(take(cx, cat_views, cidx)))
+            q = tail.tuned(augment(take(px, photo_views, idx)))
+            c = tail.tuned(augment(take(cx, cat_views, cidx)))
             loss = F.cross_entropy(q @ p.T / t, py[idx]) + F.cross_entropy(c @ p.T / t, cy[cidx])
+            loss = loss + settings.field_weight * field.loss(c, cidx, t)
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -13,6 +13,7 @@ import numpy as np
 from ..models import Head
 from .features import GRID
 from .settings import TuneSettings
+from .weak import FieldTerm
 
 
 def fit_head(
@@ -23,11 +24,13 @@ def fit_head(
     cat_y: np.ndarray,
     n_products: int,
     *,
+    cat_field: np.ndarray | None = None,
     on_epoch: Callable[[int, float, Head], None] | None = None,
 ) -> Head:
     """Train the head. `*_x` are either (N, D) embeddings or (N, G, G, C) grid cells
     (then each sample is pooled over a random rectangle of cells with probability
-    `crop_probability`)."""
+    `crop_probability`). `cat_field` (one class index per catalog image, -1 for none;
+    `tune --field`) adds a loss against one proxy per class of the catalog images."""
     import torch
     import torch.nn.functional as F
 
@@ -79,9 +82,10 @@ def fit_head(
     drop.eval()
     with torch.no_grad():  # one proxy per product, starting at its catalog images' mean
         start = torch.zeros(n_products, settings.dim).index_add_(0, cy, forward(c_full))
+        field = FieldTerm.make(cat_field, forward(c_full))
     drop.train()
     proxies = torch.nn.Parameter(F.normalize(start, dim=-1))
-    params = [*net.parameters(), proxies]
+    params = [*net.parameters(), proxies, *field.parameters()]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
     n = len(px)
     steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
@@ -98,6 +102,7 @@ def fit_head(
             mean=mean.numpy().astype(np.float32).copy(),
             weights=[layer.weight.detach().numpy().T.astype(np.float32).copy() for layer in net],
             biases=[layer.bias.detach().numpy().astype(np.float32).copy() for layer in net],
+            keep_base=float(settings.keep_base or 0.0),
         )
 
     for epoch in range(settings.epochs):
@@ -108,8 +113,10 @@ def fit_head(
             q = forward(pool(px[idx], True))
             c = forward(pool(cx, True))
             p = F.normalize(proxies, dim=-1)
-            loss = F.cross_entropy(q @ p.T / t, py[idx]) + settings.catalog_weight * (
-                F.cross_entropy(c @ p.T / t, cy)
+            loss = (
+                F.cross_entropy(q @ p.T / t, py[idx])
+                + settings.catalog_weight * (F.cross_entropy(c @ p.T / t, cy))
+                + settings.field_weight * field.loss(c, None, t)
             )
             opt.zero_grad()
             loss.backward()

@@ -19,7 +19,9 @@ class TuneSettings:
     """Training hyper-parameters (defaults chosen on grocery; docs/quality.md says how).
     `None` fields take the method's default (METHOD_DEFAULTS)."""
 
-    method: str = "auto"  # "finetune", "head", or "auto": finetune where the base allows
+    # "finetune", "head", or "auto": finetune where the base allows and labelled photos are
+    # given; head for --photos / --field alone (as good there, measured, and 4-5x faster)
+    method: str = "auto"
     dim: int = 512
     hidden: int = 1024  # 0: a linear projection (head method only)
     dropout: float = 0.5
@@ -35,12 +37,16 @@ class TuneSettings:
     views: int = 2  # finetune: augmented views of each labelled photo (finetune.random_view)
     catalog_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
+    field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
+    keep_base: float | None = None  # base embedding appended, scaled; None: 1.0 with --field
+    pseudo_rounds: int = 0  # --photos: rounds of a head trained on the labels, then relabel
 
-    def resolved(self, base: Any) -> TuneSettings:
-        """These settings with the method and its defaults filled in for `base`."""
+    def resolved(self, base: Any, field: bool = False, labelled: bool = True) -> TuneSettings:
+        """These settings with the method and its defaults filled in for `base` (`field`:
+        the run uses --field; `labelled`: it has labelled photos)."""
         method = self.method
         if method == "auto":
-            method = "finetune" if supports(base) else "head"
+            method = "finetune" if supports(base) and labelled else "head"
         if method not in METHOD_DEFAULTS:
             raise UsageError(f"unknown tuning method {method!r}: use finetune or head")
         if method == "finetune" and not supports(base):
@@ -56,4 +62,6 @@ class TuneSettings:
             out.epochs = defaults["epochs"]
         if out.batch_size is None:
             out.batch_size = defaults["batch_size"]
+        if out.keep_base is None:
+            out.keep_base = 1.0 if field else 0.0
         return out

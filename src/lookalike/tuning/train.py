@@ -1,14 +1,16 @@
-"""`lookalike tune --labels`: one training run, step by step. Read the labels and the
-catalog, make sure every image's features are cached, gather the training arrays, train
-the chosen method, save the result as a new version under `<home>/models/tuned/`, and
-(optionally) switch the engine to it.
+"""`lookalike tune`: one training run, step by step. Read the sources (labelled photos,
+unlabelled photos, a catalog field; lookalike.tuning.sources) and the catalog, make sure
+every image's features are cached, gather the training arrays, give unlabelled photos
+pseudo-labels (lookalike.tuning.pseudo), train the chosen method, save the result as a
+new version under `<home>/models/tuned/`, and (optionally) switch the engine to it.
 
-Training never reads anything but the labels file and the catalog; the `--validate` file
-is only embedded to report Recall@1/@5 before and after.
+Training reads only the sources and the catalog; the `--validate` file is only embedded
+to report Recall@1/@5 before and after.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -30,14 +32,15 @@ from .features import (
     FeatureCache,
     Featurize,
     ImageRef,
-    catalog_images,
     compute_features,
     featurizer,
     probe_maps,
 )
 from .finetune import Trunk, calibration_maps, embed_maps, export_tuned, train_tail
 from .head import fit_head
+from .pseudo import PseudoLabels, self_train
 from .settings import TuneSettings
+from .sources import Inputs, read_inputs
 from .switch import use_model
 
 
@@ -48,8 +51,8 @@ class TuneReport:
     version: str
     stamp: str
     base_stamp: str
-    labels: str
-    labels_sha256: str
+    labels: str | None
+    labels_sha256: str | None
     photos_used: int
     products_labelled: int
     catalog_products: int
@@ -61,6 +64,7 @@ class TuneReport:
     seconds: dict[str, float] = field(default_factory=dict)
     reembedded: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    sources: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,10 +72,23 @@ class TuneReport:
     def summary(self) -> str:
         lines = [
             f"tuned model {self.version} is active ({self.stamp})",
-            f"trained on {self.photos_used} labelled photos of {self.products_labelled}"
-            f" products + {self.catalog_images} catalog images of {self.catalog_products}"
-            f" products",
+            f"sources: {', '.join(self.sources.get('used', []))}; trained on"
+            f" {self.photos_used} photos of {self.products_labelled} products +"
+            f" {self.catalog_images} catalog images of {self.catalog_products} products",
         ]
+        pseudo = self.sources.get("photos")
+        if pseudo:
+            lines.append(
+                f"unlabelled photos: {pseudo['photos']} given pseudo-labels of"
+                f" {pseudo['products_assigned']} products (mean confidence"
+                f" {pseudo['mean_confidence']:.3f})"
+            )
+        weak = self.sources.get("field")
+        if weak:
+            lines.append(
+                f"field {weak['name']!r}: {len(weak['classes'])} values as weak labels of the"
+                " catalog images"
+            )
         if self.skipped_unknown:
             lines.append(
                 f"skipped {len(self.skipped_unknown)} label row(s) naming products not in the"
@@ -101,17 +118,22 @@ class TuneReport:
 
 def train_tuned_model(
     engine: Any,
-    labels_csv: str | os.PathLike,
+    labels_csv: str | os.PathLike | None = None,
     validate_csv: str | os.PathLike | None = None,
     progress: bool = True,
     *,
+    photos: Sequence[str | os.PathLike] | None = None,
+    field: str | None = None,
     settings: TuneSettings | None = None,
     activate: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> TuneReport:
-    """Learn from `labels_csv` (image,product_id rows; image paths relative to the file)
-    and the engine's catalog, save the result as a new version, and (with `activate`)
-    make it the engine's model: the catalog is re-embedded and searches use it at once.
+    """Learn from whatever the shop has, alone or together: `labels_csv` (image,product_id
+    rows; image paths relative to the file), unlabelled `photos` (folders, images, or CSVs
+    of which only the `image` column is read; lookalike.tuning.pseudo), the catalog
+    field `field` as weak labels (lookalike.tuning.weak), and always the engine's
+    catalog. Save the result as a new version, and (with `activate`) make it the
+    engine's model: the catalog is re-embedded and searches use it at once.
 
     Two methods (`settings.method`; "auto" picks finetune where the base allows it):
     "finetune" fine-tunes the network's last blocks plus an MLP head on cached trunk
@@ -123,16 +145,25 @@ def train_tuned_model(
     receives a line per epoch (loss, validation figures); by default they are dropped."""
     started = time.perf_counter()
     base = base_of(engine.encoder)
-    settings = (settings or TuneSettings()).resolved(base)
+    settings = (settings or TuneSettings()).resolved(
+        base, field=field is not None, labelled=labels_csv is not None
+    )
     if log is None:
         log = _no_log
     home = Path(engine.home)
-    inputs = _read_inputs(engine.catalog, labels_csv, validate_csv)
+    inputs = read_inputs(engine.catalog, labels_csv, validate_csv, photos, field)
 
     t0 = time.perf_counter()
     features = _cached_features(base, home, settings, inputs, progress)
     seconds = {"features": time.perf_counter() - t0}
     data = _gather(features, inputs, settings)
+    pseudo = None
+    if data.unl_emb is not None:
+        t3 = time.perf_counter()
+        pseudo = _pseudo_label(settings, data, log)
+        seconds["pseudo_labels"] = time.perf_counter() - t3
+    if data.n_photos == 0:
+        _catalog_as_photos(data)
     before = None
     if data.val_x is not None:
         before = product_recall(data.val_emb, data.val_y, data.cat_emb, data.cat_y, data.n_products)
@@ -147,7 +178,9 @@ def train_tuned_model(
         trained, epochs = _train(settings, data, features.trunk, progress, log)
         seconds["training"] = time.perf_counter() - t1
         written = _write_model(trained, settings, data, features, folder)
-        tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs, before)
+        sources = _sources_info(inputs, pseudo, data)
+        tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs, before,
+                                    sources)  # fmt: skip
         os.replace(folder, tuned_root(home) / tuned.version)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -157,10 +190,10 @@ def train_tuned_model(
         version=tuned.version,
         stamp=tuned.stamp,
         base_stamp=base.stamp,
-        labels=str(inputs.labels_path),
+        labels=None if inputs.labels_path is None else str(inputs.labels_path),
         labels_sha256=info["labels_sha256"],
-        photos_used=int(len(data.photo_y)),
-        products_labelled=int(len(np.unique(data.photo_y))),
+        photos_used=data.n_photos,
+        products_labelled=int(len(np.unique(data.photo_y[: data.n_photos]))),
         catalog_products=data.n_products,
         catalog_images=int(len(data.cat_y)),
         skipped_unknown=inputs.skipped_unknown,
@@ -168,6 +201,7 @@ def train_tuned_model(
         epochs=epochs,
         validation=info["validation"],
         settings=asdict(settings),
+        sources=sources,
     )
     if activate:
         t2 = time.perf_counter()
@@ -176,64 +210,6 @@ def train_tuned_model(
     seconds["total"] = time.perf_counter() - started
     report.seconds = {k: round(v, 2) for k, v in seconds.items()}
     return report
-
-
-# --------------------------------------------------------------------------- 1. inputs
-
-
-@dataclass
-class _Inputs:
-    """The rows a run learns from: labelled photos of catalog products, the catalog's
-    images, and the (optional) validation photos."""
-
-    labels_path: Path
-    products: list[str]  # every catalog product id, sorted: the class index
-    pindex: dict[str, int]
-    cat_rows: list[tuple[int, str, str, str]]  # (image_id, product_id, source, sha256)
-    known: list[tuple[Path, str]]  # labelled photos of catalog products
-    skipped_unknown: list[str]
-    validate_csv: str | os.PathLike | None
-    val_rows: list[tuple[Path, str]]
-    val_unknown: int
-
-
-def _read_inputs(
-    catalog: Any, labels_csv: str | os.PathLike, validate_csv: str | os.PathLike | None
-) -> _Inputs:
-    labels_path = Path(labels_csv).expanduser()
-    rows = _read_label_file(labels_path)
-    cat_rows = catalog_images(catalog)
-    if not cat_rows:
-        raise UsageError("the catalog has no images: run `lookalike index` before `tune`")
-    products = sorted({pid for _, pid, _, _ in cat_rows})
-    pindex = {pid: i for i, pid in enumerate(products)}
-
-    skipped_unknown = [
-        f"{labels_path}:{line}: product {pid!r} is not in the catalog"
-        for _, pid, line in rows
-        if pid not in pindex
-    ]
-    known = [(path, pid) for path, pid, _ in rows if pid in pindex]
-    if not known:
-        raise UsageError(
-            f"{labels_path}: none of its {len(rows)} rows names a product in the catalog"
-        )
-    val_rows: list[tuple[Path, str]] = []
-    val_unknown = 0
-    if validate_csv is not None:
-        for path, pid, _ in _read_label_file(Path(validate_csv).expanduser()):
-            if pid in pindex:
-                val_rows.append((path, pid))
-            else:
-                val_unknown += 1
-    return _Inputs(labels_path, products, pindex, cat_rows, known, skipped_unknown,
-                   validate_csv, val_rows, val_unknown)  # fmt: skip
-
-
-def _read_label_file(path: Path) -> list[tuple[Path, str, int]]:
-    from ..evaluate import read_labels
-
-    return [(q.image, q.product_id, q.line) for q in read_labels(path)]
 
 
 # --------------------------------------------------------------------------- 2. features
@@ -245,19 +221,21 @@ class _Features:
 
     cache: FeatureCache
     trunk: Trunk | None  # the finetune method's cut base graph (exported again at the end)
-    photo_images: list[ImageRef]
+    photo_images: list[ImageRef]  # labelled photos
     cat_images: list[ImageRef]
     val_images: list[ImageRef]
     unreadable: list[str]
+    unl_images: list[ImageRef] = field(default_factory=list)  # unlabelled photos
 
 
 def _cached_features(
-    base: Any, home: Path, settings: TuneSettings, inputs: _Inputs, progress: bool
+    base: Any, home: Path, settings: TuneSettings, inputs: Inputs, progress: bool
 ) -> _Features:
     """Make sure the feature cache holds every image of the run (and, for finetune, the
     augmented views), computing only what is missing."""
     finetuning = settings.method == "finetune"
     photo_images = [ImageRef(p, sha256_of(p)) for p, _ in inputs.known]
+    unl_images = [ImageRef(p, sha) for p, sha in inputs.unlabelled]
     cat_images = [ImageRef(Path(src), sha) for _, _, src, sha in inputs.cat_rows]
     val_images = [ImageRef(p, sha256_of(p)) for p, _ in inputs.val_rows]
     trunk = None
@@ -272,8 +250,9 @@ def _cached_features(
         )
         featurize = featurizer(base, use_cells)
     unreadable: list[str] = []
-    for images, desc in ((cat_images, "catalog features"), (photo_images, "photo features"),
-                         (val_images, "validation")):  # fmt: skip
+    steps = ((cat_images, "catalog features"), (photo_images, "photo features"),
+             (unl_images, "unlabelled photos"), (val_images, "validation"))  # fmt: skip
+    for images, desc in steps:
         if images:
             unreadable += compute_features(
                 base, cache, images, featurize=featurize, progress=progress, desc=desc
@@ -283,14 +262,14 @@ def _cached_features(
             *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.catalog_views + 1)
               for i in cat_images),
             *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.views + 1)
-              for i in photo_images),
+              for i in [*photo_images, *unl_images]),
         ]  # fmt: skip
         unreadable += compute_features(
             base, cache, view_images, featurize=featurize, progress=progress, desc="views"
         )
     if finetuning and not cache.has_spatial():
         raise ModelError(f"{cache.path}: trunk maps missing; delete the file and run again")
-    return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable)
+    return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images)
 
 
 # --------------------------------------------------------------------------- 3. arrays
@@ -315,9 +294,15 @@ class _Data:
     val_x: np.ndarray | None = None
     val_y: np.ndarray | None = None
     val_emb: np.ndarray | None = None
+    n_photos: int = 0  # labelled + pseudo-labelled photos in photo_x (0: catalog only)
+    photo_emb: np.ndarray | None = None  # base embeddings of the labelled photos
+    unl_x: np.ndarray | None = None  # unlabelled photos: what the method trains on
+    unl_emb: np.ndarray | None = None  # ... and their base embeddings
+    unl_views: np.ndarray | None = None
+    cat_field: np.ndarray | None = None  # --field: class of each catalog image (-1: none)
 
 
-def _gather(features: _Features, inputs: _Inputs, settings: TuneSettings) -> _Data:
+def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Data:
     cache = features.cache
     finetuning = settings.method == "finetune"
     spatial = cache.has_spatial()
@@ -341,20 +326,79 @@ def _gather(features: _Features, inputs: _Inputs, settings: TuneSettings) -> _Da
         maps = cache.spatial[cache.rows(keys)]
         return maps.reshape(len(kept), count, *maps.shape[1:])
 
-    photo_x, photo_y, _ = gather(features.photo_images, [pid for _, pid in inputs.known])
-    cat_x, cat_y, cat_emb = gather(features.cat_images, [pid for _, pid, _, _ in inputs.cat_rows])
+    photo_x, photo_y, photo_emb = gather(features.photo_images,
+                                         [pid for _, pid in inputs.known])  # fmt: skip
+    cat_rows = inputs.cat_rows
+    cat_x, cat_y, cat_emb = gather(features.cat_images, [pid for _, pid, _, _ in cat_rows])
     data = _Data(
         finetuning, spatial, len(inputs.products), photo_x, photo_y, cat_x, cat_y, cat_emb,
         photo_views=gather_views(features.photo_images, settings.views),
         cat_views=gather_views(features.cat_images, settings.catalog_views),
+        n_photos=len(photo_y), photo_emb=photo_emb,
     )  # fmt: skip
-    if len(photo_y) == 0:
+    if inputs.labels_path is not None and len(photo_y) == 0:
         raise UsageError(f"{inputs.labels_path}: none of its images could be read")
+    if inputs.field is not None:
+        kept = [i for i, img in enumerate(features.cat_images) if img.sha256 in cache]
+        data.cat_field = inputs.field.y[kept]
+    if features.unl_images:
+        unl = [img for img in features.unl_images if img.sha256 in cache]
+        if not unl:
+            raise UsageError("--photos: none of the photos could be read")
+        rows_ = cache.rows([img.sha256 for img in unl])
+        data.unl_x = cache.spatial[rows_] if spatial else cache.embeddings[rows_]
+        data.unl_emb = cache.embeddings[rows_]
+        data.unl_views = gather_views(unl, settings.views)
     if features.val_images:
         data.val_x, data.val_y, data.val_emb = gather(
             features.val_images, [pid for _, pid in inputs.val_rows]
         )
     return data
+
+
+def _pseudo_label(settings: TuneSettings, data: _Data, log: Callable[[str], None]) -> PseudoLabels:
+    """Give the unlabelled photos pseudo-labels and add them to the training photos."""
+    assert data.unl_emb is not None and data.unl_x is not None
+    known = data.n_photos > 0
+
+    def on_round(r: int, row: dict[str, float]) -> None:
+        log(f"pseudo-labels, round {r}: {row['products_assigned']} products assigned,"
+            f" mean confidence {row['mean_confidence']:.3f}")  # fmt: skip
+
+    pseudo = self_train(
+        settings, data.unl_emb, data.cat_emb, data.cat_y, data.n_products,
+        labelled=data.photo_emb if known else None, labelled_y=data.photo_y if known else None,
+        on_round=on_round,
+    )  # fmt: skip
+    data.photo_x = np.concatenate([data.photo_x, data.unl_x]) if known else data.unl_x
+    data.photo_y = np.concatenate([data.photo_y, pseudo.labels]) if known else pseudo.labels
+    if data.photo_views is not None and data.unl_views is not None:
+        data.photo_views = (np.concatenate([data.photo_views, data.unl_views]) if known
+                            else data.unl_views)  # fmt: skip
+    data.n_photos = len(data.photo_y)
+    return pseudo
+
+
+def _catalog_as_photos(data: _Data) -> None:
+    """With no photos at all (`--field` alone) the catalog images are the training
+    samples: each against its own product's proxy (what keeps products apart) and its
+    field value's."""
+    data.photo_x, data.photo_y, data.photo_views = data.cat_x, data.cat_y, data.cat_views
+
+
+def _sources_info(inputs: Inputs, pseudo: PseudoLabels | None, data: _Data) -> dict[str, Any]:
+    """model.json's record of what the run learned from."""
+    out: dict[str, Any] = {"used": inputs.sources()}
+    if inputs.labels_path is not None:
+        out["labels"] = {"file": str(inputs.labels_path), "photos": len(inputs.known)}
+    if pseudo is not None:
+        digest = hashlib.sha256("\n".join(sha for _, sha in inputs.unlabelled).encode())
+        out["photos"] = {"sources": inputs.photo_sources, "photos_sha256": digest.hexdigest(),
+                         **pseudo.summary()}  # fmt: skip
+    if inputs.field is not None:
+        out["field"] = {"name": inputs.field.name, "classes": inputs.field.classes,
+                        "counts": inputs.field.counts()}  # fmt: skip
+    return out
 
 
 # --------------------------------------------------------------------------- 4. training
@@ -400,14 +444,14 @@ def _train(
             settings,
             trunk.base.name, trunk.cut.first_block, data.photo_x, data.photo_y, data.cat_x,
             data.cat_y, data.n_products,
-            photo_views=data.photo_views, cat_views=data.cat_views,
+            photo_views=data.photo_views, cat_views=data.cat_views, cat_field=data.cat_field,
             on_step=lambda: bar.update(1),
             on_epoch=lambda e, loss, t: on_epoch(e, loss, lambda m: embed_maps(t, m)),
         )  # fmt: skip
     else:
         trained = fit_head(
             settings, data.photo_x, data.photo_y, data.cat_x, data.cat_y, data.n_products,
-            on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
+            cat_field=data.cat_field, on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
         )  # fmt: skip
     bar.close()
     return trained, epochs
@@ -484,16 +528,17 @@ def _write_model(
 def _save_version(
     base: Any,
     settings: TuneSettings,
-    inputs: _Inputs,
+    inputs: Inputs,
     data: _Data,
     folder: Path,
     written: _Written,
     epochs: list[dict[str, float]],
     before: dict[str, float] | None,
+    sources: dict[str, Any],
 ) -> tuple[Any, dict[str, Any]]:
     """Name the new version, check it loads, score it on the validation photos through
     the saved model itself, and write its model.json. Returns (encoder, model.json)."""
-    labels_sha = sha256_of(inputs.labels_path)
+    labels_sha = None if inputs.labels_path is None else sha256_of(inputs.labels_path)
     version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + written.digest[:8]
     info: dict[str, Any] = {
         "format": HEAD_FORMAT,
@@ -504,10 +549,11 @@ def _save_version(
         **written.kind_info,
         "dim": settings.dim,
         "head": written.described,
-        "labels": str(inputs.labels_path),
+        "sources": sources,
+        "labels": None if inputs.labels_path is None else str(inputs.labels_path),
         "labels_sha256": labels_sha,
-        "photos_used": int(len(data.photo_y)),
-        "products_labelled": int(len(np.unique(data.photo_y))),
+        "photos_used": data.n_photos,
+        "products_labelled": int(len(np.unique(data.photo_y[: data.n_photos]))),
         "catalog_images": int(len(data.cat_y)),
         "catalog_products": data.n_products,
         "skipped_unknown": len(inputs.skipped_unknown),

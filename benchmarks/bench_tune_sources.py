@@ -1,0 +1,291 @@
+"""`lookalike tune` from each source: unlabelled shopper photos (`--photos`) on grocery,
+catalog metadata (`--field category`) on fashion-footwear; the figures of docs/quality.md.
+
+    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_tune_sources.py
+        [--part all|photos|field] [--selection] [--method auto|finetune|head]
+        [--queries 60] [--workdir DIR] [--json FILE]
+
+photos: a home indexed with the grocery catalog is tuned with `photos=[train.csv]` (only
+its image column is read) and scored once on val.csv through `Engine.search`, beside a
+base home; single-query latency of both is timed interleaved (base, tuned, base, ...).
+With `--selection` the photos are instead split by burst (a burst is ten consecutive
+file numbers of one product; a quarter of the bursts, by a hash of the burst id, are
+held out): tuned on the other bursts' images, scored on the held-out bursts; val.csv is
+not read. That is the split the method was chosen on.
+
+field: fashion-footwear's products are split product-disjointly (a fifth of them, by a
+hash of the id, held out). A home indexed with the other 80 % is tuned with
+`field="category"`; the held-out products are then indexed (embedded with the tuned
+model) and each queries the other held-out products (leave-one-out precision@10 of
+category and colour), beside the base model. A second home is tuned on the full catalog
+and searched with the red stiletto (footwear300/search_image_01.jpg): how many of its top
+10 are Heels and how many Red. Latency of the base and the tuned fashion homes is timed
+interleaved on the stiletto and catalog images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import os
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lookalike.engine import Engine  # noqa: E402
+from lookalike.evaluate import leave_one_out_precision  # noqa: E402
+from lookalike.tuning import TuneSettings, train_tuned_model  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tune import latency  # noqa: E402  (the same interleaved timing as bench_tune)
+
+DATA = ROOT / "../shared/data"
+GROCERY = DATA / "grocery"
+FASHION = DATA / "fashion-footwear"
+STILETTO = DATA / "footwear300" / "search_image_01.jpg"
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def recall(engine: Engine, rows: list[dict[str, str]]) -> dict[str, float]:
+    hits1 = hits5 = 0
+    for start in range(0, len(rows), 32):
+        chunk = rows[start : start + 32]
+        results = engine.search([r["image"] for r in chunk], k=5)
+        for row, res in zip(chunk, results, strict=True):
+            ids = [r.product_id for r in res]
+            hits1 += bool(ids) and ids[0] == row["product_id"]
+            hits5 += row["product_id"] in ids
+    return {"recall@1": round(hits1 / len(rows), 4), "recall@5": round(hits5 / len(rows), 4)}
+
+
+def burst_split(rows: list[dict[str, str]]) -> tuple[list[dict], list[dict]]:
+    """(kept, held): bursts of ten consecutive file numbers of one product; a quarter of
+    them (by a hash of the burst id) held out."""
+    kept, held = [], []
+    for r in rows:
+        n = int(re.search(r"_(\d+)\.\w+$", r["image"]).group(1))
+        burst = f"{r['product_id']}/{(n - 1) // 10}"
+        (held if int(hashlib.md5(burst.encode()).hexdigest(), 16) % 4 == 0 else kept).append(r)
+    return kept, held
+
+
+def bench_photos(work: Path, args: argparse.Namespace) -> dict:
+    train = [{**r, "image": str(GROCERY / r["image"])} for r in _rows(GROCERY / "train.csv")]
+    if args.selection:
+        photos, queries = burst_split(train)
+        scored_on = f"held-out bursts of train.csv ({len(queries)} photos)"
+    else:
+        photos, queries = train, [{**r, "image": str(GROCERY / r["image"])}
+                                  for r in _rows(GROCERY / "val.csv")]  # fmt: skip
+        scored_on = f"val.csv ({len(queries)} photos)"
+    photo_list = _write(work / "photos.csv", ["image"], photos)  # no label column at all
+    engines = {name: Engine(work / f"grocery-{name}") for name in ("base", "tuned")}
+    try:
+        for engine in engines.values():
+            engine.index([], metadata=GROCERY / "catalog.csv", progress=False)
+        before = recall(engines["base"], queries)
+        settings = TuneSettings(method=args.method, seed=0)
+        t0 = time.perf_counter()
+        report = train_tuned_model(engines["tuned"], photos=[photo_list], progress=True,
+                                   settings=settings, log=print)  # fmt: skip
+        seconds = time.perf_counter() - t0
+        after = recall(engines["tuned"], queries)
+        lat = latency(engines, [q["image"] for q in queries[: args.queries]])
+    finally:
+        for engine in engines.values():
+            engine.close()
+    return {"scored_on": scored_on, "unlabelled_photos": report.photos_used,
+            "method": report.settings["method"], "base": before, "tuned": after,
+            "tune_seconds": round(seconds, 1), "tune_seconds_parts": report.seconds,
+            "pseudo_labels": report.sources.get("photos"), "latency": lat}  # fmt: skip
+
+
+def _precision(engine: Engine, ids: set[str] | None) -> dict[str, float]:
+    """Leave-one-out precision@10 of category and colour among products `ids` (None: all)."""
+    rows = [r for b in engine.catalog.iter_images() for r in b
+            if ids is None or r.product_id in ids]  # fmt: skip
+    vectors = engine.catalog.vectors([r.image_id for r in rows])
+    prods = engine.catalog.products(sorted({r.product_id for r in rows}))
+    pids = [r.product_id for r in rows]
+    out = {}
+    for name in ("category", "colour"):
+        values = [prods[p].category if name == "category" else prods[p].attributes.get(name)
+                  for p in pids]  # fmt: skip
+        out[name] = round(leave_one_out_precision(vectors, pids, values, 10)["precision"], 4)
+    return out
+
+
+def _stiletto(engine: Engine) -> dict:
+    res = engine.search([str(STILETTO)], k=10)[0]
+    prods = engine.catalog.products([r.product_id for r in res])
+    top = [(prods[r.product_id].category, prods[r.product_id].attributes.get("colour"))
+           for r in res]  # fmt: skip
+    return {"heels": sum(c == "Heels" for c, _ in top), "red": sum(c == "Red" for _, c in top),
+            "top10": [f"{c}/{col}" for c, col in top]}  # fmt: skip
+
+
+def bench_field(work: Path, args: argparse.Namespace) -> dict:
+    rows = [{**r, "image": str(FASHION / r["image"])} for r in _rows(FASHION / "catalog.csv")]
+    fields = list(rows[0])
+    held = {
+        r["product_id"]
+        for r in rows
+        if int(hashlib.md5(("s" + r["product_id"]).encode()).hexdigest(), 16) % 5 == 0
+    }
+    learn_csv = _write(work / "learn.csv", fields, [r for r in rows if r["product_id"] not in held])
+    held_csv = _write(work / "held.csv", fields, [r for r in rows if r["product_id"] in held])
+    settings = TuneSettings(method="head" if args.method == "auto" else args.method, seed=0)
+    out: dict = {"learn_products": len(rows) - len(held), "held_products": len(held),
+                 "method": settings.method}  # fmt: skip
+    with Engine(work / "fashion-base") as base:
+        base.index([], metadata=FASHION / "catalog.csv", progress=False)
+        out["base_held"] = _precision(base, held)
+        out["base_full_catalog"] = _precision(base, None)
+        out["base_stiletto"] = _stiletto(base)
+        with Engine(work / "fashion-split") as split:
+            split.index([], metadata=learn_csv, progress=False)
+            t0 = time.perf_counter()
+            report = train_tuned_model(split, field="category", progress=True,
+                                       settings=settings, log=print)  # fmt: skip
+            out["tune_seconds_split"] = round(time.perf_counter() - t0, 1)
+            split.index([], metadata=held_csv, progress=False)  # unseen products arrive
+            out["tuned_held"] = _precision(split, held)
+        full_home = work / "fashion-full"
+        # the split home's feature cache (by file content) spares computing it again
+        shutil.copytree(work / "fashion-split" / "models" / "features",
+                        full_home / "models" / "features", dirs_exist_ok=True)  # fmt: skip
+        with Engine(full_home) as full:
+            full.index([], metadata=FASHION / "catalog.csv", progress=False)
+            t0 = time.perf_counter()
+            full_report = train_tuned_model(full, field="category", progress=True,
+                                            settings=settings, log=print)  # fmt: skip
+            out["tune_seconds_full"] = round(time.perf_counter() - t0, 1)
+            out["tune_seconds_full_parts"] = full_report.seconds
+            out["tuned_full_catalog"] = _precision(full, None)
+            out["tuned_stiletto"] = _stiletto(full)
+            paths = [str(STILETTO)] + [r["image"] for r in rows[:: max(1, len(rows) // 60)]]
+            out["latency"] = latency({"base": base, "tuned": full}, paths[: args.queries])
+    out["settings"] = report.settings
+    return out
+
+
+def latency_only(work: Path, args: argparse.Namespace) -> int:
+    """Time base and tuned homes kept by an earlier run (--workdir), interleaved."""
+    val = [str(GROCERY / r["image"]) for r in _rows(GROCERY / "val.csv")][: args.queries]
+    fashion = [str(STILETTO)] + [str(FASHION / r["image"])
+                                 for r in _rows(FASHION / "catalog.csv")[::47]]  # fmt: skip
+    out = {}
+    for name, paths in (("grocery", val), ("fashion", fashion[: args.queries])):
+        homes = {"base": work / f"{name}-base",
+                 "tuned": work / ("grocery-tuned" if name == "grocery" else "fashion-full")}
+        engines = {k: Engine(h) for k, h in homes.items()}
+        try:
+            out[name] = latency(engines, paths)
+        finally:
+            for engine in engines.values():
+                engine.close()
+        print(name, {k: str(e) for k, e in homes.items()}, out[name], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--part", default="all", choices=["all", "photos", "field"])
+    ap.add_argument(
+        "--selection",
+        action="store_true",
+        help="photos: the burst split of train.csv instead of val.csv",
+    )
+    ap.add_argument(
+        "--method",
+        default="auto",
+        choices=["auto", "finetune", "head"],
+        help="photos: auto = finetune; field: auto = head",
+    )
+    ap.add_argument("--queries", type=int, default=60, help="queries for the latency test")
+    ap.add_argument("--workdir", help="keep the homes here (default: a temporary folder)")
+    ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--latency-only", action="store_true",
+                    help="only time the homes a previous run left in --workdir")
+    args = ap.parse_args()
+    if args.latency_only:
+        return latency_only(Path(args.workdir), args)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bench-sources-"))
+    work.mkdir(parents=True, exist_ok=True)
+    figures: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}"
+    }
+    try:
+        if args.part in ("all", "photos"):
+            figures["photos"] = bench_photos(work, args)
+            print(json.dumps(figures["photos"]), flush=True)
+        if args.part in ("all", "field"):
+            figures["field"] = bench_field(work, args)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    figures["load_average"] = os.getloadavg()
+    _print(figures)
+    if args.json:
+        Path(args.json).write_text(json.dumps(figures, indent=2))
+    return 0
+
+
+def _print(f: dict) -> None:
+    print()
+    p = f.get("photos")
+    if p:
+        print(f"--photos ({p['unlabelled_photos']} unlabelled photos, {p['method']});"
+              f" scored on {p['scored_on']}")  # fmt: skip
+        print(
+            f"  Recall@1 {p['base']['recall@1']:.3f} -> {p['tuned']['recall@1']:.3f},"
+            f" Recall@5 {p['base']['recall@5']:.3f} -> {p['tuned']['recall@5']:.3f}"
+        )
+        lat = p["latency"]
+        print(
+            f"  tuning {p['tune_seconds']:.0f}s; query median ms base"
+            f" {lat['base']['median_ms']} / tuned {lat['tuned']['median_ms']}"
+        )
+    d = f.get("field")
+    if d:
+        print(f"--field category ({d['method']}); {d['held_products']} held-out products:")
+        for key in ("base_held", "tuned_held", "base_full_catalog", "tuned_full_catalog"):
+            print(
+                f"  {key:20} category P@10 {d[key]['category']:.3f}"
+                f"  colour P@10 {d[key]['colour']:.3f}"
+            )
+        for key in ("base_stiletto", "tuned_stiletto"):
+            print(f"  {key:20} heels {d[key]['heels']}/10, red {d[key]['red']}/10")
+        lat = d["latency"]
+        print(
+            f"  tuning {d['tune_seconds_full']:.0f}s (full catalog); query median ms base"
+            f" {lat['base']['median_ms']} / tuned {lat['tuned']['median_ms']}"
+        )
+    print(f"machine: {f['machine']}; load average {f['load_average']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

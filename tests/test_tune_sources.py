@@ -1,0 +1,295 @@
+"""`lookalike tune` learning from each source, alone and together, on small real data:
+unlabelled shopper photos (`--photos`), catalog metadata as weak labels (`--field`),
+labelled photos (`--labels`); versioning and reset; and the proof that `--photos` reads
+no labels (a CSV with wrong labels trains the bit-identical model of the same CSV with
+the label column removed).
+
+Grocery photos come from train.csv only (val.csv is never touched); fashion products are
+split product-disjointly by a hash of their id. Most runs use the quick head method; one
+runs the finetune method end to end."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import require_data
+
+from lookalike.cli import main as cli_main
+from lookalike.engine import Engine
+from lookalike.evaluate import leave_one_out_precision
+from lookalike.models import active_version, base_of, describe_active, tuned_root
+from lookalike.tuning import TuneSettings, train_tuned_model, use_model
+from lookalike.tuning.pseudo import assign, self_train
+
+N_PRODUCTS = 12
+PHOTOS_PER_PRODUCT = 16  # consecutive files: bursts, as a shop's photos come
+HEAD = TuneSettings(method="head", seed=0)
+
+
+def _rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def grocery(tmp_path_factory) -> dict[str, Path]:
+    """N_PRODUCTS grocery products: their catalog rows (with category), unlabelled
+    photos (the first PHOTOS_PER_PRODUCT of each product's train.csv files, labels
+    kept aside for measuring), held-out photos (the last 4 files of each product: other
+    bursts), a few labelled photos, all paths absolute."""
+    root = require_data("grocery")
+    out = tmp_path_factory.mktemp("grocery-sources")
+    catalog = _rows(root / "catalog.csv")
+    step = len(catalog) / N_PRODUCTS
+    chosen = [catalog[int(i * step)] for i in range(N_PRODUCTS)]
+    ids = {r["product_id"] for r in chosen}
+    by_product: dict[str, list[str]] = {pid: [] for pid in ids}
+    for row in _rows(root / "train.csv"):
+        if row["product_id"] in by_product:
+            by_product[row["product_id"]].append(str(root / row["image"]))
+    photos, held, labelled = [], [], []
+    for pid in sorted(by_product):
+        files = by_product[pid]
+        photos += [{"image": f, "product_id": pid} for f in files[:PHOTOS_PER_PRODUCT]]
+        held += [{"image": f, "product_id": pid} for f in files[-4:]]
+        labelled += [{"image": f, "product_id": pid} for f in files[-8:-4]]
+    wrong = [{**r, "product_id": photos[(i + 5) % len(photos)]["product_id"]}
+             for i, r in enumerate(photos)]  # fmt: skip
+    cat_rows = [{"product_id": r["product_id"], "image": str(root / r["image"]),
+                 "title": r["title"], "category": r["category"]} for r in chosen]  # fmt: skip
+    return {
+        "catalog": _write_csv(out / "catalog.csv", ["product_id", "image", "title", "category"],
+                              cat_rows),
+        "photos": _write_csv(out / "photos.csv", ["image", "product_id"], photos),
+        "photos_wrong": _write_csv(out / "photos_wrong.csv", ["image", "product_id"], wrong),
+        "photos_bare": _write_csv(out / "photos_bare.csv", ["image"], photos),
+        "held": _write_csv(out / "held.csv", ["image", "product_id"], held),
+        "labels": _write_csv(out / "labels.csv", ["image", "product_id"], labelled),
+    }  # fmt: skip
+
+
+def _home(tmp_path_factory, catalog: Path, name: str) -> Path:
+    home = tmp_path_factory.mktemp(name)
+    with Engine(home) as engine:
+        engine.index([], metadata=catalog, progress=False)
+    return home
+
+
+def _recall_at_1(engine: Engine, labels: Path) -> float:
+    rows = _rows(labels)
+    results = engine.search([r["image"] for r in rows], k=5)
+    return float(np.mean([bool(res) and res[0].product_id == r["product_id"]
+                          for r, res in zip(rows, results, strict=True)]))  # fmt: skip
+
+
+def _model_json(home: Path, version: str) -> dict:
+    return json.loads((tuned_root(home) / version / "model.json").read_text())
+
+
+# --------------------------------------------------------------------------- --photos
+
+
+@pytest.fixture(scope="module")
+def photos_home(grocery, tmp_path_factory):
+    home = _home(tmp_path_factory, grocery["catalog"], "photos-home")
+    with Engine(home) as engine:
+        base_r1 = _recall_at_1(engine, grocery["held"])
+        report = train_tuned_model(engine, photos=[grocery["photos"]], progress=False,
+                                   settings=HEAD)  # fmt: skip
+        tuned_r1 = _recall_at_1(engine, grocery["held"])
+    return {"home": home, "report": report, "base_r1": base_r1, "tuned_r1": tuned_r1}
+
+
+def test_photos_alone_train_a_model_that_finds_held_out_bursts_better(photos_home):
+    report = photos_home["report"]
+    assert report.labels is None and report.labels_sha256 is None
+    assert report.sources["used"] == ["photos"]
+    pseudo = report.sources["photos"]
+    assert pseudo["photos"] == N_PRODUCTS * PHOTOS_PER_PRODUCT == report.photos_used
+    assert len(pseudo["rounds"]) == HEAD.pseudo_rounds + 1
+    info = _model_json(photos_home["home"], report.version)
+    assert info["sources"]["used"] == ["photos"] and info["labels"] is None
+    # search uses it at once, and it finds photos of other bursts better than the base
+    assert photos_home["tuned_r1"] > photos_home["base_r1"], photos_home
+
+
+def test_self_training_labels_photos_better_than_the_nearest_product(grocery, photos_home):
+    """Measured with the true labels (kept aside): the pseudo-labels are right more
+    often than the plain nearest catalog product."""
+    from lookalike.fsutil import sha256_of
+    from lookalike.tuning import FeatureCache
+
+    with Engine(photos_home["home"]) as engine:
+        base = base_of(engine.encoder)
+        products = sorted(r["product_id"] for r in _rows(grocery["catalog"]))
+    cache = FeatureCache.open(photos_home["home"], base, "cells")
+    rows = _rows(grocery["photos"])
+    photos = cache.embeddings[cache.rows([sha256_of(Path(r["image"])) for r in rows])]
+    truth = np.array([products.index(r["product_id"]) for r in rows])
+    cat = cache.embeddings[cache.rows([sha256_of(Path(r["image"]))
+                                       for r in _rows(grocery["catalog"])])]  # fmt: skip
+    cat_y = np.array([products.index(r["product_id"]) for r in _rows(grocery["catalog"])])
+    nearest = cat_y[(photos @ cat.T).argmax(1)]
+    once, _ = assign(photos, cat, cat_y, len(products))
+    trained = self_train(replace(HEAD, pseudo_rounds=1), photos, cat, cat_y, len(products))
+    assert len(trained.rounds) == 2
+    acc = {k: float((v == truth).mean()) for k, v in
+           (("nearest", nearest), ("assign", once), ("self_train", trained.labels))}  # fmt: skip
+    assert acc["self_train"] > acc["nearest"] + 0.05, acc
+    assert acc["assign"] > acc["nearest"], acc
+
+
+def test_photos_reads_no_labels(grocery, tmp_path_factory):
+    """A model trained from a CSV with wrong labels is bit-identical to one trained from
+    the same CSV without its label column."""
+    digests = []
+    for key in ("photos_wrong", "photos_bare"):
+        home = _home(tmp_path_factory, grocery["catalog"], f"nolabels-{key}")
+        with Engine(home) as engine:
+            report = train_tuned_model(engine, photos=[grocery[key]], progress=False,
+                                       settings=HEAD, activate=False)  # fmt: skip
+        info = _model_json(home, report.version)
+        blob = (tuned_root(home) / report.version / "head.npz").read_bytes()
+        digests.append((info["head_sha256"], report.stamp, hashlib.sha256(blob).hexdigest(),
+                        info["sources"]["photos"]["photos_sha256"]))  # fmt: skip
+    assert digests[0] == digests[1]
+
+
+def test_photos_with_the_finetune_method(grocery, tmp_path_factory):
+    home = _home(tmp_path_factory, grocery["catalog"], "photos-finetune")
+    settings = TuneSettings(method="finetune", epochs=2, views=1, catalog_views=2, seed=0,
+                            pseudo_rounds=1)  # fmt: skip
+    with Engine(home) as engine:
+        report = train_tuned_model(engine, photos=[grocery["photos_bare"]],
+                                   validate_csv=grocery["held"], progress=False,
+                                   settings=settings)  # fmt: skip
+        assert engine.encoder.stamp == report.stamp
+        hits = engine.search([_rows(grocery["held"])[0]["image"]], k=3)[0]
+    info = _model_json(home, report.version)
+    assert info["kind"] == "finetune" and info["sources"]["used"] == ["photos"]
+    assert (tuned_root(home) / report.version / "model.onnx").is_file()
+    assert len(hits) == 3
+    v = report.validation
+    assert v["after"]["recall@1"] >= v["before"]["recall@1"], v
+
+
+# --------------------------------------------------------------------------- --field
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory) -> dict:
+    """400 fashion-footwear products; a fifth of them (by a hash of the id) held out."""
+    root = require_data("fashion-footwear")
+    out = tmp_path_factory.mktemp("fashion")
+    rows = _rows(root / "catalog.csv")[:400]
+    for r in rows:
+        r["image"] = str(root / r["image"])
+    held = {r["product_id"] for r in rows
+            if int(hashlib.md5(r["product_id"].encode()).hexdigest(), 16) % 5 == 0}  # fmt: skip
+    fields = list(rows[0].keys())
+    return {
+        "learn": _write_csv(out / "learn.csv", fields,
+                            [r for r in rows if r["product_id"] not in held]),
+        "held": _write_csv(out / "held.csv", fields, [r for r in rows if r["product_id"] in held]),
+        "held_ids": held,
+    }  # fmt: skip
+
+
+def _held_precision(engine: Engine, held_ids: set[str]) -> dict[str, float]:
+    """Leave-one-out precision@10 among the held-out products only."""
+    rows = [r for batch in engine.catalog.iter_images() for r in batch
+            if r.product_id in held_ids]  # fmt: skip
+    vectors = engine.catalog.vectors([r.image_id for r in rows])
+    prods = engine.catalog.products(sorted({r.product_id for r in rows}))
+    pids = [r.product_id for r in rows]
+    out = {}
+    for name in ("category", "colour"):
+        values = [prods[p].category if name == "category" else prods[p].attributes.get(name)
+                  for p in pids]  # fmt: skip
+        out[name] = leave_one_out_precision(vectors, pids, values, 10)["precision"]
+    return out
+
+
+def test_field_learns_categories_of_unseen_products_and_keeps_colour(fashion, tmp_path_factory):
+    home = _home(tmp_path_factory, fashion["learn"], "field-home")
+    with Engine(home) as engine:
+        report = train_tuned_model(engine, field="category", progress=False, settings=HEAD)
+        assert report.sources["used"] == ["field"] and report.photos_used == 0
+        assert report.sources["field"]["name"] == "category"
+        # the held-out products arrive later and are embedded with the tuned model
+        engine.index([], metadata=fashion["held"], progress=False)
+        tuned = _held_precision(engine, fashion["held_ids"])
+        use_model(engine, None, progress=False)
+        base = _held_precision(engine, fashion["held_ids"])
+    assert tuned["category"] > base["category"], (base, tuned)
+    assert tuned["colour"] > base["colour"] - 0.08, (base, tuned)  # not collapsed
+    info = _model_json(home, report.version)
+    assert info["settings"]["keep_base"] == 1.0 and info["sources"]["used"] == ["field"]
+
+
+def test_field_needs_two_values(fashion, tmp_path_factory):
+    from lookalike.errors import UsageError
+
+    home = _home(tmp_path_factory, fashion["held"], "field-bad")
+    with Engine(home) as engine, pytest.raises(UsageError, match="no-such-field"):
+        train_tuned_model(engine, field="no-such-field", progress=False, settings=HEAD)
+
+
+# --------------------------------------------------------------------------- together
+
+
+def test_all_sources_in_one_run_then_versions_and_reset(grocery, tmp_path_factory):
+    home = _home(tmp_path_factory, grocery["catalog"], "together")
+    with Engine(home) as engine:
+        base_stamp = engine.encoder.stamp
+        first = train_tuned_model(engine, grocery["labels"], photos=[grocery["photos_bare"]],
+                                  field="category", progress=False, settings=HEAD)  # fmt: skip
+        assert first.sources["used"] == ["labels", "photos", "field"]
+        # a photo that is also labelled keeps its label and is not counted again
+        labelled = {r["image"] for r in _rows(grocery["labels"])}
+        unlabelled = [r for r in _rows(grocery["photos_bare"]) if r["image"] not in labelled]
+        assert first.sources["photos"]["photos"] == len(unlabelled) < N_PRODUCTS * 16
+        assert first.photos_used == len(unlabelled) + len(labelled)
+        second = train_tuned_model(engine, photos=[grocery["photos_bare"]], progress=False,
+                                   settings=TuneSettings(method="head", seed=1))  # fmt: skip
+        assert second.version != first.version and active_version(home) == second.version
+        use_model(engine, first.version, progress=False)
+        assert engine.encoder.stamp == first.stamp
+        status = describe_active(home, engine.encoder)
+        assert status["sources"]["used"] == ["labels", "photos", "field"]
+        use_model(engine, None, progress=False)
+        assert engine.encoder.stamp == base_stamp and active_version(home) is None
+        assert len(engine.search([_rows(grocery["held"])[0]["image"]], k=3)[0]) == 3
+    assert _model_json(home, first.version)["labels"] == str(grocery["labels"])
+
+
+def test_cli_sources_and_modes(grocery, tmp_path_factory, capsys):
+    home = _home(tmp_path_factory, grocery["catalog"], "cli")
+    h = ["--home", str(home)]
+    assert cli_main([*h, "tune"]) == 2  # nothing to learn from
+    assert "--labels, --photos, --field" in capsys.readouterr().err
+    assert cli_main([*h, "tune", "--reset", "--photos", str(grocery["photos"])]) == 2
+    assert cli_main([*h, "tune", "--photos", str(grocery["photos_bare"]), "--field",
+                     "category", "--json"]) == 0  # fmt: skip
+    out = json.loads(capsys.readouterr().out)
+    assert out["sources"]["used"] == ["photos", "field"]
+    assert out["settings"]["method"] == "head"  # auto: head without labelled photos
+    assert cli_main([*h, "tune", "--status", "--json"]) == 0
+    status = json.loads(capsys.readouterr().out)
+    assert status["version"] == out["version"] and status["sources"]["used"] == ["photos", "field"]
+    assert cli_main([*h, "tune", "--reset", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"] == "base"
