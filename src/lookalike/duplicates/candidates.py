@@ -108,7 +108,7 @@ def near_pairs(
     k: int = NEIGHBOURS,
     batch: int = BATCH,
     progress: Progress | None = None,
-    nprobe: int = 8,
+    nprobe: int | None = None,
     exact_limit: int = EXACT_LIMIT,
 ) -> Candidates:
     """Pairs of stored vectors with cosine >= min_similarity, each image's k nearest
@@ -138,7 +138,7 @@ def near_pairs(
     if isinstance(index, faiss.IndexIVFFlat):
         rng = np.random.default_rng(1)
         index.train(projected[np.sort(rng.choice(n, size=min(n, index.nlist * 40), replace=False))])
-        index.nprobe = nprobe
+        index.nprobe = nprobe or max(8, index.nlist // 256)  # 8 at 100k, 16 at 1M
     index.add(projected)
     radius = 2.0 - 2.0 * min_similarity + 1e-4  # squared L2 of unit vectors at that cosine
     kk = min(k + 1, n)
