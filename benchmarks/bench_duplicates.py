@@ -1,6 +1,6 @@
 """Duplicate detection on real catalog photos with planted copies, beside imagededup.
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_duplicates.py \
+    .venv/bin/python benchmarks/bench_duplicates.py \
         [--sources 240] [--workdir /tmp/bench-dup] [--dedup-python /tmp/dedup-venv/bin/python]
 
 Data (benchmarks/dup_data.py): every original of ../shared/data's fashion-footwear,

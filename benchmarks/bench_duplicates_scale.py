@@ -1,6 +1,6 @@
 """How the duplicate search scales: stage 1 (candidates from stored vectors) at 100k and 1M.
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_duplicates_scale.py \
+    .venv/bin/python benchmarks/bench_duplicates_scale.py \
         --n 100000 [--n 1000000] [--dim 1632] [--workdir /tmp/bench-dup-scale]
 
 Encoding a million images is not what is measured here, so generated vectors stand in

@@ -1,6 +1,6 @@
 """Reliability figures for one home used by several processes (docs/reliability.md).
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_reliability.py \
+    .venv/bin/python benchmarks/bench_reliability.py \
         [--section kill-index|kill-api|beside|all] [--kills 24] [--seed 1] [--json FILE]
 
 Every section runs the real CLI and a real `lookalike serve` as subprocesses on the

@@ -11,7 +11,7 @@ subprocess (tests/live_server.py) on a copy of a home indexed from ../shared/dat
   code, content type, headers and response-schema conformance);
 - fuzz: the hypothesis properties of tests/test_fuzz_inputs.py with more examples.
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_reliability_api.py
+    .venv/bin/python benchmarks/bench_reliability_api.py
     ... --only hostile,schema --seconds 30 --clients 16 --json out.json
 """
 

@@ -1,8 +1,8 @@
 """Photo and words (issue 14): quality and speed of the words index and of the fusion.
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_text.py quality
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_text.py words --products N
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_text.py fused
+    .venv/bin/python benchmarks/bench_text.py quality
+    .venv/bin/python benchmarks/bench_text.py words --products N
+    .venv/bin/python benchmarks/bench_text.py fused
 
 quality: on fashion-footwear (2,836 products; indexed into --home first if it is empty)
   - `"red heels"` alone: how many of the top 10 are Heels whose colour is Red;

@@ -1,7 +1,7 @@
 """`lookalike tune` from each source: unlabelled shopper photos (`--photos`) on grocery,
 catalog metadata (`--field category`) on fashion-footwear; the figures of docs/quality.md.
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_tune_sources.py
+    .venv/bin/python benchmarks/bench_tune_sources.py
         [--part all|photos|field] [--selection] [--method auto|finetune|head]
         [--queries 60] [--workdir DIR] [--json FILE]
 

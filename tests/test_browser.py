@@ -175,6 +175,15 @@ def wait_for_results(page, action, url_part: str = "/search") -> None:
     expect(page.locator("#busy")).to_be_hidden()
 
 
+def wait_until(page, condition: str, seconds: float = 20) -> None:
+    """Poll a JS condition with evaluate. (Playwright's wait_for_function polls through
+    eval, which the pages' CSP forbids: that made such waits flaky.)"""
+    deadline = time.monotonic() + seconds
+    while not page.evaluate(condition):
+        assert time.monotonic() < deadline, f"still not true after {seconds} s: {condition}"
+        page.wait_for_timeout(100)
+
+
 def cards(page) -> list[dict]:
     return page.locator("#grid .card").evaluate_all(
         """cards => cards.map(c => ({
@@ -210,14 +219,9 @@ def test_upload_a_photo_and_see_results(page, catalog):
     shown = [float(c["score"].removeprefix("similarity ")) for c in found]
     assert shown == sorted(shown, reverse=True) and 0.9 < shown[0] <= 1.0
     # thumbnails load after the cards render: wait until each has loaded or failed
-    # (polled with evaluate: wait_for_function's polling needs eval, which the page's CSP
-    # forbids, and that made this wait flaky)
-    deadline = time.monotonic() + 20
-    while not page.evaluate(
-        "() => [...document.querySelectorAll('#grid .card img')].every(img => img.complete)"
-    ):
-        assert time.monotonic() < deadline, "thumbnails still loading after 20 s"
-        page.wait_for_timeout(100)
+    wait_until(
+        page, "() => [...document.querySelectorAll('#grid .card img')].every(i => i.complete)"
+    )
     found = cards(page)
     assert all(c["imageLoaded"] for c in found), "every result shows its thumbnail"
     expect(page.locator("#timing")).to_contain_text("12 results")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, free_port
+from test_browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, free_port, wait_until
 from test_duplicates import _catalog_rows, _write_csv
 
 from lookalike.engine import Engine
@@ -106,9 +106,10 @@ def test_review_groups_with_thumbnails_and_open_a_product(page, server):
     assert tiles.evaluate_all("ts => ts.map(t => t.dataset.productId)") == [
         i["product_id"] for i in first["images"]
     ]
-    page.wait_for_function(
+    wait_until(
+        page,
         "() => [...document.querySelectorAll('#groups img')]"
-        ".every(i => i.complete && i.naturalWidth > 0)"
+        ".every(i => i.complete && i.naturalWidth > 0)",
     )
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / "duplicates.png"), full_page=True)
