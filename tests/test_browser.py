@@ -5,18 +5,14 @@ Screenshots go to test-output/browser/ (git-ignored)."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
+from live_server import LiveServer
 from PIL import Image
 from test_api import build_catalog  # the same small real catalog as the API tests
 
@@ -43,12 +39,6 @@ sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def catalog(tmp_path_factory) -> tuple[Path, list[dict]]:
     home, rows = build_catalog(tmp_path_factory.getbasetemp() / "api-catalog")
@@ -61,41 +51,10 @@ def catalog(tmp_path_factory) -> tuple[Path, list[dict]]:
 def server(catalog, tmp_path_factory) -> Iterator[str]:
     """A real `lookalike serve` process, ready (model loaded, catalog open)."""
     home, _ = catalog
-    port = free_port()
-    log_path = tmp_path_factory.mktemp("server-log") / "serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("LOOKALIKE_API_KEY", None)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lookalike", "--home", str(home), "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                output = log_path.read_text()
-                pytest.fail(f"lookalike serve exited with {proc.returncode}:\n{output}")
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lookalike serve not ready in time:\n{log_path.read_text()}")
-            time.sleep(0.25)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    live = LiveServer(home, log=tmp_path_factory.mktemp("server-log") / "serve.log")
+    live.env.pop("LOOKALIKE_API_KEY", None)  # the page as a shopper sees it: no writes
+    with live:
+        yield live.url
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,15 @@ planted copies. Screenshots go to test-output/browser/."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, free_port, wait_until
+from live_server import LiveServer
+from test_browser import CHROMIUM, CHROMIUM_ARGS, DESKTOP, SHOTS, wait_until
 from test_duplicates import _catalog_rows, _write_csv
 
 from lookalike.engine import Engine
@@ -33,40 +30,10 @@ def server(tmp_path_factory) -> Iterator[tuple[str, Path]]:
     home = folder / "home"
     with Engine(home) as engine:
         engine.index([], metadata=_write_csv(folder / "catalog.csv", rows), progress=False)
-    port = free_port()
-    log_path = folder / "serve.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("LOOKALIKE_API_KEY", None)
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "lookalike", "--home", str(home), "serve", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"lookalike serve exited:\n{log_path.read_text()}")
-            try:
-                if httpx.get(base + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"lookalike serve not ready in time:\n{log_path.read_text()}")
-            time.sleep(0.25)
-        yield base, home
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    live = LiveServer(home, log=folder / "serve.log")
+    live.env.pop("LOOKALIKE_API_KEY", None)
+    with live:
+        yield live.url, home
 
 
 @pytest.fixture(scope="module")
