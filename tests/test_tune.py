@@ -38,7 +38,7 @@ def _rows(path: Path) -> list[dict[str, str]]:
 
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
     with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -10,7 +10,6 @@ runs the finetune method end to end."""
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from dataclasses import replace
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_data
+from test_tune import _rows, _write_csv  # the same CSV helpers as the labelled tune
 
 from lookalike.cli import main as cli_main
 from lookalike.engine import Engine
@@ -30,19 +30,6 @@ from lookalike.tuning.pseudo import assign, self_train
 N_PRODUCTS = 12
 PHOTOS_PER_PRODUCT = 16  # consecutive files: bursts, as a shop's photos come
 HEAD = TuneSettings(method="head", seed=0)
-
-
-def _rows(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="") as fh:
-        return list(csv.DictReader(fh))
-
-
-def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
-    with path.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
