@@ -416,3 +416,15 @@ def test_searching_needs_neither_torch_nor_the_trainer():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)  # fmt: skip
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_version_name_already_taken_gets_a_suffix(tmp_path):
+    """The same model trained twice within one second (a deterministic run repeated) has
+    the same time-and-hash name: the second must get a free one, not fail to be saved."""
+    from lookalike.tuning.train import _unused_version
+
+    assert _unused_version(tmp_path, "20261201-120000-abcd1234") == "20261201-120000-abcd1234"
+    (tmp_path / "20261201-120000-abcd1234").mkdir()
+    assert _unused_version(tmp_path, "20261201-120000-abcd1234") == "20261201-120000-abcd1234-2"
+    (tmp_path / "20261201-120000-abcd1234-2").mkdir()
+    assert _unused_version(tmp_path, "20261201-120000-abcd1234") == "20261201-120000-abcd1234-3"

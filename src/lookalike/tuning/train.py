@@ -539,7 +539,9 @@ def _save_version(
     """Name the new version, check it loads, score it on the validation photos through
     the saved model itself, and write its model.json. Returns (encoder, model.json)."""
     labels_sha = None if inputs.labels_path is None else sha256_of(inputs.labels_path)
-    version = time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + written.digest[:8]
+    version = _unused_version(
+        folder.parent, time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + written.digest[:8]
+    )
     info: dict[str, Any] = {
         "format": HEAD_FORMAT,
         "version": version,
@@ -596,3 +598,13 @@ def _mkdir(path: Path) -> Path:
 
 def _no_log(text: str) -> None:
     return None
+
+
+def _unused_version(root: Path, name: str) -> str:
+    """`name`, or `name-2`, `name-3`... when a version of that name exists: the same model
+    trained twice within one second (a deterministic run repeated) must not collide."""
+    version, n = name, 1
+    while (root / version).exists():
+        n += 1
+        version = f"{name}-{n}"
+    return version
