@@ -10,6 +10,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from lookalike.errors import InputPathError, MetadataError, UsageError
+from lookalike.framing import letterbox_product
 from lookalike.query import (
     CENTRE_FILE,
     QualitySettings,
@@ -26,9 +27,11 @@ from lookalike.query import (
 
 
 def _photo(seed: int, size=(240, 180)) -> Image.Image:
-    """A cluttered 'shop photo': random coloured boxes on a grey shelf."""
+    """A cluttered 'shop photo': random coloured boxes on a speckled grey shelf (no
+    plain background: lookalike.framing leaves it alone)."""
     rng = np.random.default_rng(seed)
-    img = Image.new("RGB", size, (120, 115, 110))
+    shelf = rng.integers(40, 200, (size[1], size[0], 3), dtype=np.uint8)
+    img = Image.fromarray(shelf)
     draw = ImageDraw.Draw(img)
     for _ in range(12):
         x, y = int(rng.integers(0, size[0] - 40)), int(rng.integers(0, size[1] - 40))
@@ -75,12 +78,24 @@ def test_margin_and_centre_crop_geometry():
 
 
 def test_uncalibrated_pipeline_is_the_plain_encoder(base):
-    enc = QueryPipeline(base)
+    enc = QueryPipeline(base, QualitySettings(frame_products=False))
     assert enc.stamp == base.stamp
     assert enc.dim == base.dim
     photos = [_photo(1), _photo(2)]
     plain = base.embed(np.stack([base.prepare(p) for p in photos]))
     np.testing.assert_allclose(enc.embed_queries(photos), plain, atol=1e-6)
+    assert all(letterbox_product(p) is None for p in photos)
+    np.testing.assert_allclose(QueryPipeline(base).embed_queries(photos), plain, atol=1e-6)
+    # by default a product shot on a plain background that the crop would cut is
+    # letterboxed first
+    tall = Image.new("RGB", (120, 240), (250, 250, 250))
+    ImageDraw.Draw(tall).rectangle((30, 5, 90, 235), fill=(200, 10, 10))
+    framed = letterbox_product(tall)
+    assert framed is not None
+    np.testing.assert_allclose(QueryPipeline(base).embed_queries([tall]),
+                               base.embed(base.prepare(framed)[None]), atol=1e-6)  # fmt: skip
+    with pytest.raises(UsageError, match="frame_products"):
+        QualitySettings(frame_products="yes")  # type: ignore[arg-type]
 
 
 def test_views_are_summed_and_centring_subtracts_the_calibrated_mean(base, tmp_path):

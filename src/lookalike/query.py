@@ -10,6 +10,10 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
 - views (`query_views`): each photo is embedded as one or more views (`full`, `flip`,
   `centre80` = the central 80 % square, `centre60`). Each view costs a forward pass; one
   (`full`) by default, to keep single-query latency.
+- product framing (`frame_products`, on by default): a product shot on a plain
+  background that the encoder's centre crop would cut (a stiletto in a portrait frame)
+  is padded to a square with its background colour first (lookalike.framing); shopper
+  photos and products that fit the square are untouched.
 - query-domain centring (`centre`, on by default once calibrated): shop photos share a
   strong "shelf photo" component that studio catalog shots lack. `calibrate` averages
   the view vectors of unlabelled photos like the ones shoppers will send (no labels are
@@ -37,6 +41,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError, InputPathError, MetadataError, UsageError
+from .framing import letterbox_product
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +86,9 @@ class QualitySettings:
     """Views of each query photo, summed after centring; each costs a forward pass."""
     centre: bool = True
     """Subtract the calibrated query-domain centre (when `calibrate` has stored one)."""
+    frame_products: bool = True
+    """Letterbox a product shot on a plain background that the centre crop would cut
+    (lookalike.framing); such a photo's centre-crop views use the whole framed image."""
 
     def __post_init__(self) -> None:
         views = tuple(self.query_views)
@@ -89,8 +97,9 @@ class QualitySettings:
                 f"query_views must be a non-empty list of {', '.join(QUERY_VIEWS)},"
                 f" not {list(views)!r}"
             )
-        if not isinstance(self.centre, bool):
-            raise UsageError(f"centre must be true or false, not {self.centre!r}")
+        for name in ("centre", "frame_products"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, not {getattr(self, name)!r}")
         object.__setattr__(self, "query_views", views)
 
     @classmethod
@@ -221,11 +230,7 @@ class QueryPipeline:
     def raw_query_views(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, V, dim) L2-normalised view vectors, before centring."""
         views = self.settings.query_views
-        arrays = [
-            self.base.prepare(QUERY_VIEWS[v](img if img.mode == "RGB" else img.convert("RGB")))
-            for img in images
-            for v in views
-        ]
+        arrays = [self.base.prepare(view) for img in images for view in self._views(img)]
         if not arrays:
             return np.zeros((0, len(views), self.dim), dtype=np.float32)
         # bounded batches: the network's activations grow with the batch (GBs at 300)
@@ -234,6 +239,15 @@ class QueryPipeline:
             [self.base.embed(np.stack(arrays[i : i + step])) for i in range(0, len(arrays), step)]
         )
         return vectors.reshape(len(images), len(views), -1)
+
+    def _views(self, img: Image.Image) -> list[Image.Image]:
+        rgb = img if img.mode == "RGB" else img.convert("RGB")
+        framed = letterbox_product(rgb) if self.settings.frame_products else None
+        if framed is None:
+            return [QUERY_VIEWS[v](rgb) for v in self.settings.query_views]
+        # the whole product is the point: no centre crop of a framed product shot
+        return [QUERY_VIEWS["full" if v.startswith("centre") else v](framed)
+                for v in self.settings.query_views]  # fmt: skip
 
     def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Shopper photos (decoded RGB images) -> float32 (N, dim), L2-normalised."""

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..encoders.colour import DIM as COLOUR_DIM
+from ..encoders.colour import colour_descriptor
 from ..encoders.runtime import OnnxEncoder, file_sha256, l2_normalise, make_session
 from ..errors import ModelError
 from ..fsutil import atomic_write
@@ -35,45 +37,90 @@ SMALL_BATCH = 16
 
 @dataclass
 class Head:
-    """A small MLP on the base embedding: normalise(layers((x - mean))), with ReLU between
-    layers (one layer: a linear projection). With `keep_base` > 0 the base embedding
-    itself, scaled by it, is appended before the final normalisation (`tune --field`
-    keeps what the base sees, such as colour, beside what the head learned)."""
+    """What a "head" tuned model adds to the base embedding x, each part L2-normalised
+    or scaled as below, concatenated and normalised together:
+
+    - an MLP (`weights`, `biases`; ReLU between layers, one layer: a linear projection)
+      on the centred embedding, normalised; none when `weights` is empty;
+    - with `keep_base` > 0, x itself scaled by it (`tune --field` keeps what the base
+      sees, such as shape details, beside what the head learned);
+    - with `class_weight` > 0, the posterior of the field's values read off x by a
+      linear classifier (`classifier`, `classifier_bias`; softmax), scaled by it: products
+      the classifier puts in one category come together (`tune --field`);
+    - with `colour_weight` > 0, the image's colour descriptor
+      (lookalike.encoders.colour) scaled by it: what the field does not name (colour)
+      still counts. Such a head needs the image's pixels, not only its base embedding.
+    """
 
     mean: np.ndarray  # (D_in,)
-    weights: list[np.ndarray]  # (D_in, H), ..., (H, D_out)
+    weights: list[np.ndarray]  # (D_in, H), ..., (H, D_out); empty: no MLP part
     biases: list[np.ndarray]
     keep_base: float = 0.0
+    classifier: np.ndarray | None = None  # (D_in, C)
+    classifier_bias: np.ndarray | None = None  # (C,)
+    class_weight: float = 0.0
+    colour_weight: float = 0.0
 
     @property
     def dim(self) -> int:
-        out = int(self.weights[-1].shape[1])
-        return out + self.in_dim if self.keep_base else out
+        out = int(self.weights[-1].shape[1]) if self.weights else 0
+        if self.keep_base:
+            out += self.in_dim
+        if self.class_weight and self.classifier is not None:
+            out += int(self.classifier.shape[1])
+        if self.colour_weight:
+            out += COLOUR_DIM
+        return out
 
     @property
     def in_dim(self) -> int:
-        return int(self.weights[0].shape[0])
+        return int(self.mean.shape[0])
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        """(N, D_in) base embeddings -> (N, D_out) float32 L2-normalised."""
-        y = np.asarray(x, dtype=np.float32) - self.mean
+    @property
+    def needs_colour(self) -> bool:
+        return bool(self.colour_weight)
+
+    def apply(self, x: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray:
+        """(N, D_in) base embeddings (and, for a head with a colour part, the images'
+        (N, 64) colour descriptors) -> (N, dim) float32 L2-normalised."""
+        x = np.asarray(x, dtype=np.float32)
         # a query's few rows: a plain loop, not BLAS, whose threads fight ONNX Runtime's
         # still-spinning ones right after the base pass (measured: 7 ms a query under
         # load instead of 0.2 ms; docs/quality.md)
-        few = len(y) <= SMALL_BATCH
-        for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
-            if i:
-                np.maximum(y, 0, out=y)
-            y = (np.einsum("ij,jk->ik", y, w, optimize=False) if few else y @ w) + b
+        few = len(x) <= SMALL_BATCH
+        parts: list[np.ndarray] = []
+        if self.weights:
+            y = x - self.mean
+            for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+                if i:
+                    np.maximum(y, 0, out=y)
+                y = _matmul(y, w, few) + b
+            if not (self.keep_base or self.class_weight or self.colour_weight):
+                return l2_normalise(y)
+            parts.append(l2_normalise(y))
         if self.keep_base:
-            x = np.asarray(x, dtype=np.float32)
-            y = np.concatenate([l2_normalise(y), self.keep_base * x], axis=1)
-        return l2_normalise(y)
+            parts.append(self.keep_base * x)
+        if self.class_weight and self.classifier is not None:
+            logits = _matmul(x, self.classifier, few) + self.classifier_bias
+            logits -= logits.max(axis=1, keepdims=True)
+            p = np.exp(logits)
+            parts.append(self.class_weight * p / p.sum(axis=1, keepdims=True))
+        if self.colour_weight:
+            if colour is None or len(colour) != len(x):
+                raise ModelError("this tuned model needs each image's colour descriptor")
+            parts.append(self.colour_weight * np.asarray(colour, dtype=np.float32))
+        return l2_normalise(np.concatenate(parts, axis=1))
 
     def arrays(self) -> dict[str, np.ndarray]:
         out = {"mean": self.mean}
         if self.keep_base:
             out["keep_base"] = np.array([self.keep_base], dtype=np.float32)
+        if self.class_weight and self.classifier is not None:
+            out["classifier"] = self.classifier
+            out["classifier_bias"] = np.asarray(self.classifier_bias, dtype=np.float32)
+            out["class_weight"] = np.array([self.class_weight], dtype=np.float32)
+        if self.colour_weight:
+            out["colour_weight"] = np.array([self.colour_weight], dtype=np.float32)
         for i, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
             out[f"w{i}"] = w
             out[f"b{i}"] = b
@@ -99,8 +146,24 @@ class Head:
                 mean=z["mean"].astype(np.float32),
                 weights=[z[f"w{i}"].astype(np.float32) for i in range(n)],
                 biases=[z[f"b{i}"].astype(np.float32) for i in range(n)],
-                keep_base=float(z["keep_base"][0]) if "keep_base" in z.files else 0.0,
+                keep_base=_scalar(z, "keep_base"),
+                classifier=z["classifier"].astype(np.float32) if "classifier" in z.files else None,
+                classifier_bias=(
+                    z["classifier_bias"].astype(np.float32)
+                    if "classifier_bias" in z.files
+                    else None
+                ),  # fmt: skip
+                class_weight=_scalar(z, "class_weight"),
+                colour_weight=_scalar(z, "colour_weight"),
             )
+
+
+def _scalar(z: Any, name: str) -> float:
+    return float(z[name][0]) if name in z.files else 0.0
+
+
+def _matmul(a: np.ndarray, b: np.ndarray, few: bool) -> np.ndarray:
+    return np.einsum("ij,jk->ik", a, b, optimize=False) if few else a @ b
 
 
 class TunedEncoder:
@@ -129,15 +192,25 @@ class TunedEncoder:
     def prepare(self, img: Any) -> np.ndarray:
         return self.base.prepare(img)
 
+    @property
+    def needs_colour(self) -> bool:
+        """Whether the head also reads each image's colour descriptor (from_base_vectors
+        then needs them)."""
+        return self.head.needs_colour
+
     def embed(self, batch: np.ndarray) -> np.ndarray:
         base = self.base.embed(batch)
         if len(base) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
-        return self.head.apply(base)
+        colour = colour_descriptor(batch) if self.head.needs_colour else None
+        return self.head.apply(base, colour)
 
-    def from_base_vectors(self, vectors: np.ndarray) -> np.ndarray:
-        """Tuned vectors from base embeddings already computed (cached)."""
-        return self.head.apply(vectors)
+    def from_base_vectors(
+        self, vectors: np.ndarray, colour: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Tuned vectors from base embeddings (and colour descriptors) already computed
+        (cached)."""
+        return self.head.apply(vectors, colour)
 
 
 class FinetunedEncoder(OnnxEncoder):

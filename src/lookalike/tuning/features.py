@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from ..encoders.colour import colour_descriptor
 from ..encoders.runtime import l2_normalise
 from ..errors import LookalikeError
 from ..fsutil import atomic_write
@@ -50,6 +51,7 @@ class FeatureCache:
         self.index: dict[str, int] = {}
         self.embeddings = np.zeros((0, dim), dtype=np.float32)
         self.spatial: np.ndarray | None = None  # (N, G, G, C) cells or (N, C, h, w) maps
+        self.colour: np.ndarray | None = None  # (N, 64) colour descriptors (encoders.colour)
         self._dirty = False
 
     @classmethod
@@ -65,11 +67,14 @@ class FeatureCache:
                     # "cells": what caches written before the finetune method called it
                     key = next((k for k in ("spatial", "cells") if k in z.files), None)
                     spatial = z[key] if key else None
+                    colour = z["colour"].astype(np.float32) if "colour" in z.files else None
                     stamp = str(z["stamp"])
                 if stamp == base.stamp and emb.shape[1:] == (cache.dim,):
                     cache.index = {s: i for i, s in enumerate(shas)}
                     cache.embeddings = emb
                     cache.spatial = spatial if spatial is not None and spatial.size else None
+                    if colour is not None and len(colour) == len(emb):
+                        cache.colour = colour
             except Exception:  # a damaged cache is only a slower run
                 cache.index = {}
         return cache
@@ -80,11 +85,27 @@ class FeatureCache:
     def has_spatial(self) -> bool:
         return self.spatial is not None
 
-    def add(self, shas: Sequence[str], embeddings: np.ndarray, spatial: np.ndarray | None) -> None:
+    def has_colour(self) -> bool:
+        """Whether every cached image has its colour descriptor (caches written before
+        they were kept have none)."""
+        return self.colour is not None
+
+    def add(
+        self,
+        shas: Sequence[str],
+        embeddings: np.ndarray,
+        spatial: np.ndarray | None,
+        colour: np.ndarray | None = None,
+    ) -> None:
         new = [i for i, s in enumerate(shas) if s not in self.index]
         if not new:
             return
         start = len(self.index)
+        if colour is not None and (self.colour is not None or start == 0):
+            block = colour[new].astype(np.float32)
+            self.colour = block if self.colour is None else np.concatenate([self.colour, block])
+        else:
+            self.colour = None
         for offset, i in enumerate(new):
             self.index[shas[i]] = start + offset
         self.embeddings = np.concatenate([self.embeddings, embeddings[new].astype(np.float32)])
@@ -109,6 +130,8 @@ class FeatureCache:
         }
         if self.spatial is not None:
             arrays["spatial"] = self.spatial
+        if self.colour is not None:
+            arrays["colour"] = self.colour
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(self.path, lambda fh: np.savez(fh, **arrays))
         self._dirty = False
@@ -218,21 +241,24 @@ def compute_features(
     bar = tqdm(total=len(todo), desc=desc, unit="img", disable=not progress, dynamic_ncols=True)
     keys: list[str] = []
     embs: list[np.ndarray] = []
+    colours: list[np.ndarray] = []
     spatials: list[np.ndarray | None] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(todo), batch_size):
             chunk = list(pool.map(prepare, todo[start : start + batch_size]))
             good = [(img, arr) for img, arr in chunk if arr is not None]
             if good:
-                emb, spatial = featurize(np.stack([a for _, a in good]))
+                batch = np.stack([a for _, a in good])
+                emb, spatial = featurize(batch)
                 keys += [img.key for img, _ in good]
                 embs.append(emb)
+                colours.append(colour_descriptor(batch))
                 spatials.append(None if spatial is None else spatial.astype(np.float16))
             bar.update(len(chunk))
     bar.close()
     if keys:  # one concatenation, not one per batch
         spatial_all = None if any(x is None for x in spatials) else np.concatenate(spatials)
-        cache.add(keys, np.concatenate(embs), spatial_all)
+        cache.add(keys, np.concatenate(embs), spatial_all, np.concatenate(colours))
         cache.save()
     return errors
 

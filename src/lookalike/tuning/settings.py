@@ -39,6 +39,8 @@ class TuneSettings:
     seed: int = 0
     field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
     keep_base: float | None = None  # base embedding appended, scaled; None: 1.0 with --field
+    class_weight: float = 1.0  # --field, head method: the field classifier's posterior
+    colour_weight: float = 0.7  # --field, head method: the colour descriptor
     pseudo_rounds: int = 0  # --photos: rounds of a head trained on the labels, then relabel
 
     def resolved(self, base: Any, field: bool = False, labelled: bool = True) -> TuneSettings:

@@ -52,6 +52,9 @@ def _reembed_from_caches(home: Path, base: Any, encoder: Any, catalog: Any, stor
         cache = FeatureCache.open(home, base, kind)
         if finetuned and not cache.has_spatial():
             continue
+        colour = isinstance(encoder, TunedEncoder) and encoder.needs_colour
+        if colour and not cache.has_colour():
+            continue  # written before colours were kept: those images are read again
         stale = [
             (image_id, pid, src, sha)
             for image_id, pid, src, sha in catalog_images(catalog, except_stamp=encoder.stamp)
@@ -63,7 +66,9 @@ def _reembed_from_caches(home: Path, base: Any, encoder: Any, catalog: Any, stor
             if finetuned:
                 vectors = encoder.from_trunk_maps(cache.spatial[rows])
             elif isinstance(encoder, TunedEncoder):
-                vectors = encoder.from_base_vectors(cache.embeddings[rows])
+                vectors = encoder.from_base_vectors(
+                    cache.embeddings[rows], cache.colour[rows] if colour else None
+                )
             else:
                 vectors = cache.embeddings[rows]
             with catalog.transaction():

@@ -42,6 +42,7 @@ from .pseudo import PseudoLabels, self_train
 from .settings import TuneSettings
 from .sources import Inputs, read_inputs
 from .switch import use_model
+from .weak import describe_head, field_head
 
 
 @dataclass
@@ -245,6 +246,8 @@ def _cached_features(
         featurize: Featurize = trunk.run
     else:
         cache = FeatureCache.open(home, base, "cells")
+        if cache.index and not cache.has_colour():  # written before colours were kept
+            cache = FeatureCache(cache.path, cache.dim, cache.stamp, "cells")
         use_cells = cache.has_spatial() or (
             len(cache.index) == 0 and probe_maps(base, [*cat_images, *photo_images])
         )
@@ -300,6 +303,8 @@ class _Data:
     unl_emb: np.ndarray | None = None  # ... and their base embeddings
     unl_views: np.ndarray | None = None
     cat_field: np.ndarray | None = None  # --field: class of each catalog image (-1: none)
+    cat_colour: np.ndarray | None = None  # colour descriptors (None: the cache has none)
+    val_colour: np.ndarray | None = None
 
 
 def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Data:
@@ -353,6 +358,12 @@ def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Dat
         data.val_x, data.val_y, data.val_emb = gather(
             features.val_images, [pid for _, pid in inputs.val_rows]
         )
+    if cache.has_colour():
+        assert cache.colour is not None
+        for images, name in ((features.cat_images, "cat_colour"), (features.val_images,
+                                                                   "val_colour")):  # fmt: skip
+            rows_ = cache.rows([img.sha256 for img in images if img.sha256 in cache])
+            setattr(data, name, cache.colour[rows_])
     return data
 
 
@@ -448,11 +459,16 @@ def _train(
             on_step=lambda: bar.update(1),
             on_epoch=lambda e, loss, t: on_epoch(e, loss, lambda m: embed_maps(t, m)),
         )  # fmt: skip
+    elif data.cat_field is not None and data.n_photos == 0:
+        # --field alone: the field's classifier and the colour beside the base embedding
+        trained = field_head(settings, data.cat_emb, data.cat_field)
     else:
         trained = fit_head(
             settings, data.photo_x, data.photo_y, data.cat_x, data.cat_y, data.n_products,
             cat_field=data.cat_field, on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
         )  # fmt: skip
+        if data.cat_field is not None:
+            trained = field_head(settings, data.cat_emb, data.cat_field, trained)
     bar.close()
     return trained, epochs
 
@@ -514,11 +530,7 @@ def _write_model(
     head: Head = trained
     head.save(folder / "head.npz")
     digest = head.digest()
-    described = (
-        f"MLP {head.in_dim}-{settings.hidden}-{head.dim} (ReLU)"
-        if settings.hidden
-        else f"linear {head.in_dim}-{head.dim}"
-    ) + " on the centred base embedding, L2-normalised"
+    described = describe_head(head, settings.hidden)
     kind_info = {"kind": "head", "head_sha256": digest,
                  "input": f"{GRID}x{GRID} grid cells, random-rectangle crops"
                  if data.spatial else "embedding"}  # fmt: skip
@@ -568,9 +580,11 @@ def _save_version(
     validation = None
     if data.val_x is not None and before is not None:
         # through the saved model itself (what search will use)
-        after = product_recall(_from_cache(tuned, data.val_x, data.val_emb), data.val_y,
-                               _from_cache(tuned, data.cat_x, data.cat_emb), data.cat_y,
-                               data.n_products)  # fmt: skip
+        after = product_recall(
+            _from_cache(tuned, data.val_x, data.val_emb, data.val_colour), data.val_y,
+            _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour), data.cat_y,
+            data.n_products,
+        )  # fmt: skip
         validation = {
             "file": str(inputs.validate_csv),
             "file_sha256": sha256_of(Path(inputs.validate_csv).expanduser()),
@@ -584,11 +598,13 @@ def _save_version(
     return tuned, info
 
 
-def _from_cache(encoder: Any, spatial: np.ndarray, embeddings: np.ndarray) -> np.ndarray:
+def _from_cache(
+    encoder: Any, spatial: np.ndarray, embeddings: np.ndarray, colour: np.ndarray | None
+) -> np.ndarray:
     """`encoder`'s vectors of images whose cached features are given."""
     if hasattr(encoder, "from_trunk_maps"):
         return encoder.from_trunk_maps(spatial)
-    return encoder.from_base_vectors(embeddings)
+    return encoder.from_base_vectors(embeddings, colour)
 
 
 def _mkdir(path: Path) -> Path:

@@ -1,23 +1,27 @@
 """`lookalike tune --field NAME`: the catalog's own metadata as weak labels.
 
 A catalog with no shopper photos still says which products are heels and which are
-flats. `--field category` (or any attribute) adds a loss that pulls each catalog image
-towards one learned proxy per value of the field, beside the loss every run has that
-keeps each product its own (the catalog image and its augmented views against the
-product's proxy): products of one category come together without collapsing into one
-point. What the base embedding sees and the field does not name (colour, pattern) is
-kept by appending the base embedding, scaled by `TuneSettings.keep_base`, to the tuned
-vector (docs/quality.md has the measurements behind both).
+flats. With the head method, `--field category` (or any attribute) trains a linear
+classifier of the field's values on the catalog images' base embeddings (softmax
+regression), and the tuned vector is the base embedding (scaled by
+`TuneSettings.keep_base`), the classifier's posterior (scaled by `class_weight`: products
+it places in one category come together) and the image's colour descriptor
+(lookalike.encoders.colour, scaled by `colour_weight`: two heels of different colours
+stay apart), normalised together. With photos in the same run, the MLP head they train
+comes first, and it also learns the field through a loss that pulls each catalog image
+towards one learned proxy per value (FieldTerm; the finetune method uses only this).
+docs/quality.md has the measurements behind each part.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import UsageError
+from ..models import Head
 
 COLUMNS = ("category", "title", "price", "in_stock")
 
@@ -97,3 +101,62 @@ class FieldTerm:
             return 0.0
         p = F.normalize(self.proxies, dim=1)
         return F.cross_entropy(vectors[keep] @ p.T / temperature, y[keep])
+
+
+CLASSIFIER_STEPS = 300  # full-batch AdamW steps of the field's softmax regression
+CLASSIFIER_SCALE = 10.0  # unit-norm embeddings scaled so the regression starts well posed
+
+
+def fit_classifier(
+    emb: np.ndarray, y: np.ndarray, n_classes: int, seed: int, weight_decay: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax regression of the classes `y` (-1: none, not used) on embeddings `emb`:
+    returns (W (D, C), b (C,)) with logits = emb @ W + b."""
+    import torch
+    import torch.nn.functional as F
+
+    keep = y >= 0
+    torch.manual_seed(seed)
+    x = torch.from_numpy(np.ascontiguousarray(emb[keep], dtype=np.float32)) * CLASSIFIER_SCALE
+    t = torch.from_numpy(y[keep].astype(np.int64))
+    layer = torch.nn.Linear(x.shape[1], n_classes)
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2, weight_decay=weight_decay)
+    for _ in range(CLASSIFIER_STEPS):
+        opt.zero_grad()
+        F.cross_entropy(layer(x), t).backward()
+        opt.step()
+    w = layer.weight.detach().numpy().T * CLASSIFIER_SCALE
+    return w.astype(np.float32).copy(), layer.bias.detach().numpy().astype(np.float32).copy()
+
+
+def field_head(
+    settings: Any, cat_emb: np.ndarray, cat_field: np.ndarray, head: Head | None = None
+) -> Head:
+    """`head` (None: no MLP part) with the field's classifier and the colour part added
+    (settings: keep_base, class_weight, colour_weight, seed)."""
+    n_classes = int(cat_field.max()) + 1
+    w, b = fit_classifier(cat_emb, cat_field, n_classes, settings.seed)
+    if head is None:
+        dim = int(cat_emb.shape[1])
+        head = Head(mean=np.zeros(dim, dtype=np.float32), weights=[], biases=[])
+    return replace(head, keep_base=float(settings.keep_base or 0.0), classifier=w,
+                   classifier_bias=b, class_weight=float(settings.class_weight),
+                   colour_weight=float(settings.colour_weight))  # fmt: skip
+
+
+def describe_head(head: Head, hidden: int) -> str:
+    """model.json's "head": what the head adds to the base embedding, in words."""
+    parts = []
+    if head.weights:
+        out = int(head.weights[-1].shape[1])
+        parts.append(f"MLP {head.in_dim}-{hidden}-{out} (ReLU)" if hidden
+                     else f"linear {head.in_dim}-{out}")  # fmt: skip
+        parts[-1] += " on the centred base embedding"
+    if head.keep_base:
+        parts.append(f"the base embedding x {head.keep_base:g}")
+    if head.class_weight and head.classifier is not None:
+        parts.append(f"the field's {head.classifier.shape[1]}-value posterior (softmax"
+                     f" regression) x {head.class_weight:g}")  # fmt: skip
+    if head.colour_weight:
+        parts.append(f"the colour descriptor x {head.colour_weight:g}")
+    return " + ".join(parts) + ", L2-normalised"

@@ -1,0 +1,53 @@
+"""Framing a query so the whole product is seen: a studio shot on a plain background
+whose product the encoder's centre crop would cut is letterboxed instead.
+
+The bundled encoders look at the central square of an image (their "crop" fit). For a
+shopper's photo that is what it should be; for a tall product shot (a stiletto filling a
+portrait frame) it cuts off the heel and the toe, and what is left looks like a flat.
+`letterbox_product` notices the case, on a small copy of the image:
+
+- a plain background: at least PLAIN_SHARE of the border pixels within TOLERANCE of
+  the border's median colour in every channel;
+- product pixels (those farther than TOLERANCE from it) outside the central square.
+
+Then the image is padded to a square with the background colour, so the crop keeps all
+of it. Anything else (a cluttered photo, a product that fits the square) is left as it
+is. docs/quality.md has what it changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+TOLERANCE = 30  # per channel, out of 255
+PLAIN_SHARE = 0.9  # of the border pixels near the border colour: a plain background
+PROBE = 128  # the long side of the copy the test runs on
+MIN_OUTSIDE = 0.005  # share of the image's pixels that must lie outside the square
+
+
+def letterbox_product(img: Image.Image) -> Image.Image | None:
+    """`img` (RGB) padded to a square with its background colour when it is a product
+    on a plain background that the central square would cut; None otherwise."""
+    w, h = img.size
+    if w == h or min(w, h) < 8:
+        return None
+    small = img.copy()
+    small.thumbnail((PROBE, PROBE))
+    a = np.asarray(small.convert("RGB"), dtype=np.int16)
+    sh, sw = a.shape[:2]
+    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
+    colour = np.median(border, axis=0)
+    if float((np.abs(border - colour).max(axis=1) <= TOLERANCE).mean()) < PLAIN_SHARE:
+        return None
+    product = np.abs(a - colour).max(axis=2) > TOLERANCE
+    side = min(sh, sw)
+    inside = np.zeros_like(product)
+    top, left = (sh - side) // 2, (sw - side) // 2
+    inside[top : top + side, left : left + side] = True
+    if float((product & ~inside).sum()) < MIN_OUTSIDE * product.size:
+        return None
+    fill = tuple(int(round(c)) for c in colour)
+    out = Image.new("RGB", (max(w, h), max(w, h)), fill)
+    out.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
+    return out
