@@ -65,11 +65,14 @@ def centre_square(img: Image.Image, fraction: float) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
+def _centre_view(percent: int) -> Callable[[Image.Image], Image.Image]:
+    return lambda img: centre_square(img, percent / 100)
+
+
 QUERY_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "full": _full,
     "flip": _flip,
-    "centre80": lambda img: centre_square(img, 0.8),
-    "centre60": lambda img: centre_square(img, 0.6),
+    **{f"centre{p}": _centre_view(p) for p in range(95, 45, -5)},
 }
 
 
