@@ -8,8 +8,10 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
 `query_pipeline(home, encoder)`, so `lookalike search`, `eval` and the API all get it.
 
 - views (`query_views`): each photo is embedded as one or more views (`full`, `flip`,
-  `centre80` = the central 80 % square, `centre60`). Each view costs a forward pass; one
-  (`full`) by default, to keep single-query latency.
+  `centreNN` = the central square of NN % of the shorter side, NN 50..95 in steps of 5).
+  Each view costs a forward pass; one (`centre70`) by default, to keep single-query
+  latency. A query whose bytes are a catalog image's gets that image's stored vector
+  (`embed_sources`), so the catalog's own images still find themselves first.
 - query-domain centring (`centre`, on by default once calibrated): shop photos share a
   strong "shelf photo" component that studio catalog shots lack. `calibrate` averages
   the view vectors of unlabelled photos like the ones shoppers will send (no labels are
@@ -24,8 +26,10 @@ re-read when they change, so a running server picks up a new calibration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +41,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import ImageError, InputPathError, MetadataError, UsageError
+from .fsutil import sha256_of
+from .images import DEFAULT_MAX_BYTES, load_image
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +86,10 @@ QUERY_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
 class QualitySettings:
     """What the query pipeline does; see the module docstring and docs/quality.md."""
 
-    query_views: tuple[str, ...] = ("full",)
-    """Views of each query photo, summed after centring; each costs a forward pass."""
+    query_views: tuple[str, ...] = ("centre70",)
+    """Views of each query photo, summed after centring; each costs a forward pass. The
+    central 70 % square alone was chosen on the burst split of grocery train.csv
+    (benchmarks/bench_query_views.py): shoppers frame the product near the middle."""
     centre: bool = True
     """Subtract the calibrated query-domain centre (when `calibrate` has stored one)."""
 
@@ -219,6 +227,15 @@ class QueryPipeline:
                 self.stamp,
             )
             centre = None
+        elif centre is not None and centre.views != self.settings.query_views:
+            # still the query domain's offset: measured to help the other views nearly as
+            # much as their own centre would (docs/quality.md), so it is kept
+            log.info(
+                "query centre was calibrated with views %s, queries use %s: used as it is"
+                " (`lookalike calibrate` again matches them)",
+                list(centre.views),
+                list(self.settings.query_views),
+            )
         self.centre = centre
 
     def raw_query_views(self, images: Sequence[Image.Image]) -> np.ndarray:
@@ -244,6 +261,53 @@ class QueryPipeline:
         if self.settings.centre and self.centre is not None:
             views = _l2(views - self.centre.mean[None, None, :])
         return _l2(views.sum(axis=1))
+
+
+def content_sha256(source: Any) -> str | None:
+    """The sha256 of a query's bytes (an upload, or a path's file content), as the catalog
+    keeps it for each image; None for a decoded image or a file that cannot be read (the
+    decoder then reports why)."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        return hashlib.sha256(source).hexdigest()
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        try:
+            if not path.is_file() or path.stat().st_size > DEFAULT_MAX_BYTES:
+                return None
+            return sha256_of(path)
+        except OSError:
+            return None
+    return None
+
+
+def embed_sources(
+    pipeline: QueryPipeline,
+    queries: Sequence[Any],
+    stored: Callable[[str], np.ndarray | None],
+) -> np.ndarray:
+    """Query sources (paths, uploaded bytes or decoded images) -> float32 (N, dim).
+
+    A query whose bytes are those of a catalog image (`stored(sha256)` gives that
+    image's vector in this vector space) is that vector, unchanged: it matches itself
+    first, at score 1, whatever the views or the centre do to photos. The others are
+    decoded and embedded by `pipeline`."""
+    out = np.zeros((len(queries), pipeline.dim), dtype=np.float32)
+    todo: list[int] = []
+    for i, query in enumerate(queries):
+        sha = content_sha256(query)
+        vector = stored(sha) if sha is not None else None
+        if vector is not None and vector.shape == (pipeline.dim,):
+            out[i] = _l2(vector)
+        else:
+            todo.append(i)
+    if todo:
+        draft = pipeline.draft_size
+        images = [
+            (q if isinstance(q, Image.Image) else load_image(q, draft_size=draft)).convert("RGB")
+            for q in (queries[i] for i in todo)
+        ]
+        out[todo] = pipeline.embed_queries(images)
+    return out
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -324,8 +388,6 @@ def calibrate(
 ) -> tuple[QueryCentre, list[str]]:
     """The mean raw query vector of unlabelled photos (at most `limit`, an even random
     sample). Returns the centre and the photos that could not be read."""
-    from .images import load_image
-
     paths = list(photos)
     if limit is not None and len(paths) > limit:
         rng = np.random.default_rng(seed)
