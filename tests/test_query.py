@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 from lookalike.errors import InputPathError, MetadataError, UsageError
 from lookalike.query import (
     CENTRE_FILE,
+    QUERY_VIEWS,
     QualitySettings,
     QueryCentre,
     QueryPipeline,
@@ -74,13 +75,42 @@ def test_margin_and_centre_crop_geometry():
     assert centre_square(Image.new("RGB", (300, 200)), 0.8).size == (160, 160)
 
 
-def test_uncalibrated_pipeline_is_the_plain_encoder(base):
+def test_uncalibrated_pipeline_is_the_encoder_on_the_central_square(base):
     enc = QueryPipeline(base)
     assert enc.stamp == base.stamp
     assert enc.dim == base.dim
+    assert enc.settings.query_views == ("centre70",)  # the default: one view, one pass
     photos = [_photo(1), _photo(2)]
+    central = base.embed(np.stack([base.prepare(centre_square(p, 0.7)) for p in photos]))
+    np.testing.assert_allclose(enc.embed_queries(photos), central, atol=1e-6)
+    # `full` is the encoder's own framing of the whole photo, as before the default changed
+    whole = QueryPipeline(base, QualitySettings(query_views=("full",)))
     plain = base.embed(np.stack([base.prepare(p) for p in photos]))
-    np.testing.assert_allclose(enc.embed_queries(photos), plain, atol=1e-6)
+    np.testing.assert_allclose(whole.embed_queries(photos), plain, atol=1e-6)
+    assert not np.allclose(central, plain, atol=1e-3)
+
+
+def test_every_centre_view_is_its_central_square(base):
+    photo = _photo(3, (300, 200))
+    for name in [v for v in QUERY_VIEWS if v.startswith("centre")]:
+        percent = int(name[len("centre") :])
+        assert 50 <= percent <= 95
+        got = QueryPipeline(base, QualitySettings(query_views=(name,))).embed_queries([photo])
+        want = base.embed(base.prepare(centre_square(photo, percent / 100))[None])
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_a_centre_made_with_other_views_is_still_used(base):
+    photos = [_photo(s) for s in range(4)]
+    whole = QueryPipeline(base, QualitySettings(query_views=("full",)))
+    old = QueryCentre(whole.raw_query_views(photos).mean((0, 1)), base.stamp, 4, ("full",))
+    enc = QueryPipeline(base)  # the default views, not the centre's
+    enc.set_centre(old)
+    assert enc.centre is old
+    raw = enc.raw_query_views(photos[:2])[:, 0]
+    expected = raw - old.mean
+    expected /= np.linalg.norm(expected, axis=-1, keepdims=True)
+    np.testing.assert_allclose(enc.embed_queries(photos[:2]), expected, atol=1e-5)
 
 
 def test_views_are_summed_and_centring_subtracts_the_calibrated_mean(base, tmp_path):
@@ -180,6 +210,49 @@ def test_query_pipeline_follows_the_home_files(base, tmp_path):
     (tmp_path / "quality.json").write_text(json.dumps({"centre": False}))
     third = query_pipeline(tmp_path, base)
     photo = [_photo(7)]
-    plain = base.embed(np.stack([base.prepare(photo[0])]))
+    plain = base.embed(np.stack([base.prepare(centre_square(photo[0], 0.7))]))
     np.testing.assert_allclose(third.embed_queries(photo), plain, atol=1e-6)
     assert not np.allclose(second.embed_queries(photo), plain, atol=1e-4)
+
+
+def test_a_query_with_a_catalog_images_bytes_gets_its_stored_vector(tmp_path):
+    """The default view crops every photo; a catalog image used as the query still finds
+    itself first at score 1 through the content hash, and nothing else takes the shortcut."""
+    from lookalike.engine import Engine
+
+    catalog = tmp_path / "catalog"
+    catalog.mkdir()
+    lines = ["product_id,image"]
+    for i in range(4):
+        _photo(300 + i, (260, 200)).save(catalog / f"c{i}.png")
+        lines.append(f"P{i},c{i}.png")
+    (catalog / "catalog.csv").write_text("\n".join(lines) + "\n")
+    home = tmp_path / "home"
+    query = catalog / "c2.png"
+    copy = tmp_path / "renamed.png"
+    copy.write_bytes(query.read_bytes())
+    with Engine(home) as engine:
+        engine.index([], metadata=catalog / "catalog.csv", progress=False)
+        (row,) = engine.catalog.images_of("P2")
+        stored = engine.catalog.vectors([row.image_id])[0]
+        pipeline = query_pipeline(home, engine.encoder)
+        decoded = pipeline.embed_queries([Image.open(query).convert("RGB")])[0]
+        assert not np.allclose(decoded, stored, atol=1e-3)  # the crop differs from the whole
+        for source in (query, str(copy), query.read_bytes()):
+            np.testing.assert_array_equal(engine.embed_queries([source])[0], stored)
+            top = engine.search([source], k=1)[0][0]
+            assert top.product_id == "P2" and top.score == pytest.approx(1.0, abs=1e-5)
+        # a decoded image, or other bytes of the same picture, go through the pipeline
+        np.testing.assert_allclose(engine.embed_queries([Image.open(query)])[0], decoded, atol=1e-6)
+        other = tmp_path / "resaved.png"
+        Image.open(query).save(other, compress_level=1)
+        assert other.read_bytes() != query.read_bytes()
+        np.testing.assert_allclose(engine.embed_queries([other])[0], decoded, atol=1e-6)
+        # in a batch, each query on its own; with a centre stored the shortcut still holds
+        save_centre(home, QueryCentre(np.full(engine.encoder.dim, 0.01, np.float32),
+                                      engine.encoder.stamp, 5, ("centre70",)))  # fmt: skip
+        mixed = engine.embed_queries([other, query])
+        np.testing.assert_array_equal(mixed[1], stored)
+        assert not np.allclose(mixed[0], decoded, atol=1e-4)  # centred
+        with pytest.raises(InputPathError):
+            engine.embed_queries([tmp_path / "missing.png"])
