@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "quality.json"
 CENTRE_FILE = "query_centre.npz"
+SHA_INFO = "lookalike.sha256"
+"""The key of `Image.info` under which `tag_content` keeps the hash of the source bytes."""
 PAD_COLOUR = (255, 255, 255)
 EMBED_BATCH = 16
 """Most images per forward pass: memory grows with the batch, speed barely does."""
@@ -263,10 +265,20 @@ class QueryPipeline:
         return _l2(views.sum(axis=1))
 
 
+def tag_content(img: Image.Image, data: bytes) -> Image.Image:
+    """Mark `img` as decoded, whole and unchanged, from `data`, so that a query of it can
+    take the content-hash shortcut of `embed_sources` (the API decodes uploads itself)."""
+    img.info[SHA_INFO] = hashlib.sha256(data).hexdigest()
+    return img
+
+
 def content_sha256(source: Any) -> str | None:
     """The sha256 of a query's bytes (an upload, or a path's file content), as the catalog
-    keeps it for each image; None for a decoded image or a file that cannot be read (the
-    decoder then reports why)."""
+    keeps it for each image; for a decoded image, the hash `tag_content` put on it; None
+    otherwise, or for a file that cannot be read (the decoder then reports why)."""
+    if isinstance(source, Image.Image):
+        sha = source.info.get(SHA_INFO)
+        return sha if isinstance(sha, str) else None
     if isinstance(source, bytes | bytearray | memoryview):
         return hashlib.sha256(source).hexdigest()
     if isinstance(source, str | os.PathLike):
