@@ -183,7 +183,7 @@ def main() -> None:
 
     # this table's shortcuts give the shipped code's vectors: `calibrate` on the photos
     # and `embed_queries` of the pipeline it feeds
-    default = QualitySettings().query_views
+    default = QueryPipeline(base).views
     real, _ = calibrate(QueryPipeline(base, QualitySettings()), calib_paths[:32], limit=None)
     assert np.allclose(real.mean, calib_views[default[0]][:32].mean(axis=0), atol=1e-5)
     check = QueryPipeline(base, QualitySettings(query_views=("full", "centre80")))

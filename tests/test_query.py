@@ -79,7 +79,7 @@ def test_uncalibrated_pipeline_is_the_encoder_on_the_central_square(base):
     enc = QueryPipeline(base)
     assert enc.stamp == base.stamp
     assert enc.dim == base.dim
-    assert enc.settings.query_views == ("centre70",)  # the default: one view, one pass
+    assert enc.views == ("centre70",)  # the default of a base model: one view, one pass
     photos = [_photo(1), _photo(2)]
     central = base.embed(np.stack([base.prepare(centre_square(p, 0.7)) for p in photos]))
     np.testing.assert_allclose(enc.embed_queries(photos), central, atol=1e-6)

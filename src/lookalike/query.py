@@ -9,9 +9,10 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
 
 - views (`query_views`): each photo is embedded as one or more views (`full`, `flip`,
   `centreNN` = the central square of NN % of the shorter side, NN 50..95 in steps of 5).
-  Each view costs a forward pass; one (`centre70`) by default, to keep single-query
-  latency. A query whose bytes are a catalog image's gets that image's stored vector
-  (`embed_sources`), so the catalog's own images still find themselves first.
+  Each view costs a forward pass; one by default, to keep single-query latency:
+  `centre70` for a base model, `full` for a tuned one (`default_views`). A query whose
+  bytes are a catalog image's gets that image's stored vector (`embed_sources`), so the
+  catalog's own images still find themselves first.
 - query-domain centring (`centre`, on by default once calibrated): shop photos share a
   strong "shelf photo" component that studio catalog shots lack. `calibrate` averages
   the view vectors of unlabelled photos like the ones shoppers will send (no labels are
@@ -43,6 +44,7 @@ from PIL import Image, ImageOps
 from .errors import ImageError, InputPathError, MetadataError, UsageError
 from .fsutil import sha256_of
 from .images import DEFAULT_MAX_BYTES, load_image
+from .models import is_tuned
 
 log = logging.getLogger(__name__)
 
@@ -84,26 +86,41 @@ QUERY_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+PLAIN_VIEWS = ("centre70",)
+"""The default query view of a base (untuned) model: the central 70 % square, chosen on
+the burst split of grocery train.csv (benchmarks/bench_query_views.py; docs/quality.md):
+shoppers frame the product near the middle, with shelf and hands around it."""
+TUNED_VIEWS = ("full",)
+"""The default of a tuned model: the whole photo, what its training and its measured
+figures used (the central square was not measured on tuned models)."""
+
+
+def default_views(encoder: Any) -> tuple[str, ...]:
+    """The query views used when `quality.json` names none."""
+    return TUNED_VIEWS if is_tuned(encoder) else PLAIN_VIEWS
+
+
 @dataclass(frozen=True)
 class QualitySettings:
     """What the query pipeline does; see the module docstring and docs/quality.md."""
 
-    query_views: tuple[str, ...] = ("centre70",)
-    """Views of each query photo, summed after centring; each costs a forward pass. The
-    central 70 % square alone was chosen on the burst split of grocery train.csv
-    (benchmarks/bench_query_views.py): shoppers frame the product near the middle."""
+    query_views: tuple[str, ...] | None = None
+    """Views of each query photo, summed after centring; each costs a forward pass. None:
+    `default_views` of the encoder."""
     centre: bool = True
     """Subtract the calibrated query-domain centre (when `calibrate` has stored one)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.centre, bool):
+            raise UsageError(f"centre must be true or false, not {self.centre!r}")
+        if self.query_views is None:
+            return
         views = tuple(self.query_views)
         if not views or any(v not in QUERY_VIEWS for v in views):
             raise UsageError(
                 f"query_views must be a non-empty list of {', '.join(QUERY_VIEWS)},"
                 f" not {list(views)!r}"
             )
-        if not isinstance(self.centre, bool):
-            raise UsageError(f"centre must be true or false, not {self.centre!r}")
         object.__setattr__(self, "query_views", views)
 
     @classmethod
@@ -206,6 +223,7 @@ class QueryPipeline:
     ) -> None:
         self.base = base
         self.settings = settings or QualitySettings()
+        self.views: tuple[str, ...] = self.settings.query_views or default_views(base)
         self.stamp = base.stamp  # the vector space a centre must have been calibrated in
         self.input_size = base.input_size
         self.draft_size = base.draft_size
@@ -216,7 +234,7 @@ class QueryPipeline:
 
     def __repr__(self) -> str:
         centred = "centred" if self.centre is not None and self.settings.centre else "raw"
-        return f"<QueryPipeline {self.stamp} views={list(self.settings.query_views)} {centred}>"
+        return f"<QueryPipeline {self.stamp} views={list(self.views)} {centred}>"
 
     def set_centre(self, centre: QueryCentre | None) -> None:
         """Use this query-domain centre (None: none). Ignored, with a warning, when it
@@ -229,20 +247,20 @@ class QueryPipeline:
                 self.stamp,
             )
             centre = None
-        elif centre is not None and centre.views != self.settings.query_views:
+        elif centre is not None and centre.views != self.views:
             # still the query domain's offset: measured to help the other views nearly as
             # much as their own centre would (docs/quality.md), so it is kept
             log.info(
                 "query centre was calibrated with views %s, queries use %s: used as it is"
                 " (`lookalike calibrate` again matches them)",
                 list(centre.views),
-                list(self.settings.query_views),
+                list(self.views),
             )
         self.centre = centre
 
     def raw_query_views(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, V, dim) L2-normalised view vectors, before centring."""
-        views = self.settings.query_views
+        views = self.views
         arrays = [
             self.base.prepare(QUERY_VIEWS[v](img if img.mode == "RGB" else img.convert("RGB")))
             for img in images
@@ -430,8 +448,8 @@ def calibrate(
     if count == 0:
         raise ImageError("none of the calibration photos could be read")
     mean = (total / count).astype(np.float32)
-    n_photos = count // len(encoder.settings.query_views)
-    return QueryCentre(mean, encoder.stamp, n_photos, encoder.settings.query_views), failed
+    n_photos = count // len(encoder.views)
+    return QueryCentre(mean, encoder.stamp, n_photos, encoder.views), failed
 
 
 def save_centre(home: str | Path, centre: QueryCentre) -> Path:
@@ -479,7 +497,7 @@ def remove_centre(home: str | Path) -> bool:
 
 def describe(pipeline: QueryPipeline) -> dict[str, Any]:
     """The query pipeline as a dict, for reports."""
-    out: dict[str, Any] = {"query_views": list(pipeline.settings.query_views)}
+    out: dict[str, Any] = {"query_views": list(pipeline.views)}
     used = pipeline.centre is not None and pipeline.settings.centre
     out["query_centre"] = {"photos": pipeline.centre.photos} if used else None
     return out
