@@ -255,22 +255,17 @@ def main() -> None:
         query_vectors(full, True) @ cat.T,
         settings=QualitySettings(query_views=full),
     )
-    for view in CENTRE_VIEWS:
-        shipped = (view,) == default
-        add(
-            f"plain: central {view[6:]} % square only",
-            "**default**" if shipped else "option",
-            query_vectors((view,), False) @ cat.T,
-            settings=QualitySettings(query_views=(view,), centre=False) if shipped else None,
-        )
-    for view in CENTRE_VIEWS:
-        shipped = (view,) == default
-        add(
-            f"central {view[6:]} % square + query centring (its own views)",
-            "**default, calibrated**" if shipped else "option",
-            query_vectors((view,), True) @ cat.T,
-            settings=QualitySettings(query_views=(view,)) if shipped else None,
-        )
+    for centred in (False, True):
+        for view in CENTRE_VIEWS:
+            shipped = (view,) == default
+            add(
+                f"central {view[6:]} % square + query centring (its own views)"
+                if centred
+                else f"plain: central {view[6:]} % square only",
+                ("**default, calibrated**" if centred else "**default**") if shipped else "option",
+                query_vectors((view,), centred) @ cat.T,
+                settings=QualitySettings(query_views=(view,), centre=centred) if shipped else None,
+            )
     add(
         f"{default[0]} + a centre calibrated with `full` (stored before the default changed)",
         "old centre",

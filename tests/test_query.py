@@ -4,6 +4,7 @@ centre and its use by the Engine, on the real bundled encoder and generated imag
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,6 +37,17 @@ def _photo(seed: int, size=(240, 180)) -> Image.Image:
         w, h = int(rng.integers(20, 80)), int(rng.integers(20, 80))
         draw.rectangle((x, y, x + w, y + h), fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
     return img
+
+
+def _catalog(folder: Path, n: int, seed: int, size: tuple[int, int]) -> Path:
+    """`folder` with n generated product images c0.png.. and catalog.csv (P0.. -> c0.png..)."""
+    folder.mkdir()
+    lines = ["product_id,image"]
+    for i in range(n):
+        _photo(seed + i, size).save(folder / f"c{i}.png")
+        lines.append(f"P{i},c{i}.png")
+    (folder / "catalog.csv").write_text("\n".join(lines) + "\n")
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -161,13 +173,7 @@ def test_calibrate_command_changes_engine_queries(tmp_path, capsys):
     from lookalike.cli import main
     from lookalike.engine import Engine
 
-    catalog = tmp_path / "catalog"
-    catalog.mkdir()
-    lines = ["product_id,image"]
-    for i in range(3):
-        _photo(100 + i, (200, 200)).save(catalog / f"c{i}.png")
-        lines.append(f"P{i},c{i}.png")
-    (catalog / "catalog.csv").write_text("\n".join(lines) + "\n")
+    catalog = _catalog(tmp_path / "catalog", 3, 100, (200, 200))
     photos = tmp_path / "photos"
     photos.mkdir()
     for i in range(4):
@@ -220,13 +226,7 @@ def test_a_query_with_a_catalog_images_bytes_gets_its_stored_vector(tmp_path):
     itself first at score 1 through the content hash, and nothing else takes the shortcut."""
     from lookalike.engine import Engine
 
-    catalog = tmp_path / "catalog"
-    catalog.mkdir()
-    lines = ["product_id,image"]
-    for i in range(4):
-        _photo(300 + i, (260, 200)).save(catalog / f"c{i}.png")
-        lines.append(f"P{i},c{i}.png")
-    (catalog / "catalog.csv").write_text("\n".join(lines) + "\n")
+    catalog = _catalog(tmp_path / "catalog", 4, 300, (260, 200))
     home = tmp_path / "home"
     query = catalog / "c2.png"
     copy = tmp_path / "renamed.png"
