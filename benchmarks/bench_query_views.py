@@ -147,8 +147,10 @@ def main() -> int:
             mean = col[made_with][~held].mean(axis=0)
             add(f"{v}, centred (centre made with {made_with})", 1, l2(col[v] - mean))
 
-    print(f"{base.stamp}; {len(train)} train.csv photos in {len(ids)} bursts"
-          f" ({int(held.sum())} in the held-out quarter) vs {len(cat_ids)} catalog images")
+    print(
+        f"{base.stamp}; {len(train)} train.csv photos in {len(ids)} bursts"
+        f" ({int(held.sum())} in the held-out quarter) vs {len(cat_ids)} catalog images"
+    )
     print("| query views | passes | R@1 (photos) | R@1 per burst (95 % CI) | R@5 (photos) "
           "| R@5 per burst (95 % CI) | held-out quarter R@1 / R@5 |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
