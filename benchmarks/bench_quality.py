@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 DATA = (ROOT / "../shared/data").resolve()
+STILETTO = DATA / "footwear300" / "search_image_01.jpg"
 
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
@@ -47,6 +48,8 @@ from lookalike.query import (  # noqa: E402
 )
 
 BATCH = 16
+CENTRE_VIEWS = ("centre90", "centre80", "centre70", "centre60")
+SINGLE_VIEWS = ("full", "flip", *CENTRE_VIEWS)
 HEAD = 1280
 """The head conv's channels at the front of the bundled encoders' `features` map."""
 
@@ -152,7 +155,7 @@ def main() -> None:
     for fill in (1.0, 0.7):
         catalog[fill] = embed_prepared(base, cat_images, framing(fill))
     views: dict[str, np.ndarray] = {}
-    for view in ("full", "flip", "centre80"):
+    for view in SINGLE_VIEWS:
         enc = QueryPipeline(base, QualitySettings(query_views=(view,)))
         views[view] = enc.raw_query_views(val_images)[:, 0]
     # calibration: the view vectors of the unlabelled photos, once per view; a view
@@ -180,14 +183,16 @@ def main() -> None:
 
     # this table's shortcuts give the shipped code's vectors: `calibrate` on the photos
     # and `embed_queries` of the pipeline it feeds
+    default = QueryPipeline(base).views
     real, _ = calibrate(QueryPipeline(base, QualitySettings()), calib_paths[:32], limit=None)
-    assert np.allclose(real.mean, calib_views["full"][:32].mean(axis=0), atol=1e-5)
+    assert np.allclose(real.mean, calib_views[default[0]][:32].mean(axis=0), atol=1e-5)
     check = QueryPipeline(base, QualitySettings(query_views=("full", "centre80")))
     check.set_centre(centre_for(("full", "centre80")))
     direct = check.embed_queries(val_images[:8])
     assert np.allclose(direct, query_vectors(("full", "centre80"), True)[:8], atol=1e-4)
 
     fashion: dict[float, float] = {}
+    stiletto: dict[str, tuple[int, int]] = {}
     fashion_images = None
     if not args.no_fashion and (DATA / "fashion-footwear").is_dir():
         frows = rows(DATA / "fashion-footwear" / "catalog.csv")
@@ -212,6 +217,16 @@ def main() -> None:
             [base.prepare(im) for im in fashion_images[:16]])), atol=1e-4)  # fmt: skip
         fashion[1.0] = fashion_p10(fashion_gap)
         fashion[0.7] = fashion_p10(embed_prepared(base, fashion_images, framing(0.7)))
+        # the red stiletto of `make run` against the stored fashion vectors, per view
+        colours = [r["colour"] for r in frows]
+        stiletto_img = load_image(STILETTO, draft_size=draft)
+        for view in SINGLE_VIEWS:
+            pipe = QueryPipeline(base, QualitySettings(query_views=(view,), centre=False))
+            top = np.argsort(-(fashion_gap @ pipe.embed_queries([stiletto_img])[0]))[:10]
+            stiletto[view] = (
+                sum(fashion_cats[i] == "Heels" for i in top),
+                sum(colours[i] == "Red" for i in top),
+            )
 
     table: list[tuple[str, str, np.ndarray, float | None, int, float | None]] = []
 
@@ -230,21 +245,37 @@ def main() -> None:
     n_cal = len(calib_paths)
     add(
         "plain: full photo, head + last block GAP, cosine",
-        "plain",
+        "plain before",
         query_vectors(full, False) @ cat.T,
-        settings=QualitySettings(centre=False),
+        settings=QualitySettings(query_views=full, centre=False),
     )
     add(
-        f"query centring (calibrated on {n_cal} unlabelled photos)",
-        "**default**",
+        f"query centring (calibrated on {n_cal} unlabelled photos), full photo",
+        "calibrated before",
         query_vectors(full, True) @ cat.T,
-        settings=QualitySettings(),
+        settings=QualitySettings(query_views=full),
+    )
+    for centred in (False, True):
+        for view in CENTRE_VIEWS:
+            shipped = (view,) == default
+            add(
+                f"central {view[6:]} % square + query centring (its own views)"
+                if centred
+                else f"plain: central {view[6:]} % square only",
+                ("**default, calibrated**" if centred else "**default**") if shipped else "option",
+                query_vectors((view,), centred) @ cat.T,
+                settings=QualitySettings(query_views=(view,), centre=centred) if shipped else None,
+            )
+    add(
+        f"{default[0]} + a centre calibrated with `full` (stored before the default changed)",
+        "old centre",
+        l2(query_vectors(default, False) - centre_for(full).mean) @ cat.T,
     )
     few = 32
-    few_mean = calib_views["full"][:few].mean(axis=0)
+    few_mean = calib_views["full"][:few].mean(axis=0)  # the full photo, as before
     add(
         f"query centring, calibrated on only {few} photos",
-        "(default, fewer photos)",
+        "calibrated before, fewer photos",
         l2(views["full"] - few_mean) @ cat.T,
     )
     add(
@@ -361,8 +392,13 @@ def main() -> None:
             f" | {'—' if fp is None else f'{fp:.3f}'} | {forwards}"
             f" | {'—' if ms is None else f'{ms:.0f}'} |"
         )
+    if stiletto:
+        print()
+        print("Red stiletto (footwear300/search_image_01.jpg) vs fashion-footwear, top 10, plain:")
+        for view, (heels, red) in stiletto.items():
+            print(f"- {view}: {heels} Heels, {red} Red")
 
 
 if __name__ == "__main__":
-    assert set(QUERY_VIEWS) >= {"full", "flip", "centre80"}
+    assert set(QUERY_VIEWS) >= set(SINGLE_VIEWS)
     main()

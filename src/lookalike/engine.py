@@ -441,16 +441,17 @@ class Engine(SharedHome):
 
     # -- reading ----------------------------------------------------------------------
     def embed_queries(self, queries: Sequence[QuerySource]) -> np.ndarray:
-        """Decode and embed query images with the catalog's encoder and preprocessing."""
-        encoder = self.encoder
-        draft = encoder.draft_size
-        images = [
-            (q if isinstance(q, Image.Image) else load_image(q, draft_size=draft)).convert("RGB")
-            for q in queries
-        ]
-        from .query import query_pipeline  # views + calibrated centring (docs/quality.md)
+        """Decode and embed query images with the catalog's encoder and preprocessing; a
+        query with a catalog image's bytes gets that image's stored vector."""
+        from .query import embed_sources, query_pipeline  # views, centring (docs/quality.md)
 
-        return query_pipeline(self.home, encoder).embed_queries(images)
+        encoder = self.encoder
+        stamp = encoder.stamp
+        return embed_sources(
+            query_pipeline(self.home, encoder),
+            queries,
+            lambda sha: self.catalog.vector_by_sha(sha, stamp),
+        )
 
     def search(
         self,

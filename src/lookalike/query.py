@@ -8,12 +8,16 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
 `query_pipeline(home, encoder)`, so `lookalike search`, `eval` and the API all get it.
 
 - views (`query_views`): each photo is embedded as one or more views (`full`, `flip`,
-  `centre80` = the central 80 % square, `centre60`). Each view costs a forward pass; one
-  (`full`) by default, to keep single-query latency.
+  `centreNN` = the central square of NN % of the shorter side, NN 50..95 in steps of 5).
+  Each view costs a forward pass; one by default, to keep single-query latency:
+  `centre70` for a base model, `full` for a tuned one (`default_views`). A query whose
+  bytes are a catalog image's gets that image's stored vector (`embed_sources`), so the
+  catalog's own images still find themselves first.
 - product framing (`frame_products`, on by default): a product shot on a plain
   background that the encoder's centre crop would cut (a stiletto in a portrait frame)
-  is padded to a square with its background colour first (lookalike.framing); shopper
-  photos and products that fit the square are untouched.
+  is padded to a square with its background colour first (lookalike.framing), and its
+  centre-crop views use the whole framed image; shopper photos and products that fit
+  the square are untouched.
 - query-domain centring (`centre`, on by default once calibrated): shop photos share a
   strong "shelf photo" component that studio catalog shots lack. `calibrate` averages
   the view vectors of unlabelled photos like the ones shoppers will send (no labels are
@@ -28,8 +32,10 @@ re-read when they change, so a running server picks up a new calibration.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -42,11 +48,16 @@ from PIL import Image, ImageOps
 
 from .errors import ImageError, InputPathError, MetadataError, UsageError
 from .framing import letterbox_product
+from .fsutil import sha256_of
+from .images import DEFAULT_MAX_BYTES, load_image
+from .models import is_tuned
 
 log = logging.getLogger(__name__)
 
 SETTINGS_FILE = "quality.json"
 CENTRE_FILE = "query_centre.npz"
+SHA_INFO = "lookalike.sha256"
+"""The key of `Image.info` under which `tag_content` keeps the hash of the source bytes."""
 PAD_COLOUR = (255, 255, 255)
 EMBED_BATCH = 16
 """Most images per forward pass: memory grows with the batch, speed barely does."""
@@ -70,20 +81,38 @@ def centre_square(img: Image.Image, fraction: float) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
+def _centre_view(percent: int) -> Callable[[Image.Image], Image.Image]:
+    return lambda img: centre_square(img, percent / 100)
+
+
 QUERY_VIEWS: dict[str, Callable[[Image.Image], Image.Image]] = {
     "full": _full,
     "flip": _flip,
-    "centre80": lambda img: centre_square(img, 0.8),
-    "centre60": lambda img: centre_square(img, 0.6),
+    **{f"centre{p}": _centre_view(p) for p in range(95, 45, -5)},
 }
+
+
+PLAIN_VIEWS = ("centre70",)
+"""The default query view of a base (untuned) model: the central 70 % square, chosen on
+the burst split of grocery train.csv (benchmarks/bench_query_views.py; docs/quality.md):
+shoppers frame the product near the middle, with shelf and hands around it."""
+TUNED_VIEWS = ("full",)
+"""The default of a tuned model: the whole photo, what its training and its measured
+figures used (the central square was not measured on tuned models)."""
+
+
+def default_views(encoder: Any) -> tuple[str, ...]:
+    """The query views used when `quality.json` names none."""
+    return TUNED_VIEWS if is_tuned(encoder) else PLAIN_VIEWS
 
 
 @dataclass(frozen=True)
 class QualitySettings:
     """What the query pipeline does; see the module docstring and docs/quality.md."""
 
-    query_views: tuple[str, ...] = ("full",)
-    """Views of each query photo, summed after centring; each costs a forward pass."""
+    query_views: tuple[str, ...] | None = None
+    """Views of each query photo, summed after centring; each costs a forward pass. None:
+    `default_views` of the encoder."""
     centre: bool = True
     """Subtract the calibrated query-domain centre (when `calibrate` has stored one)."""
     frame_products: bool = True
@@ -91,15 +120,17 @@ class QualitySettings:
     (lookalike.framing); such a photo's centre-crop views use the whole framed image."""
 
     def __post_init__(self) -> None:
+        for name in ("centre", "frame_products"):
+            if not isinstance(getattr(self, name), bool):
+                raise UsageError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if self.query_views is None:
+            return
         views = tuple(self.query_views)
         if not views or any(v not in QUERY_VIEWS for v in views):
             raise UsageError(
                 f"query_views must be a non-empty list of {', '.join(QUERY_VIEWS)},"
                 f" not {list(views)!r}"
             )
-        for name in ("centre", "frame_products"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{name} must be true or false, not {getattr(self, name)!r}")
         object.__setattr__(self, "query_views", views)
 
     @classmethod
@@ -202,6 +233,7 @@ class QueryPipeline:
     ) -> None:
         self.base = base
         self.settings = settings or QualitySettings()
+        self.views: tuple[str, ...] = self.settings.query_views or default_views(base)
         self.stamp = base.stamp  # the vector space a centre must have been calibrated in
         self.input_size = base.input_size
         self.draft_size = base.draft_size
@@ -212,7 +244,7 @@ class QueryPipeline:
 
     def __repr__(self) -> str:
         centred = "centred" if self.centre is not None and self.settings.centre else "raw"
-        return f"<QueryPipeline {self.stamp} views={list(self.settings.query_views)} {centred}>"
+        return f"<QueryPipeline {self.stamp} views={list(self.views)} {centred}>"
 
     def set_centre(self, centre: QueryCentre | None) -> None:
         """Use this query-domain centre (None: none). Ignored, with a warning, when it
@@ -225,11 +257,20 @@ class QueryPipeline:
                 self.stamp,
             )
             centre = None
+        elif centre is not None and centre.views != self.views:
+            # still the query domain's offset: measured to help the other views nearly as
+            # much as their own centre would (docs/quality.md), so it is kept
+            log.info(
+                "query centre was calibrated with views %s, queries use %s: used as it is"
+                " (`lookalike calibrate` again matches them)",
+                list(centre.views),
+                list(self.views),
+            )
         self.centre = centre
 
     def raw_query_views(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, V, dim) L2-normalised view vectors, before centring."""
-        views = self.settings.query_views
+        views = self.views
         arrays = [self.base.prepare(view) for img in images for view in self._views(img)]
         if not arrays:
             return np.zeros((0, len(views), self.dim), dtype=np.float32)
@@ -244,10 +285,10 @@ class QueryPipeline:
         rgb = img if img.mode == "RGB" else img.convert("RGB")
         framed = letterbox_product(rgb) if self.settings.frame_products else None
         if framed is None:
-            return [QUERY_VIEWS[v](rgb) for v in self.settings.query_views]
+            return [QUERY_VIEWS[v](rgb) for v in self.views]
         # the whole product is the point: no centre crop of a framed product shot
         return [QUERY_VIEWS["full" if v.startswith("centre") else v](framed)
-                for v in self.settings.query_views]  # fmt: skip
+                for v in self.views]  # fmt: skip
 
     def embed_queries(self, images: Sequence[Image.Image]) -> np.ndarray:
         """Shopper photos (decoded RGB images) -> float32 (N, dim), L2-normalised."""
@@ -255,6 +296,63 @@ class QueryPipeline:
         if self.settings.centre and self.centre is not None:
             views = _l2(views - self.centre.mean[None, None, :])
         return _l2(views.sum(axis=1))
+
+
+def tag_content(img: Image.Image, data: bytes) -> Image.Image:
+    """Mark `img` as decoded, whole and unchanged, from `data`, so that a query of it can
+    take the content-hash shortcut of `embed_sources` (the API decodes uploads itself)."""
+    img.info[SHA_INFO] = hashlib.sha256(data).hexdigest()
+    return img
+
+
+def content_sha256(source: Any) -> str | None:
+    """The sha256 of a query's bytes (an upload, or a path's file content), as the catalog
+    keeps it for each image; for a decoded image, the hash `tag_content` put on it; None
+    otherwise, or for a file that cannot be read (the decoder then reports why)."""
+    if isinstance(source, Image.Image):
+        sha = source.info.get(SHA_INFO)
+        return sha if isinstance(sha, str) else None
+    if isinstance(source, bytes | bytearray | memoryview):
+        return hashlib.sha256(source).hexdigest()
+    if isinstance(source, str | os.PathLike):
+        path = Path(source)
+        try:
+            if not path.is_file() or path.stat().st_size > DEFAULT_MAX_BYTES:
+                return None
+            return sha256_of(path)
+        except OSError:
+            return None
+    return None
+
+
+def embed_sources(
+    pipeline: QueryPipeline,
+    queries: Sequence[Any],
+    stored: Callable[[str], np.ndarray | None],
+) -> np.ndarray:
+    """Query sources (paths, uploaded bytes or decoded images) -> float32 (N, dim).
+
+    A query whose bytes are those of a catalog image (`stored(sha256)` gives that
+    image's vector in this vector space) is that vector, unchanged: it matches itself
+    first, at score 1, whatever the views or the centre do to photos. The others are
+    decoded and embedded by `pipeline`."""
+    out = np.zeros((len(queries), pipeline.dim), dtype=np.float32)
+    todo: list[int] = []
+    for i, query in enumerate(queries):
+        sha = content_sha256(query)
+        vector = stored(sha) if sha is not None else None
+        if vector is not None and vector.shape == (pipeline.dim,):
+            out[i] = _l2(vector)
+        else:
+            todo.append(i)
+    if todo:
+        draft = pipeline.draft_size
+        images = [
+            (q if isinstance(q, Image.Image) else load_image(q, draft_size=draft)).convert("RGB")
+            for q in (queries[i] for i in todo)
+        ]
+        out[todo] = pipeline.embed_queries(images)
+    return out
 
 
 def _l2(x: np.ndarray) -> np.ndarray:
@@ -335,8 +433,6 @@ def calibrate(
 ) -> tuple[QueryCentre, list[str]]:
     """The mean raw query vector of unlabelled photos (at most `limit`, an even random
     sample). Returns the centre and the photos that could not be read."""
-    from .images import load_image
-
     paths = list(photos)
     if limit is not None and len(paths) > limit:
         rng = np.random.default_rng(seed)
@@ -367,8 +463,8 @@ def calibrate(
     if count == 0:
         raise ImageError("none of the calibration photos could be read")
     mean = (total / count).astype(np.float32)
-    n_photos = count // len(encoder.settings.query_views)
-    return QueryCentre(mean, encoder.stamp, n_photos, encoder.settings.query_views), failed
+    n_photos = count // len(encoder.views)
+    return QueryCentre(mean, encoder.stamp, n_photos, encoder.views), failed
 
 
 def save_centre(home: str | Path, centre: QueryCentre) -> Path:
@@ -416,7 +512,7 @@ def remove_centre(home: str | Path) -> bool:
 
 def describe(pipeline: QueryPipeline) -> dict[str, Any]:
     """The query pipeline as a dict, for reports."""
-    out: dict[str, Any] = {"query_views": list(pipeline.settings.query_views)}
+    out: dict[str, Any] = {"query_views": list(pipeline.views)}
     used = pipeline.centre is not None and pipeline.settings.centre
     out["query_centre"] = {"photos": pipeline.centre.photos} if used else None
     return out

@@ -9,6 +9,7 @@ from PIL import Image
 
 from ..errors import ImageTooLargeError, LookalikeError, UsageError
 from ..images import load_image, probe_image
+from ..query import tag_content
 from .limits import Limits
 
 
@@ -80,8 +81,8 @@ def load_query_image(
         max_bytes=limits.max_image_bytes,
         draft_size=draft,
     )
-    if box is None:
-        return img
+    if box is None:  # the uploaded picture itself: a catalog image's bytes find it first
+        return tag_content(img, data)
     if header.format not in ("JPEG", "MPO"):
         full = img.size  # decoded whole: its own size is the upright size
     scale = max(img.size) / max(full)  # draft scales both sides by the same power of 2
