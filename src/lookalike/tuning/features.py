@@ -23,6 +23,7 @@ from ..encoders.runtime import l2_normalise
 from ..errors import LookalikeError
 from ..fsutil import atomic_write
 from ..images import load_image
+from ..query import centre_square
 from .finetune import VIEW_RECIPE, random_view
 
 GRID = 3
@@ -166,10 +167,13 @@ class ImageRef:
     path: Path
     sha256: str
     view: int = 0  # > 0: a randomly augmented view of the image (finetune.random_view)
+    crop: float = 0.0  # > 0: the central square of this fraction of the shorter side
 
     @property
     def key(self) -> str:
         """The feature cache key: the file's sha256, plus the view for a view."""
+        if self.crop:
+            return f"{self.sha256}#centre{round(self.crop * 100)}"
         if not self.view:
             return self.sha256
         return f"{self.sha256}#{VIEW_RECIPE}.{self.view}"
@@ -208,6 +212,8 @@ def compute_features(
             img = load_image(image.path, draft_size=draft)
             if image.view:
                 img = random_view(img, image.sha256, image.view)
+            if image.crop:
+                img = centre_square(img, image.crop)
             return image, base.prepare(img)
         except LookalikeError as exc:
             errors.append(f"{image.path}: {exc}")
