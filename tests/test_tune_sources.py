@@ -147,6 +147,7 @@ def _photo_arrays(grocery, home: Path):
     embeddings of the fixture, the true product of each photo, the catalog's products."""
     from lookalike.fsutil import sha256_of
     from lookalike.tuning import FeatureCache
+    from lookalike.tuning.features import ImageRef
 
     with Engine(home) as engine:
         base = base_of(engine.encoder)
@@ -157,8 +158,8 @@ def _photo_arrays(grocery, home: Path):
     for name in ("photos", "catalog"):
         shas = [sha256_of(Path(r["image"])) for r in _rows(grocery[name])]
         full = cache.embeddings[cache.rows(shas)]
-        views = [full] + [crops.embeddings[crops.rows([f"{s}#centre{round(c * 100)}"
-                                                       for s in shas])] for c in LABEL_CROPS]
+        keys = [[ImageRef(Path(), s, crop=c).key for s in shas] for c in LABEL_CROPS]
+        views = [full] + [crops.embeddings[crops.rows(k)] for k in keys]
         out[name] = (label_views(views), full)
     truth = np.array([products.index(r["product_id"]) for r in _rows(grocery["photos"])])
     cat_y = np.array([products.index(r["product_id"]) for r in _rows(grocery["catalog"])])
@@ -180,8 +181,10 @@ def test_photos_are_labelled_with_their_central_crops_too(grocery, photos_home):
     with Engine(photos_home["home"]) as engine:
         base = base_of(engine.encoder)
         draft = int(getattr(base, "draft_size", 2 * int(base.input_size)))
-        crops = [base.embed(base.prepare(centre_square(load_image(first, draft_size=draft),
-                                                       c))[None])[0] for c in LABEL_CROPS]
+        crops = [
+            base.embed(base.prepare(centre_square(load_image(first, draft_size=draft), c))[None])[0]
+            for c in LABEL_CROPS
+        ]
     assert np.allclose(photos[0], label_views([full[:1], *[c[None] for c in crops]])[0],
                        atol=1e-3)  # fmt: skip
     labels, _ = assign(photos, cat, cat_y, n)
