@@ -270,3 +270,28 @@ def catalog_images(
         out += [(r.image_id, r.product_id, r.source, r.sha256) for r in rows
                 if except_stamp is None or r.stamp != except_stamp]  # fmt: skip
     return out
+
+
+def compute_crops(base: Any, crops: FeatureCache, images: Sequence[ImageRef],
+                  fractions: Sequence[float], progress: bool) -> list[str]:  # fmt: skip
+    """Make sure `crops` holds the base embedding of each image's central squares of
+    these `fractions` (query.centre_square); returns the errors, as compute_features."""
+    views = [ImageRef(i.path, i.sha256, crop=c) for c in fractions for i in images]
+    return compute_features(base, crops, views, featurize=featurizer(base, False),
+                            progress=progress, desc="central crops")  # fmt: skip
+
+
+def crop_embeddings(cache: FeatureCache, crops: FeatureCache, images: Sequence[ImageRef],
+                    fractions: Sequence[float]) -> list[np.ndarray]:  # fmt: skip
+    """[full, crop 1, ...] embeddings of cached `images` (a crop missing from `crops`
+    stands in as the image's own embedding)."""
+    full = cache.embeddings[cache.rows([img.sha256 for img in images])]
+    views = [full]
+    for c in fractions:
+        keys = [ImageRef(img.path, img.sha256, crop=c).key for img in images]
+        have = np.array([k in crops for k in keys], dtype=bool)
+        view = full.copy()
+        if have.any():
+            view[have] = crops.embeddings[crops.rows([k for k in keys if k in crops])]
+        views.append(view)
+    return views

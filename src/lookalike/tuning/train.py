@@ -32,7 +32,9 @@ from .features import (
     FeatureCache,
     Featurize,
     ImageRef,
+    compute_crops,
     compute_features,
+    crop_embeddings,
     featurizer,
     probe_maps,
 )
@@ -273,10 +275,8 @@ def _cached_features(
     crops = None
     if unl_images:  # pseudo-labelling embeds central crops too (pseudo.LABEL_CROPS)
         crops = FeatureCache.open(home, base, "crops")
-        crop_images = [ImageRef(i.path, i.sha256, crop=c) for c in LABEL_CROPS
-                       for i in [*cat_images, *photo_images, *unl_images]]  # fmt: skip
-        unreadable += compute_features(base, crops, crop_images, featurize=featurizer(base, False),
-                                       progress=progress, desc="labelling crops")  # fmt: skip
+        unreadable += compute_crops(base, crops, [*cat_images, *photo_images, *unl_images],
+                                    LABEL_CROPS, progress)  # fmt: skip
     return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images,
                      crops)  # fmt: skip
 
@@ -364,29 +364,14 @@ def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Dat
         kept_photos = [img for img in features.photo_images if img.sha256 in cache]
         kept_cat = [img for img in features.cat_images if img.sha256 in cache]
         for name, images in (("cat", kept_cat), ("photo", kept_photos), ("unl", unl)):
-            data.label_emb[name] = _label_embedding(features, images)
+            assert features.crops is not None
+            views = crop_embeddings(cache, features.crops, images, LABEL_CROPS)
+            data.label_emb[name] = label_views(views)
     if features.val_images:
         data.val_x, data.val_y, data.val_emb = gather(
             features.val_images, [pid for _, pid in inputs.val_rows]
         )
     return data
-
-
-def _label_embedding(features: _Features, images: Sequence[ImageRef]) -> np.ndarray:
-    """pseudo.label_views of `images`: their embedding and their crops' (an unreadable
-    crop, never cached, stands in as the image's own embedding)."""
-    cache, crops = features.cache, features.crops
-    assert crops is not None
-    full = cache.embeddings[cache.rows([img.sha256 for img in images])]
-    views = [full]
-    for c in LABEL_CROPS:
-        keys = [ImageRef(img.path, img.sha256, crop=c).key for img in images]
-        have = np.array([k in crops for k in keys], dtype=bool)
-        view = full.copy()
-        if have.any():
-            view[have] = crops.embeddings[crops.rows([k for k in keys if k in crops])]
-        views.append(view)
-    return label_views(views)
 
 
 def _pseudo_label(settings: TuneSettings, data: _Data, log: Callable[[str], None]) -> PseudoLabels:
