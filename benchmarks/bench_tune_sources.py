@@ -197,8 +197,10 @@ def latency_only(work: Path, args: argparse.Namespace) -> int:
                                  for r in _rows(FASHION / "catalog.csv")[::47]]  # fmt: skip
     out = {}
     for name, paths in (("grocery", val), ("fashion", fashion[: args.queries])):
-        homes = {"base": work / f"{name}-base",
-                 "tuned": work / ("grocery-tuned" if name == "grocery" else "fashion-full")}
+        homes = {
+            "base": work / f"{name}-base",
+            "tuned": work / ("grocery-tuned" if name == "grocery" else "fashion-full"),
+        }
         engines = {k: Engine(h) for k, h in homes.items()}
         try:
             out[name] = latency(engines, paths)
@@ -228,8 +230,11 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=60, help="queries for the latency test")
     ap.add_argument("--workdir", help="keep the homes here (default: a temporary folder)")
     ap.add_argument("--json", help="also write the figures to this JSON file")
-    ap.add_argument("--latency-only", action="store_true",
-                    help="only time the homes a previous run left in --workdir")
+    ap.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="only time the homes a previous run left in --workdir",
+    )
     args = ap.parse_args()
     if args.latency_only:
         return latency_only(Path(args.workdir), args)

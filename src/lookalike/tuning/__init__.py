@@ -34,7 +34,7 @@ features where they exist (`switch.py`).
 
     settings.py   TuneSettings, each method's defaults
     sources.py    reading --labels / --photos / --field and the catalog: Inputs
-    pseudo.py     pseudo-labels for unlabelled photos (propagation, balancing, rounds)
+    pseudo.py     pseudo-labels for unlabelled photos (crops, propagation, balancing, soft targets)
     weak.py       a catalog field as weak labels: FieldLabels, the field's loss
     features.py   FeatureCache, computing features, grid cells
     head.py       the head method

@@ -24,6 +24,7 @@ from ..encoders.runtime import l2_normalise
 from ..errors import LookalikeError
 from ..fsutil import atomic_write
 from ..images import load_image
+from ..query import centre_square
 from .finetune import VIEW_RECIPE, random_view
 
 GRID = 3
@@ -189,10 +190,13 @@ class ImageRef:
     path: Path
     sha256: str
     view: int = 0  # > 0: a randomly augmented view of the image (finetune.random_view)
+    crop: float = 0.0  # > 0: the central square of this fraction of the shorter side
 
     @property
     def key(self) -> str:
         """The feature cache key: the file's sha256, plus the view for a view."""
+        if self.crop:
+            return f"{self.sha256}#centre{round(self.crop * 100)}"
         if not self.view:
             return self.sha256
         return f"{self.sha256}#{VIEW_RECIPE}.{self.view}"
@@ -231,6 +235,8 @@ def compute_features(
             img = load_image(image.path, draft_size=draft)
             if image.view:
                 img = random_view(img, image.sha256, image.view)
+            if image.crop:
+                img = centre_square(img, image.crop)
             return image, base.prepare(img)
         except LookalikeError as exc:
             errors.append(f"{image.path}: {exc}")
@@ -290,3 +296,28 @@ def catalog_images(
         out += [(r.image_id, r.product_id, r.source, r.sha256) for r in rows
                 if except_stamp is None or r.stamp != except_stamp]  # fmt: skip
     return out
+
+
+def compute_crops(base: Any, crops: FeatureCache, images: Sequence[ImageRef],
+                  fractions: Sequence[float], progress: bool) -> list[str]:  # fmt: skip
+    """Make sure `crops` holds the base embedding of each image's central squares of
+    these `fractions` (query.centre_square); returns the errors, as compute_features."""
+    views = [ImageRef(i.path, i.sha256, crop=c) for c in fractions for i in images]
+    return compute_features(base, crops, views, featurize=featurizer(base, False),
+                            progress=progress, desc="central crops")  # fmt: skip
+
+
+def crop_embeddings(cache: FeatureCache, crops: FeatureCache, images: Sequence[ImageRef],
+                    fractions: Sequence[float]) -> list[np.ndarray]:  # fmt: skip
+    """[full, crop 1, ...] embeddings of cached `images` (a crop missing from `crops`
+    stands in as the image's own embedding)."""
+    full = cache.embeddings[cache.rows([img.sha256 for img in images])]
+    views = [full]
+    for c in fractions:
+        keys = [ImageRef(img.path, img.sha256, crop=c).key for img in images]
+        have = np.array([k in crops for k in keys], dtype=bool)
+        view = full.copy()
+        if have.any():
+            view[have] = crops.embeddings[crops.rows([k for k in keys if k in crops])]
+        views.append(view)
+    return views

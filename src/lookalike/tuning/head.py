@@ -38,7 +38,8 @@ def fit_head(
     torch.manual_seed(settings.seed)
     px = torch.from_numpy(np.ascontiguousarray(photo_x, dtype=np.float32))
     cx = torch.from_numpy(np.ascontiguousarray(cat_x, dtype=np.float32))
-    py = torch.from_numpy(photo_y.astype(np.int64))
+    soft = photo_y.ndim == 2  # (N, P) target distributions instead of product indices
+    py = torch.from_numpy(photo_y.astype(np.float32 if soft else np.int64))
     cy = torch.from_numpy(cat_y.astype(np.int64))
     gridded = px.ndim == 4
     rects = rect_masks(GRID) if gridded else None

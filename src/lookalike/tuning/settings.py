@@ -38,14 +38,17 @@ class TuneSettings:
     catalog_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
     field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
-    keep_base: float | None = None  # base embedding appended, scaled; None: 1.0 with --field
+    # base embedding appended, scaled; None: 1.0 with --field or with --photos alone
+    keep_base: float | None = None
     class_weight: float = 1.0  # --field, head method: the field classifier's posterior
     colour_weight: float = 0.7  # --field, head method: the colour descriptor
     pseudo_rounds: int = 0  # --photos: rounds of a head trained on the labels, then relabel
 
-    def resolved(self, base: Any, field: bool = False, labelled: bool = True) -> TuneSettings:
+    def resolved(
+        self, base: Any, field: bool = False, labelled: bool = True, photos: bool = False
+    ) -> TuneSettings:
         """These settings with the method and its defaults filled in for `base` (`field`:
-        the run uses --field; `labelled`: it has labelled photos)."""
+        the run uses --field; `labelled`: it has labelled photos; `photos`: unlabelled ones)."""
         method = self.method
         if method == "auto":
             method = "finetune" if supports(base) and labelled else "head"
@@ -65,5 +68,5 @@ class TuneSettings:
         if out.batch_size is None:
             out.batch_size = defaults["batch_size"]
         if out.keep_base is None:
-            out.keep_base = 1.0 if field else 0.0
+            out.keep_base = 1.0 if field or (photos and not labelled) else 0.0
         return out

@@ -32,13 +32,15 @@ from .features import (
     FeatureCache,
     Featurize,
     ImageRef,
+    compute_crops,
     compute_features,
+    crop_embeddings,
     featurizer,
     probe_maps,
 )
 from .finetune import Trunk, calibration_maps, embed_maps, export_tuned, train_tail
 from .head import fit_head
-from .pseudo import PseudoLabels, self_train
+from .pseudo import LABEL_CROPS, PseudoLabels, label_views, self_train
 from .settings import TuneSettings
 from .sources import Inputs, read_inputs
 from .switch import use_model
@@ -147,7 +149,7 @@ def train_tuned_model(
     started = time.perf_counter()
     base = base_of(engine.encoder)
     settings = (settings or TuneSettings()).resolved(
-        base, field=field is not None, labelled=labels_csv is not None
+        base, field=field is not None, labelled=labels_csv is not None, photos=bool(photos)
     )
     if log is None:
         log = _no_log
@@ -227,6 +229,7 @@ class _Features:
     val_images: list[ImageRef]
     unreadable: list[str]
     unl_images: list[ImageRef] = field(default_factory=list)  # unlabelled photos
+    crops: FeatureCache | None = None  # --photos: embeddings of the labelling crops
 
 
 def _cached_features(
@@ -272,7 +275,13 @@ def _cached_features(
         )
     if finetuning and not cache.has_spatial():
         raise ModelError(f"{cache.path}: trunk maps missing; delete the file and run again")
-    return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images)
+    crops = None
+    if unl_images:  # pseudo-labelling embeds central crops too (pseudo.LABEL_CROPS)
+        crops = FeatureCache.open(home, base, "crops")
+        unreadable += compute_crops(base, crops, [*cat_images, *photo_images, *unl_images],
+                                    LABEL_CROPS, progress)  # fmt: skip
+    return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images,
+                     crops)  # fmt: skip
 
 
 # --------------------------------------------------------------------------- 3. arrays
@@ -305,6 +314,9 @@ class _Data:
     cat_field: np.ndarray | None = None  # --field: class of each catalog image (-1: none)
     cat_colour: np.ndarray | None = None  # colour descriptors (None: the cache has none)
     val_colour: np.ndarray | None = None
+    # --photos: what photos are labelled with (pseudo.label_views), and the head's targets
+    label_emb: dict[str, np.ndarray] = field(default_factory=dict)  # "cat", "photo", "unl"
+    photo_targets: np.ndarray | None = None  # (n_photos, P) soft targets, or None: photo_y
 
 
 def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Data:
@@ -354,6 +366,12 @@ def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Dat
         data.unl_x = cache.spatial[rows_] if spatial else cache.embeddings[rows_]
         data.unl_emb = cache.embeddings[rows_]
         data.unl_views = gather_views(unl, settings.views)
+        kept_photos = [img for img in features.photo_images if img.sha256 in cache]
+        kept_cat = [img for img in features.cat_images if img.sha256 in cache]
+        for name, images in (("cat", kept_cat), ("photo", kept_photos), ("unl", unl)):
+            assert features.crops is not None
+            views = crop_embeddings(cache, features.crops, images, LABEL_CROPS)
+            data.label_emb[name] = label_views(views)
     if features.val_images:
         data.val_x, data.val_y, data.val_emb = gather(
             features.val_images, [pid for _, pid in inputs.val_rows]
@@ -376,11 +394,15 @@ def _pseudo_label(settings: TuneSettings, data: _Data, log: Callable[[str], None
         log(f"pseudo-labels, round {r}: {row['products_assigned']} products assigned,"
             f" mean confidence {row['mean_confidence']:.3f}")  # fmt: skip
 
+    emb = data.label_emb
     pseudo = self_train(
-        settings, data.unl_emb, data.cat_emb, data.cat_y, data.n_products,
-        labelled=data.photo_emb if known else None, labelled_y=data.photo_y if known else None,
+        settings, emb["unl"], emb["cat"], data.cat_y, data.n_products,
+        labelled=emb["photo"] if known else None, labelled_y=data.photo_y if known else None,
         on_round=on_round,
     )  # fmt: skip
+    assert pseudo.targets is not None
+    given = np.eye(data.n_products, dtype=np.float32)[data.photo_y]  # true labels: one-hot
+    data.photo_targets = np.concatenate([given, pseudo.targets]) if known else pseudo.targets
     data.photo_x = np.concatenate([data.photo_x, data.unl_x]) if known else data.unl_x
     data.photo_y = np.concatenate([data.photo_y, pseudo.labels]) if known else pseudo.labels
     if data.photo_views is not None and data.unl_views is not None:
@@ -463,8 +485,9 @@ def _train(
         # --field alone: the field's classifier and the colour beside the base embedding
         trained = field_head(settings, data.cat_emb, data.cat_field)
     else:
+        targets = data.photo_y if data.photo_targets is None else data.photo_targets
         trained = fit_head(
-            settings, data.photo_x, data.photo_y, data.cat_x, data.cat_y, data.n_products,
+            settings, data.photo_x, targets, data.cat_x, data.cat_y, data.n_products,
             cat_field=data.cat_field, on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
         )  # fmt: skip
         if data.cat_field is not None:
