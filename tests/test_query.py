@@ -112,11 +112,14 @@ def test_a_product_shot_the_crop_would_cut_is_letterboxed_first(base):
     framed = letterbox_product(tall)
     assert framed is not None
     whole = base.embed(base.prepare(framed)[None])
-    # the default centre view, like `full`, sees the whole framed image
+    # with framing, a centre view, like `full`, sees the whole framed image
     for views in (None, ("full",), ("centre80",)):
-        got = QueryPipeline(base, QualitySettings(query_views=views)).embed_queries([tall])
+        on = QualitySettings(query_views=views, frame_products=True)
+        got = QueryPipeline(base, on).embed_queries([tall])
         np.testing.assert_allclose(got, whole, atol=1e-6)
-    off = QueryPipeline(base, QualitySettings(query_views=("full",), frame_products=False))
+    # a base model does not frame by default (a tuned one does: test_tune_sources)
+    assert not QueryPipeline(base).frame
+    off = QueryPipeline(base, QualitySettings(query_views=("full",)))
     np.testing.assert_allclose(off.embed_queries([tall]), base.embed(base.prepare(tall)[None]),
                                atol=1e-6)  # fmt: skip
     with pytest.raises(UsageError, match="frame_products"):

@@ -25,6 +25,7 @@ from lookalike.engine import Engine
 from lookalike.evaluate import leave_one_out_precision
 from lookalike.images import load_image
 from lookalike.models import active_version, base_of, describe_active, tuned_root
+from lookalike.query import query_pipeline
 from lookalike.tuning import TuneSettings, train_tuned_model, use_model
 from lookalike.tuning.head import fit_head
 from lookalike.tuning.pseudo import LABEL_CROPS, assign, label_views, self_train, soft_targets
@@ -172,7 +173,6 @@ def test_photos_are_labelled_with_their_central_crops_too(grocery, photos_home):
     embedding of query.centre_square of the image), and the labels made with them stay
     right (measured with the labels kept aside; on 12 products full images alone already
     get about 0.93: the crops' gain, 0.57 -> 0.62 on 81 products, is in docs/quality.md)."""
-    from lookalike.images import load_image
     from lookalike.query import centre_square
 
     arrays, truth, cat_y, n = _photo_arrays(grocery, photos_home["home"])
@@ -310,6 +310,7 @@ def test_field_model_from_the_cache_equals_the_model_from_the_files(fashion, tmp
         cached = engine.catalog.vectors([r.image_id for r in rows])
         enc = engine.encoder
         fresh = enc.embed(np.stack([enc.prepare(load_image(r.source)) for r in rows]))
+        assert query_pipeline(home, enc).frame  # a tuned model's queries are framed
     assert np.allclose(cached, fresh, atol=2e-3), float(np.abs(cached - fresh).max())
 
 

@@ -12,7 +12,8 @@ portrait frame) it cuts off the heel and the toe, and what is left looks like a 
 
 Then the image is padded to a square with the background colour, so the crop keeps all
 of it. Anything else (a cluttered photo, a product that fits the square) is left as it
-is. docs/quality.md has what it changes.
+is. The query pipeline (lookalike.query, `frame_products`) does this for tuned models by
+default; docs/quality.md has what it changes.
 """
 
 from __future__ import annotations

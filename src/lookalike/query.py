@@ -13,7 +13,7 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
   `centre70` for a base model, `full` for a tuned one (`default_views`). A query whose
   bytes are a catalog image's gets that image's stored vector (`embed_sources`), so the
   catalog's own images still find themselves first.
-- product framing (`frame_products`, on by default): a product shot on a plain
+- product framing (`frame_products`, on by default for a tuned model): a product shot on a plain
   background that the encoder's centre crop would cut (a stiletto in a portrait frame)
   is padded to a square with its background colour first (lookalike.framing), and its
   centre-crop views use the whole framed image; shopper photos and products that fit
@@ -115,14 +115,17 @@ class QualitySettings:
     `default_views` of the encoder."""
     centre: bool = True
     """Subtract the calibrated query-domain centre (when `calibrate` has stored one)."""
-    frame_products: bool = True
+    frame_products: bool | None = None
     """Letterbox a product shot on a plain background that the centre crop would cut
-    (lookalike.framing); such a photo's centre-crop views use the whole framed image."""
+    (lookalike.framing); such a photo's centre-crop views use the whole framed image.
+    None: on for a tuned model (the red stiletto: 0 -> 10 heels with `tune --field`),
+    off for a base model (the same query: 2 -> 0 heels, 7 -> 4 red); docs/quality.md."""
 
     def __post_init__(self) -> None:
-        for name in ("centre", "frame_products"):
-            if not isinstance(getattr(self, name), bool):
-                raise UsageError(f"{name} must be true or false, not {getattr(self, name)!r}")
+        if not isinstance(self.centre, bool):
+            raise UsageError(f"centre must be true or false, not {self.centre!r}")
+        if self.frame_products is not None and not isinstance(self.frame_products, bool):
+            raise UsageError(f"frame_products must be true or false, not {self.frame_products!r}")
         if self.query_views is None:
             return
         views = tuple(self.query_views)
@@ -234,6 +237,8 @@ class QueryPipeline:
         self.base = base
         self.settings = settings or QualitySettings()
         self.views: tuple[str, ...] = self.settings.query_views or default_views(base)
+        frame = self.settings.frame_products
+        self.frame: bool = is_tuned(base) if frame is None else frame
         self.stamp = base.stamp  # the vector space a centre must have been calibrated in
         self.input_size = base.input_size
         self.draft_size = base.draft_size
@@ -283,7 +288,7 @@ class QueryPipeline:
 
     def _views(self, img: Image.Image) -> list[Image.Image]:
         rgb = img if img.mode == "RGB" else img.convert("RGB")
-        framed = letterbox_product(rgb) if self.settings.frame_products else None
+        framed = letterbox_product(rgb) if self.frame else None
         if framed is None:
             return [QUERY_VIEWS[v](rgb) for v in self.views]
         # the whole product is the point: no centre crop of a framed product shot
