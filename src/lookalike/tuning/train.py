@@ -44,7 +44,7 @@ from .pseudo import LABEL_CROPS, PseudoLabels, label_views, self_train
 from .settings import TuneSettings
 from .sources import Inputs, read_inputs
 from .switch import use_model
-from .weak import describe_head, field_head
+from .weak import CLASSIFIER_STEPS, describe_head, field_head
 
 
 @dataclass
@@ -449,7 +449,9 @@ def _train(
 
     epochs: list[dict[str, float]] = []
     steps = -(-len(data.photo_y) // settings.batch_size)
-    bar = tqdm(total=settings.epochs * steps, desc=f"tuning ({settings.method})", unit="step",
+    field_only = not data.finetuning and data.cat_field is not None and data.n_photos == 0
+    total = CLASSIFIER_STEPS if field_only else settings.epochs * steps
+    bar = tqdm(total=total, desc=f"tuning ({settings.method})", unit="step",
                disable=not progress, dynamic_ncols=True)  # fmt: skip
 
     # per-epoch figures: the finetune tail embeds trunk maps, a head base embeddings
@@ -481,9 +483,9 @@ def _train(
             on_step=lambda: bar.update(1),
             on_epoch=lambda e, loss, t: on_epoch(e, loss, lambda m: embed_maps(t, m)),
         )  # fmt: skip
-    elif data.cat_field is not None and data.n_photos == 0:
+    elif field_only:
         # --field alone: the field's classifier and the colour beside the base embedding
-        trained = field_head(settings, data.cat_emb, data.cat_field)
+        trained = field_head(settings, data.cat_emb, data.cat_field, on_step=lambda: bar.update(1))
     else:
         targets = data.photo_y if data.photo_targets is None else data.photo_targets
         trained = fit_head(

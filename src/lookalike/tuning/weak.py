@@ -15,6 +15,7 @@ docs/quality.md has the measurements behind each part.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -108,7 +109,12 @@ CLASSIFIER_SCALE = 10.0  # unit-norm embeddings scaled so the regression starts 
 
 
 def fit_classifier(
-    emb: np.ndarray, y: np.ndarray, n_classes: int, seed: int, weight_decay: float = 1e-3
+    emb: np.ndarray,
+    y: np.ndarray,
+    n_classes: int,
+    seed: int,
+    weight_decay: float = 1e-3,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Softmax regression of the classes `y` (-1: none, not used) on embeddings `emb`:
     returns (W (D, C), b (C,)) with logits = emb @ W + b."""
@@ -125,17 +131,23 @@ def fit_classifier(
         opt.zero_grad()
         F.cross_entropy(layer(x), t).backward()
         opt.step()
+        if on_step is not None:
+            on_step()
     w = layer.weight.detach().numpy().T * CLASSIFIER_SCALE
     return w.astype(np.float32).copy(), layer.bias.detach().numpy().astype(np.float32).copy()
 
 
 def field_head(
-    settings: Any, cat_emb: np.ndarray, cat_field: np.ndarray, head: Head | None = None
+    settings: Any,
+    cat_emb: np.ndarray,
+    cat_field: np.ndarray,
+    head: Head | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> Head:
     """`head` (None: no MLP part) with the field's classifier and the colour part added
     (settings: keep_base, class_weight, colour_weight, seed)."""
     n_classes = int(cat_field.max()) + 1
-    w, b = fit_classifier(cat_emb, cat_field, n_classes, settings.seed)
+    w, b = fit_classifier(cat_emb, cat_field, n_classes, settings.seed, on_step=on_step)
     if head is None:
         dim = int(cat_emb.shape[1])
         head = Head(mean=np.zeros(dim, dtype=np.float32), weights=[], biases=[])
