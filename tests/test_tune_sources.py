@@ -18,8 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import require_data
+from fastapi.testclient import TestClient
 from test_tune import _rows, _write_csv  # the same CSV helpers as the labelled tune
 
+from lookalike.api import create_app
 from lookalike.cli import main as cli_main
 from lookalike.engine import Engine
 from lookalike.evaluate import leave_one_out_precision
@@ -311,6 +313,8 @@ def test_field_model_from_the_cache_equals_the_model_from_the_files(fashion, tmp
         enc = engine.encoder
         fresh = enc.embed(np.stack([enc.prepare(load_image(r.source)) for r in rows]))
         assert query_pipeline(home, enc).frame  # a tuned model's queries are framed
+        with TestClient(create_app(engine, api_key="")) as client:  # what the page shows
+            assert client.get("/readyz").json()["tuned"] == report.version
     assert np.allclose(cached, fresh, atol=2e-3), float(np.abs(cached - fresh).max())
 
 

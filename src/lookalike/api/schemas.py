@@ -101,6 +101,7 @@ class Readiness(BaseModel):
     products: int | None = None
     images: int | None = None
     model: str | None = None
+    tuned: str | None = None  # the active tuned version (`lookalike tune`), if any
     detail: str | None = None
 
 

@@ -64,7 +64,8 @@ async function loadStatus(attempt = 0) {
     const body = await response.json();
     if (response.ok) {
       const products = Number(body.products || 0).toLocaleString();
-      els.status.textContent = `${products} products · ${body.model || "model ready"}`;
+      const tuned = body.tuned ? `, tuned ${body.tuned}` : "";
+      els.status.textContent = `${products} products · ${body.model || "model ready"}${tuned}`;
       await loadCategories();
       return;
     }

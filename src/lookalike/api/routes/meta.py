@@ -46,6 +46,7 @@ def readyz(request: Request) -> Any:
         products=info.get("products"),
         images=info.get("images"),
         model=info.get("model"),
+        tuned=info.get("tuned"),
     )
 
 
