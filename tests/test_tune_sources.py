@@ -209,8 +209,7 @@ def test_head_learns_from_soft_targets(grocery, photos_home):
         assert np.allclose(a, b, atol=1e-5)
 
 
-def test_photos_head_trains_on_central_crops_and_is_queried_with_its_centre(grocery,
-                                                                            photos_home):
+def test_photos_head_trains_on_crops_and_is_queried_with_its_centre(grocery, photos_home):
     """The --photos head learns from each photo's central crops too (extra samples, the
     photo's own target, treated exactly as photos are) and records its query view, which
     search then uses: a query is the head applied to its central 60 % square."""
