@@ -211,6 +211,38 @@ def test_head_learns_from_soft_targets(grocery, photos_home):
         assert np.allclose(a, b, atol=1e-5)
 
 
+def test_photos_head_trains_on_crops_and_is_queried_with_its_centre(grocery, photos_home):
+    """The --photos head learns from each photo's central crops too (extra samples, the
+    photo's own target, treated exactly as photos are) and records its query view, which
+    search then uses: a query is the head applied to its central 60 % square."""
+    from lookalike.images import load_image
+    from lookalike.query import centre_square, query_pipeline
+    from lookalike.tuning.pseudo import PHOTOS_QUERY_VIEWS
+
+    info = _model_json(photos_home["home"], photos_home["report"].version)
+    assert info["query_views"] == list(PHOTOS_QUERY_VIEWS) == ["centre60"]
+    assert "central 80 % and 60 % squares" in info["input"]
+    photo = Path(_rows(grocery["held"])[0]["image"])
+    with Engine(photos_home["home"]) as engine:
+        assert query_pipeline(engine.home, engine.encoder).views == ("centre60",)
+        got = engine.embed_queries([str(photo)])[0]
+        enc = engine.encoder
+        draft = int(getattr(enc, "draft_size", 2 * int(enc.input_size)))
+        crop = centre_square(load_image(photo, draft_size=draft), 0.6)
+        assert np.allclose(got, enc.embed(enc.prepare(crop)[None])[0], atol=1e-4)
+    # extra samples are photo samples: the same head as with them appended to the photos
+    arrays, truth, cat_y, n = _photo_arrays(grocery, photos_home["home"])
+    photos, cat = arrays["photos"][1], arrays["catalog"][1]
+    crops, targets = arrays["photos"][0], np.eye(n, dtype=np.float32)[truth]
+    quick = replace(HEAD, epochs=2, batch_size=64, dropout=0.0, keep_base=0.0)
+    extra = fit_head(quick, photos, targets, cat, cat_y, n, extra=(crops, targets))
+    appended = fit_head(quick, np.concatenate([photos, crops]), np.concatenate([targets] * 2),
+                        cat, cat_y, n)  # fmt: skip
+    alone = fit_head(quick, photos, targets, cat, cat_y, n)
+    for a, b, c in zip(extra.weights, appended.weights, alone.weights, strict=True):
+        assert np.allclose(a, b, atol=1e-4) and not np.allclose(a, c, atol=1e-3)
+
+
 def test_photos_reads_no_labels(grocery, tmp_path_factory):
     """A model trained from a CSV with wrong labels is bit-identical to one trained from
     the same CSV without its label column."""

@@ -10,7 +10,8 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
 - views (`query_views`): each photo is embedded as one or more views (`full`, `flip`,
   `centreNN` = the central square of NN % of the shorter side, NN 50..95 in steps of 5).
   Each view costs a forward pass; one by default, to keep single-query latency:
-  `centre70` for a base model, `full` for a tuned one (`default_views`). A query whose
+  `centre70` for a base model, `full` for a tuned one unless its model.json names its
+  own (`centre60` for a `tune --photos` head; `default_views`). A query whose
   bytes are a catalog image's gets that image's stored vector (`embed_sources`), so the
   catalog's own images still find themselves first.
 - product framing (`frame_products`, on by default for a tuned model): a product shot on a plain
@@ -97,13 +98,18 @@ PLAIN_VIEWS = ("centre70",)
 the burst split of grocery train.csv (benchmarks/bench_query_views.py; docs/quality.md):
 shoppers frame the product near the middle, with shelf and hands around it."""
 TUNED_VIEWS = ("full",)
-"""The default of a tuned model: the whole photo, what its training and its measured
-figures used (the central square was not measured on tuned models)."""
+"""The default of a tuned model whose model.json names no `query_views`: the whole photo,
+what its training and its measured figures used. A head trained by `tune --photos` on
+the photos' central crops too names its own (`centre60`, lookalike.tuning.pseudo)."""
 
 
 def default_views(encoder: Any) -> tuple[str, ...]:
-    """The query views used when `quality.json` names none."""
-    return TUNED_VIEWS if is_tuned(encoder) else PLAIN_VIEWS
+    """The query views used when `quality.json` names none: the tuned model's own
+    (its model.json's `query_views`), else TUNED_VIEWS, or PLAIN_VIEWS for a base model."""
+    if not is_tuned(encoder):
+        return PLAIN_VIEWS
+    own = tuple((getattr(encoder, "info", None) or {}).get("query_views") or ())
+    return own if own and all(v in QUERY_VIEWS for v in own) else TUNED_VIEWS
 
 
 @dataclass(frozen=True)

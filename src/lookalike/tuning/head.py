@@ -25,12 +25,16 @@ def fit_head(
     n_products: int,
     *,
     cat_field: np.ndarray | None = None,
+    extra: tuple[np.ndarray, np.ndarray] | None = None,
     on_epoch: Callable[[int, float, Head], None] | None = None,
 ) -> Head:
     """Train the head. `*_x` are either (N, D) embeddings or (N, G, G, C) grid cells
     (then each sample is pooled over a random rectangle of cells with probability
     `crop_probability`). `cat_field` (one class index per catalog image, -1 for none;
-    `tune --field`) adds a loss against one proxy per class of the catalog images."""
+    `tune --field`) adds a loss against one proxy per class of the catalog images.
+    `extra` = (M, D) base embeddings and their targets (the same kind as `photo_y`):
+    more photo samples, used as they are (`tune --photos`: the central crops of each
+    photo, with the photo's own target)."""
     import torch
     import torch.nn.functional as F
 
@@ -40,6 +44,10 @@ def fit_head(
     cx = torch.from_numpy(np.ascontiguousarray(cat_x, dtype=np.float32))
     soft = photo_y.ndim == 2  # (N, P) target distributions instead of product indices
     py = torch.from_numpy(photo_y.astype(np.float32 if soft else np.int64))
+    ex = ey = None
+    if extra is not None and len(extra[0]):
+        ex = F.normalize(torch.from_numpy(np.ascontiguousarray(extra[0], dtype=np.float32)), dim=-1)
+        ey = torch.from_numpy(extra[1].astype(np.float32 if soft else np.int64))
     cy = torch.from_numpy(cat_y.astype(np.int64))
     gridded = px.ndim == 4
     rects = rect_masks(GRID) if gridded else None
@@ -60,7 +68,7 @@ def fit_head(
     with torch.no_grad():
         p_full = pool(px, False)
         c_full = pool(cx, False)
-        mean = torch.cat([p_full, c_full]).mean(0)
+        mean = torch.cat([p_full, c_full, *([] if ex is None else [ex])]).mean(0)
     in_dim = p_full.shape[1]
     if settings.hidden:
         layers = [
@@ -88,7 +96,8 @@ def fit_head(
     proxies = torch.nn.Parameter(F.normalize(start, dim=-1))
     params = [*net.parameters(), proxies, *field.parameters()]
     opt = torch.optim.AdamW(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    n = len(px)
+    n_grid = len(px)
+    n = n_grid + (0 if ex is None else len(ex))
     steps_per_epoch = max(1, (n + settings.batch_size - 1) // settings.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt,
@@ -111,11 +120,16 @@ def fit_head(
         total = 0.0
         for start_i in range(0, n, settings.batch_size):
             idx = perm[start_i : start_i + settings.batch_size]
-            q = forward(pool(px[idx], True))
+            if ex is None:
+                q, target = forward(pool(px[idx], True)), py[idx]
+            else:  # photos first, then their extra samples: the same targets' order
+                own, more = idx[idx < n_grid], idx[idx >= n_grid] - n_grid
+                q = forward(torch.cat([pool(px[own], True), ex[more]]))
+                target = torch.cat([py[own], ey[more]])
             c = forward(pool(cx, True))
             p = F.normalize(proxies, dim=-1)
             loss = (
-                F.cross_entropy(q @ p.T / t, py[idx])
+                F.cross_entropy(q @ p.T / t, target)
                 + settings.catalog_weight * (F.cross_entropy(c @ p.T / t, cy))
                 + settings.field_weight * field.loss(c, None, t)
             )

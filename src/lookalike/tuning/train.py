@@ -40,7 +40,7 @@ from .features import (
 )
 from .finetune import Trunk, calibration_maps, embed_maps, export_tuned, train_tail
 from .head import fit_head
-from .pseudo import LABEL_CROPS, PseudoLabels, label_views, self_train
+from .pseudo import LABEL_CROPS, PHOTOS_QUERY_VIEWS, PseudoLabels, label_views, self_train
 from .settings import TuneSettings
 from .sources import Inputs, read_inputs
 from .switch import use_model
@@ -317,6 +317,8 @@ class _Data:
     # --photos: what photos are labelled with (pseudo.label_views), and the head's targets
     label_emb: dict[str, np.ndarray] = field(default_factory=dict)  # "cat", "photo", "unl"
     photo_targets: np.ndarray | None = None  # (n_photos, P) soft targets, or None: photo_y
+    # ... and the embeddings of the photos' central crops (LABEL_CROPS), "photo", "unl"
+    crop_emb: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
 def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Data:
@@ -372,6 +374,7 @@ def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Dat
             assert features.crops is not None
             views = crop_embeddings(cache, features.crops, images, LABEL_CROPS)
             data.label_emb[name] = label_views(views)
+            data.crop_emb[name] = views[1:]
     if features.val_images:
         data.val_x, data.val_y, data.val_emb = gather(
             features.val_images, [pid for _, pid in inputs.val_rows]
@@ -448,7 +451,10 @@ def _train(
     from tqdm import tqdm
 
     epochs: list[dict[str, float]] = []
-    steps = -(-len(data.photo_y) // settings.batch_size)
+    targets = data.photo_y if data.photo_targets is None else data.photo_targets
+    extra = None if data.finetuning else crop_samples(data, targets)
+    samples = len(data.photo_y) + (0 if extra is None else len(extra[0]))
+    steps = -(-samples // settings.batch_size)
     field_only = not data.finetuning and data.cat_field is not None and data.n_photos == 0
     total = CLASSIFIER_STEPS if field_only else settings.epochs * steps
     bar = tqdm(total=total, desc=f"tuning ({settings.method})", unit="step",
@@ -487,15 +493,29 @@ def _train(
         # --field alone: the field's classifier and the colour beside the base embedding
         trained = field_head(settings, data.cat_emb, data.cat_field, on_step=lambda: bar.update(1))
     else:
-        targets = data.photo_y if data.photo_targets is None else data.photo_targets
         trained = fit_head(
             settings, data.photo_x, targets, data.cat_x, data.cat_y, data.n_products,
-            cat_field=data.cat_field, on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
+            cat_field=data.cat_field, extra=extra,
+            on_epoch=lambda e, loss, h: on_epoch(e, loss, h.apply),
         )  # fmt: skip
         if data.cat_field is not None:
             trained = field_head(settings, data.cat_emb, data.cat_field, trained)
     bar.close()
     return trained, epochs
+
+
+def crop_samples(data: _Data, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """`tune --photos`, head method: the central crops of every photo (pseudo.LABEL_CROPS,
+    already embedded for labelling) as more samples with the photo's own target, or None
+    (no --photos). Measured on grocery's burst split: Recall@1/@5 +1.4/+1.1 points with
+    full-image queries, more with the central-square query view (pseudo.PHOTOS_QUERY_VIEWS)."""
+    if not data.crop_emb:
+        return None
+    names = ["photo", "unl"]  # the order of photo_x: labelled photos first
+    per_crop = [np.concatenate([data.crop_emb[name][i] for name in names])
+                for i in range(len(LABEL_CROPS))]  # fmt: skip
+    assert len(per_crop[0]) == len(targets) == data.n_photos
+    return np.concatenate(per_crop), np.concatenate([targets] * len(per_crop))
 
 
 def product_recall(
@@ -559,6 +579,10 @@ def _write_model(
     kind_info = {"kind": "head", "head_sha256": digest,
                  "input": f"{GRID}x{GRID} grid cells, random-rectangle crops"
                  if data.spatial else "embedding"}  # fmt: skip
+    if data.crop_emb:  # trained on the photos' central crops too: queried with one
+        squares = " and ".join(f"{round(c * 100)} %" for c in LABEL_CROPS)
+        kind_info["input"] += f"; the photos' central {squares} squares as more samples"
+        kind_info["query_views"] = list(PHOTOS_QUERY_VIEWS)
     return _Written(digest, described, kind_info)
 
 
