@@ -10,7 +10,6 @@ to report Recall@1/@5 before and after.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -24,23 +23,23 @@ from typing import Any
 import numpy as np
 
 from ..encoders.runtime import file_sha256
-from ..errors import ModelError, UsageError
 from ..fsutil import atomic_write, sha256_of
 from ..models import HEAD_FORMAT, Head, base_of, open_tuned, tuned_root
+from .data import (
+    Data,
+    Features,
+    cached_features,
+    catalog_as_photos,
+    gather_arrays,
+    pseudo_label,
+    sources_info,
+)
 from .features import (
     GRID,
-    FeatureCache,
-    Featurize,
-    ImageRef,
-    compute_crops,
-    compute_features,
-    crop_embeddings,
-    featurizer,
-    probe_maps,
 )
 from .finetune import Trunk, calibration_maps, embed_maps, export_tuned, train_tail
 from .head import fit_head
-from .pseudo import LABEL_CROPS, PHOTOS_QUERY_VIEWS, PseudoLabels, label_views, self_train
+from .pseudo import LABEL_CROPS, PHOTOS_QUERY_VIEWS
 from .settings import TuneSettings
 from .sources import Inputs, read_inputs
 from .switch import use_model
@@ -157,16 +156,16 @@ def train_tuned_model(
     inputs = read_inputs(engine.catalog, labels_csv, validate_csv, photos, field)
 
     t0 = time.perf_counter()
-    features = _cached_features(base, home, settings, inputs, progress)
+    features = cached_features(base, home, settings, inputs, progress)
     seconds = {"features": time.perf_counter() - t0}
-    data = _gather(features, inputs, settings)
+    data = gather_arrays(features, inputs, settings)
     pseudo = None
     if data.unl_emb is not None:
         t3 = time.perf_counter()
-        pseudo = _pseudo_label(settings, data, log)
+        pseudo = pseudo_label(settings, data, log)
         seconds["pseudo_labels"] = time.perf_counter() - t3
     if data.n_photos == 0:
-        _catalog_as_photos(data)
+        catalog_as_photos(data)
     before = None
     if data.val_x is not None:
         before = product_recall(data.val_emb, data.val_y, data.cat_emb, data.cat_y, data.n_products)
@@ -181,7 +180,7 @@ def train_tuned_model(
         trained, epochs = _train(settings, data, features.trunk, progress, log)
         seconds["training"] = time.perf_counter() - t1
         written = _write_model(trained, settings, data, features, folder)
-        sources = _sources_info(inputs, pseudo, data)
+        sources = sources_info(inputs, pseudo, data)
         tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs, before,
                                     sources)  # fmt: skip
         os.replace(folder, tuned_root(home) / tuned.version)
@@ -215,234 +214,12 @@ def train_tuned_model(
     return report
 
 
-# --------------------------------------------------------------------------- 2. features
-
-
-@dataclass
-class _Features:
-    """Every image of the run, with its features in `cache`."""
-
-    cache: FeatureCache
-    trunk: Trunk | None  # the finetune method's cut base graph (exported again at the end)
-    photo_images: list[ImageRef]  # labelled photos
-    cat_images: list[ImageRef]
-    val_images: list[ImageRef]
-    unreadable: list[str]
-    unl_images: list[ImageRef] = field(default_factory=list)  # unlabelled photos
-    crops: FeatureCache | None = None  # --photos: embeddings of the labelling crops
-
-
-def _cached_features(
-    base: Any, home: Path, settings: TuneSettings, inputs: Inputs, progress: bool
-) -> _Features:
-    """Make sure the feature cache holds every image of the run (and, for finetune, the
-    augmented views), computing only what is missing."""
-    finetuning = settings.method == "finetune"
-    photo_images = [ImageRef(p, sha256_of(p)) for p, _ in inputs.known]
-    unl_images = [ImageRef(p, sha) for p, sha in inputs.unlabelled]
-    cat_images = [ImageRef(Path(src), sha) for _, _, src, sha in inputs.cat_rows]
-    val_images = [ImageRef(p, sha256_of(p)) for p, _ in inputs.val_rows]
-    trunk = None
-    if finetuning:
-        trunk = Trunk(base)  # one ONNX load and session: features, then export
-        cache = FeatureCache.open(home, base, "trunk")
-        featurize: Featurize = trunk.run
-    else:
-        cache = FeatureCache.open(home, base, "cells")
-        if cache.index and not cache.has_colour():  # written before colours were kept
-            cache = FeatureCache(cache.path, cache.dim, cache.stamp, "cells")
-        use_cells = cache.has_spatial() or (
-            len(cache.index) == 0 and probe_maps(base, [*cat_images, *photo_images])
-        )
-        featurize = featurizer(base, use_cells)
-    unreadable: list[str] = []
-    steps = ((cat_images, "catalog features"), (photo_images, "photo features"),
-             (unl_images, "unlabelled photos"), (val_images, "validation"))  # fmt: skip
-    for images, desc in steps:
-        if images:
-            unreadable += compute_features(
-                base, cache, images, featurize=featurize, progress=progress, desc=desc
-            )
-    if finetuning and (settings.views or settings.catalog_views):
-        view_images = [
-            *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.catalog_views + 1)
-              for i in cat_images),
-            *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.views + 1)
-              for i in [*photo_images, *unl_images]),
-        ]  # fmt: skip
-        unreadable += compute_features(
-            base, cache, view_images, featurize=featurize, progress=progress, desc="views"
-        )
-    if finetuning and not cache.has_spatial():
-        raise ModelError(f"{cache.path}: trunk maps missing; delete the file and run again")
-    crops = None
-    if unl_images:  # pseudo-labelling embeds central crops too (pseudo.LABEL_CROPS)
-        crops = FeatureCache.open(home, base, "crops")
-        unreadable += compute_crops(base, crops, [*cat_images, *photo_images, *unl_images],
-                                    LABEL_CROPS, progress)  # fmt: skip
-    return _Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images,
-                     crops)  # fmt: skip
-
-
-# --------------------------------------------------------------------------- 3. arrays
-
-
-@dataclass
-class _Data:
-    """The training arrays. `*_x` are what the method trains on: trunk maps (finetune),
-    grid cells or base embeddings (head); `*_emb` the base embeddings; `*_y` product
-    indices; `*_views` (N, V, C, h, w) trunk maps of each image's augmented views."""
-
-    finetuning: bool
-    spatial: bool  # `*_x` are spatial (trunk maps or cells), not embeddings
-    n_products: int
-    photo_x: np.ndarray
-    photo_y: np.ndarray
-    cat_x: np.ndarray
-    cat_y: np.ndarray
-    cat_emb: np.ndarray
-    photo_views: np.ndarray | None
-    cat_views: np.ndarray | None
-    val_x: np.ndarray | None = None
-    val_y: np.ndarray | None = None
-    val_emb: np.ndarray | None = None
-    n_photos: int = 0  # labelled + pseudo-labelled photos in photo_x (0: catalog only)
-    photo_emb: np.ndarray | None = None  # base embeddings of the labelled photos
-    unl_x: np.ndarray | None = None  # unlabelled photos: what the method trains on
-    unl_emb: np.ndarray | None = None  # ... and their base embeddings
-    unl_views: np.ndarray | None = None
-    cat_field: np.ndarray | None = None  # --field: class of each catalog image (-1: none)
-    cat_colour: np.ndarray | None = None  # colour descriptors (None: the cache has none)
-    val_colour: np.ndarray | None = None
-    # --photos: what photos are labelled with (pseudo.label_views), and the head's targets
-    label_emb: dict[str, np.ndarray] = field(default_factory=dict)  # "cat", "photo", "unl"
-    photo_targets: np.ndarray | None = None  # (n_photos, P) soft targets, or None: photo_y
-    # ... and the embeddings of the photos' central crops (LABEL_CROPS), "photo", "unl"
-    crop_emb: dict[str, list[np.ndarray]] = field(default_factory=dict)
-
-
-def _gather(features: _Features, inputs: Inputs, settings: TuneSettings) -> _Data:
-    cache = features.cache
-    finetuning = settings.method == "finetune"
-    spatial = cache.has_spatial()
-
-    def gather(images: Sequence[ImageRef], labels: Sequence[str]):
-        keep = [i for i, img in enumerate(images) if img.sha256 in cache]
-        rows_ = cache.rows([images[i].sha256 for i in keep])
-        y = np.array([inputs.pindex[labels[i]] for i in keep], dtype=np.int64)
-        x = cache.spatial[rows_] if spatial else cache.embeddings[rows_]
-        return x, y, cache.embeddings[rows_]
-
-    def gather_views(images: Sequence[ImageRef], count: int) -> np.ndarray | None:
-        """(N, count, ...) trunk maps of the views of the readable `images`."""
-        if not (finetuning and count):
-            return None
-        kept = [img for img in images if img.sha256 in cache]
-        views = [ImageRef(img.path, img.sha256, k).key for img in kept
-                 for k in range(1, count + 1)]  # fmt: skip
-        # an unreadable view (never cached) stands in as the image itself
-        keys = [key if key in cache else key.split("#", 1)[0] for key in views]
-        maps = cache.spatial[cache.rows(keys)]
-        return maps.reshape(len(kept), count, *maps.shape[1:])
-
-    photo_x, photo_y, photo_emb = gather(features.photo_images,
-                                         [pid for _, pid in inputs.known])  # fmt: skip
-    cat_rows = inputs.cat_rows
-    cat_x, cat_y, cat_emb = gather(features.cat_images, [pid for _, pid, _, _ in cat_rows])
-    data = _Data(
-        finetuning, spatial, len(inputs.products), photo_x, photo_y, cat_x, cat_y, cat_emb,
-        photo_views=gather_views(features.photo_images, settings.views),
-        cat_views=gather_views(features.cat_images, settings.catalog_views),
-        n_photos=len(photo_y), photo_emb=photo_emb,
-    )  # fmt: skip
-    if inputs.labels_path is not None and len(photo_y) == 0:
-        raise UsageError(f"{inputs.labels_path}: none of its images could be read")
-    if inputs.field is not None:
-        kept = [i for i, img in enumerate(features.cat_images) if img.sha256 in cache]
-        data.cat_field = inputs.field.y[kept]
-    if features.unl_images:
-        unl = [img for img in features.unl_images if img.sha256 in cache]
-        if not unl:
-            raise UsageError("--photos: none of the photos could be read")
-        rows_ = cache.rows([img.sha256 for img in unl])
-        data.unl_x = cache.spatial[rows_] if spatial else cache.embeddings[rows_]
-        data.unl_emb = cache.embeddings[rows_]
-        data.unl_views = gather_views(unl, settings.views)
-        kept_photos = [img for img in features.photo_images if img.sha256 in cache]
-        kept_cat = [img for img in features.cat_images if img.sha256 in cache]
-        for name, images in (("cat", kept_cat), ("photo", kept_photos), ("unl", unl)):
-            assert features.crops is not None
-            views = crop_embeddings(cache, features.crops, images, LABEL_CROPS)
-            data.label_emb[name] = label_views(views)
-            data.crop_emb[name] = views[1:]
-    if features.val_images:
-        data.val_x, data.val_y, data.val_emb = gather(
-            features.val_images, [pid for _, pid in inputs.val_rows]
-        )
-    if cache.has_colour():
-        assert cache.colour is not None
-        for images, name in ((features.cat_images, "cat_colour"), (features.val_images,
-                                                                   "val_colour")):  # fmt: skip
-            rows_ = cache.rows([img.sha256 for img in images if img.sha256 in cache])
-            setattr(data, name, cache.colour[rows_])
-    return data
-
-
-def _pseudo_label(settings: TuneSettings, data: _Data, log: Callable[[str], None]) -> PseudoLabels:
-    """Give the unlabelled photos pseudo-labels and add them to the training photos."""
-    assert data.unl_emb is not None and data.unl_x is not None
-    known = data.n_photos > 0
-
-    def on_round(r: int, row: dict[str, float]) -> None:
-        log(f"pseudo-labels, round {r}: {row['products_assigned']} products assigned,"
-            f" mean confidence {row['mean_confidence']:.3f}")  # fmt: skip
-
-    emb = data.label_emb
-    pseudo = self_train(
-        settings, emb["unl"], emb["cat"], data.cat_y, data.n_products,
-        labelled=emb["photo"] if known else None, labelled_y=data.photo_y if known else None,
-        on_round=on_round,
-    )  # fmt: skip
-    assert pseudo.targets is not None
-    given = np.eye(data.n_products, dtype=np.float32)[data.photo_y]  # true labels: one-hot
-    data.photo_targets = np.concatenate([given, pseudo.targets]) if known else pseudo.targets
-    data.photo_x = np.concatenate([data.photo_x, data.unl_x]) if known else data.unl_x
-    data.photo_y = np.concatenate([data.photo_y, pseudo.labels]) if known else pseudo.labels
-    if data.photo_views is not None and data.unl_views is not None:
-        data.photo_views = (np.concatenate([data.photo_views, data.unl_views]) if known
-                            else data.unl_views)  # fmt: skip
-    data.n_photos = len(data.photo_y)
-    return pseudo
-
-
-def _catalog_as_photos(data: _Data) -> None:
-    """With no photos at all (`--field` alone) the catalog images are the training
-    samples: each against its own product's proxy (what keeps products apart) and its
-    field value's."""
-    data.photo_x, data.photo_y, data.photo_views = data.cat_x, data.cat_y, data.cat_views
-
-
-def _sources_info(inputs: Inputs, pseudo: PseudoLabels | None, data: _Data) -> dict[str, Any]:
-    """model.json's record of what the run learned from."""
-    out: dict[str, Any] = {"used": inputs.sources()}
-    if inputs.labels_path is not None:
-        out["labels"] = {"file": str(inputs.labels_path), "photos": len(inputs.known)}
-    if pseudo is not None:
-        digest = hashlib.sha256("\n".join(sha for _, sha in inputs.unlabelled).encode())
-        out["photos"] = {"sources": inputs.photo_sources, "photos_sha256": digest.hexdigest(),
-                         **pseudo.summary()}  # fmt: skip
-    if inputs.field is not None:
-        out["field"] = {"name": inputs.field.name, "classes": inputs.field.classes,
-                        "counts": inputs.field.counts()}  # fmt: skip
-    return out
-
-
 # --------------------------------------------------------------------------- 4. training
 
 
 def _train(
     settings: TuneSettings,
-    data: _Data,
+    data: Data,
     trunk: Trunk | None,
     progress: bool,
     log: Callable[[str], None],
@@ -504,7 +281,7 @@ def _train(
     return trained, epochs
 
 
-def crop_samples(data: _Data, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def crop_samples(data: Data, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """`tune --photos`, head method: the central crops of every photo (pseudo.LABEL_CROPS,
     already embedded for labelling) as more samples with the photo's own target, or None
     (no --photos). Measured on grocery's burst split: Recall@1/@5 +1.4/+1.1 points with
@@ -549,7 +326,7 @@ class _Written:
 
 
 def _write_model(
-    trained: Any, settings: TuneSettings, data: _Data, features: _Features, folder: Path
+    trained: Any, settings: TuneSettings, data: Data, features: Features, folder: Path
 ) -> _Written:
     """Write the trained model's files into `folder`."""
     if data.finetuning:
@@ -590,7 +367,7 @@ def _save_version(
     base: Any,
     settings: TuneSettings,
     inputs: Inputs,
-    data: _Data,
+    data: Data,
     folder: Path,
     written: _Written,
     epochs: list[dict[str, float]],
