@@ -167,8 +167,9 @@ def train_tuned_model(
     if data.n_photos == 0:
         catalog_as_photos(data)
     before = None
-    if data.val_x is not None:
-        before = product_recall(data.val_emb, data.val_y, data.cat_emb, data.cat_y, data.n_products)
+    val_recall = _validation_recall(home, features, data)
+    if val_recall is not None:
+        before = val_recall(base, data.cat_emb)
         log(
             f"validation before tuning: Recall@1 {before['recall@1']:.3f}"
             f"  Recall@5 {before['recall@5']:.3f}  ({len(data.val_y)} photos)"
@@ -181,7 +182,8 @@ def train_tuned_model(
         seconds["training"] = time.perf_counter() - t1
         written = _write_model(trained, settings, data, features, folder)
         sources = sources_info(inputs, pseudo, data)
-        tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs, before,
+        tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs,
+                                    before, val_recall,
                                     sources)  # fmt: skip
         os.replace(folder, tuned_root(home) / tuned.version)
     except BaseException:
@@ -372,6 +374,7 @@ def _save_version(
     written: _Written,
     epochs: list[dict[str, float]],
     before: dict[str, float] | None,
+    val_recall: Callable[[Any, np.ndarray], dict[str, float]] | None,
     sources: dict[str, Any],
 ) -> tuple[Any, dict[str, Any]]:
     """Name the new version, check it loads, score it on the validation photos through
@@ -404,13 +407,9 @@ def _save_version(
     info["stamp"] = tuned.stamp
     info["dim"] = tuned.dim
     validation = None
-    if data.val_x is not None and before is not None:
-        # through the saved model itself (what search will use)
-        after = product_recall(
-            _from_cache(tuned, data.val_x, data.val_emb, data.val_colour), data.val_y,
-            _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour), data.cat_y,
-            data.n_products,
-        )  # fmt: skip
+    if val_recall is not None and before is not None:
+        # through the saved model itself and the query pipeline search will use
+        after = val_recall(tuned, _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour))
         validation = {
             "file": str(inputs.validate_csv),
             "file_sha256": sha256_of(Path(inputs.validate_csv).expanduser()),
@@ -422,6 +421,33 @@ def _save_version(
     info["validation"] = validation
     atomic_write(folder / "model.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
     return tuned, info
+
+
+def _validation_recall(
+    home: Path, features: Features, data: Data
+) -> Callable[[Any, np.ndarray], dict[str, float]] | None:
+    """Recall@1/@5 of the `--validate` photos as a search embeds them with a given model
+    (lookalike.query: that model's query views, framing and centre; decoded from the
+    files, not the cache) against given catalog vectors; None without validation photos."""
+    if data.val_x is None or data.val_y is None:
+        return None
+    val_y = data.val_y
+    paths = [img.path for img in features.val_images if img.sha256 in features.cache]
+
+    def recall(encoder: Any, cat_vectors: np.ndarray) -> dict[str, float]:
+        from ..images import load_image
+        from ..query import query_pipeline
+
+        pipeline = query_pipeline(home, encoder)
+        chunks = []
+        for start in range(0, len(paths), 32):
+            images = [load_image(p, draft_size=encoder.draft_size).convert("RGB")
+                      for p in paths[start : start + 32]]  # fmt: skip
+            chunks.append(pipeline.embed_queries(images))
+        return product_recall(np.concatenate(chunks), val_y, cat_vectors, data.cat_y,
+                              data.n_products)  # fmt: skip
+
+    return recall
 
 
 def _from_cache(
