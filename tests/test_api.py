@@ -796,7 +796,7 @@ def test_health_and_readiness(client, catalog):
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready"
     assert ready["products"] == len(rows)
-    assert ready["model"] and ready["tuned"] is None  # the base model
+    assert ready["model"] and ready["tuned"] is None and ready["tuned_on"] is None  # base
 
 
 def test_readiness_while_the_engine_opens_in_the_background(writable_home, tmp_path):

@@ -346,7 +346,8 @@ def test_field_model_from_the_cache_equals_the_model_from_the_files(fashion, tmp
         fresh = enc.embed(np.stack([enc.prepare(load_image(r.source)) for r in rows]))
         assert query_pipeline(home, enc).frame  # a tuned model's queries are framed
         with TestClient(create_app(engine, api_key="")) as client:  # what the page shows
-            assert client.get("/readyz").json()["tuned"] == report.version
+            ready = client.get("/readyz").json()
+            assert ready["tuned"] == report.version and ready["tuned_on"] == "category"
     assert np.allclose(cached, fresh, atol=2e-3), float(np.abs(cached - fresh).max())
 
 

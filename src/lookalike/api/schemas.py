@@ -102,6 +102,7 @@ class Readiness(BaseModel):
     images: int | None = None
     model: str | None = None
     tuned: str | None = None  # the active tuned version (`lookalike tune`), if any
+    tuned_on: str | None = None  # what it learned from, e.g. "category"
     detail: str | None = None
 
 

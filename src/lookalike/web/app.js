@@ -64,7 +64,7 @@ async function loadStatus(attempt = 0) {
     const body = await response.json();
     if (response.ok) {
       const products = Number(body.products || 0).toLocaleString();
-      const tuned = body.tuned ? `, tuned ${body.tuned}` : "";
+      const tuned = body.tuned ? `, tuned on ${body.tuned_on || body.tuned}` : "";
       els.status.textContent = `${products} products · ${body.model || "model ready"}${tuned}`;
       await loadCategories();
       return;

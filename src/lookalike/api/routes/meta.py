@@ -24,6 +24,21 @@ PAGE_HEADERS = {
 
 router = APIRouter()
 
+SOURCE_WORDS = {"labels": "labelled photos", "photos": "unlabelled photos"}
+
+
+def tuned_on(encoder: Any) -> str | None:
+    """What the active tuned model learned from, in words ("category", "unlabelled
+    photos + category"), from its model.json's sources."""
+    sources = (getattr(encoder, "info", None) or {}).get("sources") or {}
+    words = []
+    for used in sources.get("used") or []:
+        if used == "field":
+            words.append(str((sources.get("field") or {}).get("name", "a catalog field")))
+        else:
+            words.append(SOURCE_WORDS.get(used, str(used)))
+    return " + ".join(words) or None
+
 
 @router.get("/healthz", response_model=Health, tags=["health"])
 async def healthz() -> Health:
@@ -47,6 +62,7 @@ def readyz(request: Request) -> Any:
         images=info.get("images"),
         model=info.get("model"),
         tuned=info.get("tuned"),
+        tuned_on=tuned_on(holder.engine.encoder) if info.get("tuned") else None,
     )
 
 
