@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lookalike.engine import Engine  # noqa: E402
-from lookalike.evaluate import leave_one_out_precision  # noqa: E402
+from lookalike.evaluate import run_leave_one_out  # noqa: E402
 from lookalike.tuning import TuneSettings, train_tuned_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -124,17 +124,8 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
 
 def _precision(engine: Engine, ids: set[str] | None) -> dict[str, float]:
     """Leave-one-out precision@10 of category and colour among products `ids` (None: all)."""
-    rows = [r for b in engine.catalog.iter_images() for r in b
-            if ids is None or r.product_id in ids]  # fmt: skip
-    vectors = engine.catalog.vectors([r.image_id for r in rows])
-    prods = engine.catalog.products(sorted({r.product_id for r in rows}))
-    pids = [r.product_id for r in rows]
-    out = {}
-    for name in ("category", "colour"):
-        values = [prods[p].category if name == "category" else prods[p].attributes.get(name)
-                  for p in pids]  # fmt: skip
-        out[name] = round(leave_one_out_precision(vectors, pids, values, 10)["precision"], 4)
-    return out
+    return {name: round(run_leave_one_out(engine, name, 10, among=ids)["precision"], 4)
+            for name in ("category", "colour")}  # fmt: skip
 
 
 def _stiletto(engine: Engine) -> dict:

@@ -322,6 +322,9 @@ def test_leave_one_out_on_the_tiny_catalog(tiny_engine):
     # DISC (round): no other round product -> 0 of 2. STRIPES/CHECKER (lined): each
     # has one other lined product among the 2 others -> 1/2 each.
     assert report["precision"] == pytest.approx((0 + 0.5 + 0.5) / 3)
+    # among the two lined products only: each finds the other first -> 1/1 at k=1
+    lined = run_leave_one_out(engine, "category", k=1, among={"STRIPES", "CHECKER"})
+    assert lined["queries"] == 2 and lined["images"] == 2 and lined["precision"] == 1.0
     with pytest.raises(UsageError, match="no product has a field"):
         run_leave_one_out(engine, "no-such-field", k=2)
 

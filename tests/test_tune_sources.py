@@ -24,7 +24,7 @@ from test_tune import _rows, _write_csv  # the same CSV helpers as the labelled 
 from lookalike.api import create_app
 from lookalike.cli import main as cli_main
 from lookalike.engine import Engine
-from lookalike.evaluate import leave_one_out_precision
+from lookalike.evaluate import run_leave_one_out
 from lookalike.images import load_image
 from lookalike.models import active_version, base_of, describe_active, tuned_root
 from lookalike.query import query_pipeline
@@ -301,17 +301,8 @@ def fashion(tmp_path_factory) -> dict:
 
 def _held_precision(engine: Engine, held_ids: set[str]) -> dict[str, float]:
     """Leave-one-out precision@10 among the held-out products only."""
-    rows = [r for batch in engine.catalog.iter_images() for r in batch
-            if r.product_id in held_ids]  # fmt: skip
-    vectors = engine.catalog.vectors([r.image_id for r in rows])
-    prods = engine.catalog.products(sorted({r.product_id for r in rows}))
-    pids = [r.product_id for r in rows]
-    out = {}
-    for name in ("category", "colour"):
-        values = [prods[p].category if name == "category" else prods[p].attributes.get(name)
-                  for p in pids]  # fmt: skip
-        out[name] = leave_one_out_precision(vectors, pids, values, 10)["precision"]
-    return out
+    return {name: run_leave_one_out(engine, name, 10, among=held_ids)["precision"]
+            for name in ("category", "colour")}  # fmt: skip
 
 
 def test_field_learns_categories_of_unseen_products_and_keeps_colour(fashion, tmp_path_factory):

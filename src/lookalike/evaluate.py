@@ -366,12 +366,15 @@ def _scatter_max(best: np.ndarray, sims: np.ndarray, img_prod: np.ndarray) -> No
     best[:, groups[starts]] = np.maximum(best[:, groups[starts]], reduced)
 
 
-def run_leave_one_out(engine: Any, field: str, k: int = 10) -> dict[str, Any]:
+def run_leave_one_out(
+    engine: Any, field: str, k: int = 10, among: set[str] | None = None
+) -> dict[str, Any]:
     """Leave-one-out precision@k over the engine's catalog using its stored vectors.
-    `field` is category, title, price, in_stock or an attribute name."""
+    `field` is category, title, price, in_stock or an attribute name; with `among`, only
+    those products' images query, and are searched, (e.g. products a model never saw)."""
     _check_k(k)
     t0 = time.perf_counter()
-    image_ids, product_ids, vectors = _catalog_vectors(engine)
+    image_ids, product_ids, vectors = _catalog_vectors(engine, among)
     products = _catalog_products(engine, sorted(set(product_ids)))
     values = []
     column = field in ("category", "title", "price", "in_stock")
@@ -413,8 +416,11 @@ def _catalog_product_ids(engine: Any) -> set[str]:
     return ids
 
 
-def _catalog_vectors(engine: Any) -> tuple[list[int], list[str], np.ndarray]:
-    """Every catalog image that holds a vector of the catalog's current model."""
+def _catalog_vectors(
+    engine: Any, among: set[str] | None = None
+) -> tuple[list[int], list[str], np.ndarray]:
+    """Every catalog image (of the products `among`, None: all) that holds a vector of
+    the catalog's current model."""
     catalog = engine.catalog
     stamp = catalog.get_meta("stamp")
     embedded = set(catalog.embedded_ids(stamp).tolist()) if stamp else set()
@@ -422,7 +428,7 @@ def _catalog_vectors(engine: Any) -> tuple[list[int], list[str], np.ndarray]:
     product_ids: list[str] = []
     for batch in catalog.iter_images():
         for row in batch:
-            if row.image_id in embedded:
+            if row.image_id in embedded and (among is None or row.product_id in among):
                 image_ids.append(row.image_id)
                 product_ids.append(row.product_id)
     if not image_ids:
