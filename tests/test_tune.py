@@ -37,6 +37,19 @@ def _rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+def grocery_products(root: Path, n: int) -> tuple[list[dict[str, str]], dict[str, list[str]]]:
+    """`n` catalog rows of grocery spread over its catalog, and each one's train.csv photo
+    paths (absolute, in file order)."""
+    catalog = _rows(root / "catalog.csv")
+    step = len(catalog) / n
+    chosen = [catalog[int(i * step)] for i in range(n)]
+    photos: dict[str, list[str]] = {row["product_id"]: [] for row in chosen}
+    for row in _rows(root / "train.csv"):
+        if row["product_id"] in photos:
+            photos[row["product_id"]].append(str(root / row["image"]))
+    return chosen, photos
+
+
 def _write_csv(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
@@ -52,14 +65,7 @@ def grocery_split(tmp_path_factory) -> dict[str, Path]:
     every image path absolute."""
     root = require_data("grocery")
     out = tmp_path_factory.mktemp("grocery-split")
-    catalog = _rows(root / "catalog.csv")
-    step = len(catalog) / N_PRODUCTS
-    chosen = [catalog[int(i * step)] for i in range(N_PRODUCTS)]
-    ids = {row["product_id"] for row in chosen}
-    photos: dict[str, list[str]] = {pid: [] for pid in ids}
-    for row in _rows(root / "train.csv"):
-        if row["product_id"] in photos:
-            photos[row["product_id"]].append(str(root / row["image"]))
+    chosen, photos = grocery_products(root, N_PRODUCTS)
     rng = np.random.default_rng(7)
     train, held = [], []
     for pid in sorted(photos):

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from conftest import require_data
 from fastapi.testclient import TestClient
-from test_tune import _rows, _write_csv  # the same CSV helpers as the labelled tune
+from test_tune import _rows, _write_csv, grocery_products  # the labelled tune's helpers
 
 from lookalike.api import create_app
 from lookalike.cli import main as cli_main
@@ -45,14 +45,7 @@ def grocery(tmp_path_factory) -> dict[str, Path]:
     bursts), a few labelled photos, all paths absolute."""
     root = require_data("grocery")
     out = tmp_path_factory.mktemp("grocery-sources")
-    catalog = _rows(root / "catalog.csv")
-    step = len(catalog) / N_PRODUCTS
-    chosen = [catalog[int(i * step)] for i in range(N_PRODUCTS)]
-    ids = {r["product_id"] for r in chosen}
-    by_product: dict[str, list[str]] = {pid: [] for pid in ids}
-    for row in _rows(root / "train.csv"):
-        if row["product_id"] in by_product:
-            by_product[row["product_id"]].append(str(root / row["image"]))
+    chosen, by_product = grocery_products(root, N_PRODUCTS)
     photos, held, labelled = [], [], []
     for pid in sorted(by_product):
         files = by_product[pid]
