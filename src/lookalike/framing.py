@@ -37,11 +37,10 @@ def letterbox_product(img: Image.Image) -> Image.Image | None:
     small.thumbnail((PROBE, PROBE))
     a = np.asarray(small.convert("RGB"), dtype=np.int16)
     sh, sw = a.shape[:2]
-    border = np.concatenate([a[0], a[-1], a[1:-1, 0], a[1:-1, -1]])
-    colour = np.median(border, axis=0)
-    if float((_far(border, colour) == 0).mean()) < PLAIN_SHARE:
+    border, colour = border_colour(a)
+    if float((~away_from(border, colour)).mean()) < PLAIN_SHARE:
         return None
-    product = _far(a, colour) > 0
+    product = away_from(a, colour)
     side = min(sh, sw)
     inside = np.zeros_like(product)
     top, left = (sh - side) // 2, (sw - side) // 2
@@ -54,9 +53,18 @@ def letterbox_product(img: Image.Image) -> Image.Image | None:
     return out
 
 
-def _far(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:
-    """1 where a pixel is farther than TOLERANCE from `colour` in some channel (per channel
-    rather than a max over the last axis, which numpy reduces slowly)."""
+def border_colour(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(..., h, w, 3) images -> (their border pixels (..., 2h + 2w - 4, 3), the border's
+    median colour (..., 3)): the background of a studio shot."""
+    p = pixels
+    border = np.concatenate([p[..., 0, :, :], p[..., -1, :, :], p[..., 1:-1, 0, :],
+                             p[..., 1:-1, -1, :]], axis=-2)  # fmt: skip
+    return border, np.median(border, axis=-2)
+
+
+def away_from(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:
+    """True where a pixel is farther than TOLERANCE from `colour` (broadcast against
+    `pixels`) in some channel: a product pixel on that background. Per channel rather
+    than a max over the last axis, which numpy reduces slowly (a query's cost)."""
     d = np.abs(pixels - colour.astype(np.float32))
-    far = (d[..., 0] > TOLERANCE) | (d[..., 1] > TOLERANCE) | (d[..., 2] > TOLERANCE)
-    return far.view(np.uint8)
+    return (d[..., 0] > TOLERANCE) | (d[..., 1] > TOLERANCE) | (d[..., 2] > TOLERANCE)

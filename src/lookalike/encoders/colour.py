@@ -5,7 +5,8 @@ The descriptor is a histogram of the product's pixels over a coarse RGB grid (4 
 channel, 64 bins), square-rooted so that one strong colour does not swamp the rest
 (Hellinger form; cosine of two such vectors is their Bhattacharyya coefficient). The
 product's pixels are those that differ from the image's border colour (the median of
-the border, a studio background) by more than THRESHOLD in some channel; an image with
+the border, a studio background) by more than lookalike.framing.TOLERANCE in some
+channel (the test framing uses too); an image with
 almost none (a photo with no plain background) uses all of its pixels. Computed from the
 encoder's prepared uint8 batch, so catalog images and queries get it the same way; about
 0.1 ms an image (every STEP-th pixel of a 260 px square).
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..framing import away_from, border_colour
+
 LEVELS = 4  # per channel: 64 bins
 STEP = 4  # every STEP-th pixel in each direction
-THRESHOLD = 30  # a channel this far from the border colour marks a product pixel
 MIN_PIXELS = 20  # fewer product pixels than this: use the whole image
 DIM = LEVELS**3
 
@@ -28,11 +30,8 @@ def colour_descriptor(batch: np.ndarray) -> np.ndarray:
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected (N, S, S, 3) pixels, got {x.shape}")
     x = x[:, ::STEP, ::STEP].astype(np.int16)
-    border = np.concatenate([x[:, 0], x[:, -1], x[:, 1:-1, 0], x[:, 1:-1, -1]], axis=1)
-    background = np.median(border, axis=1)  # (N, 3)
-    d = np.abs(x - background.astype(np.float32)[:, None, None, :])
-    # per channel, not .max(axis=-1): numpy reduces a last axis of 3 slowly (a query's cost)
-    product = (d[..., 0] > THRESHOLD) | (d[..., 1] > THRESHOLD) | (d[..., 2] > THRESHOLD)
+    _, background = border_colour(x)  # (N, 3)
+    product = away_from(x, background[:, None, None, :])
     q = x >> (8 - LEVELS.bit_length() + 1)  # 0..LEVELS-1 per channel
     codes = (q[..., 0] * LEVELS + q[..., 1]) * LEVELS + q[..., 2]
     out = np.zeros((len(x), DIM), dtype=np.float32)
