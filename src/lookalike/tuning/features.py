@@ -248,6 +248,7 @@ def compute_features(
     keys: list[str] = []
     embs: list[np.ndarray] = []
     colours: list[np.ndarray] = []
+    with_colour = cache.kind == "cells"  # the head method's cache: `--field` heads read it
     spatials: list[np.ndarray | None] = []
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for start in range(0, len(todo), batch_size):
@@ -258,13 +259,15 @@ def compute_features(
                 emb, spatial = featurize(batch)
                 keys += [img.key for img, _ in good]
                 embs.append(emb)
-                colours.append(colour_descriptor(batch))
+                if with_colour:
+                    colours.append(colour_descriptor(batch))
                 spatials.append(None if spatial is None else spatial.astype(np.float16))
             bar.update(len(chunk))
     bar.close()
     if keys:  # one concatenation, not one per batch
         spatial_all = None if any(x is None for x in spatials) else np.concatenate(spatials)
-        cache.add(keys, np.concatenate(embs), spatial_all, np.concatenate(colours))
+        cache.add(keys, np.concatenate(embs), spatial_all,
+                  np.concatenate(colours) if with_colour else None)  # fmt: skip
         cache.save()
     return errors
 
