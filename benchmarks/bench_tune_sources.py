@@ -22,6 +22,14 @@ and searched with the red stiletto (footwear300/search_image_01.jpg): how many o
 10 are Heels and how many Red. Latency of the base and the tuned fashion homes is timed
 interleaved on the stiletto and footwear300's product shots (not catalog images, which would
 take the content-hash shortcut).
+
+The field part also measures what the catalog's labels allow (`label_ceiling`): each
+product's kind as its own title names it (the last of "heels", "flats", "sandals", ...;
+`title_kind`), how the category column agrees with it, and the category precision@10 on
+the held-out products of a search that knew every product's kind (or brand and kind)
+exactly and ranked the products of the query's group first, in random order. The kind is
+also an attribute in the homes (`kind`), so base and tuned precision are reported
+against it too.
 """
 
 from __future__ import annotations
@@ -123,9 +131,80 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
 
 
 def _precision(engine: Engine, ids: set[str] | None) -> dict[str, float]:
-    """Leave-one-out precision@10 of category and colour among products `ids` (None: all)."""
+    """Leave-one-out precision@10 of category, colour and the title's kind among products
+    `ids` (None: all)."""
     return {name: round(run_leave_one_out(engine, name, 10, among=ids)["precision"], 4)
-            for name in ("category", "colour")}  # fmt: skip
+            for name in ("category", "colour", "kind")}  # fmt: skip
+
+
+KINDS = (
+    "flip flops",
+    "sports shoes",
+    "casual shoes",
+    "flats",
+    "heels",
+    "sandals",
+    "wedges",
+    "pumps",
+    "ballerinas",
+    "slippers",
+    "boots",
+    "sneakers",
+    "loafers",
+    "moccasins",
+    "shoes",
+)
+_KIND_RE = re.compile("|".join(KINDS))
+
+
+def title_kind(title: str) -> str:
+    """The kind of shoe a product's title names (the last kind word in it), or "other"."""
+    found = _KIND_RE.findall(title.lower())
+    return found[-1] if found else "other"
+
+
+def label_ceiling(rows: list[dict[str, str]], held: set[str], k: int = 10) -> dict:
+    """How far the category column follows what the products are (their titles' kind),
+    and the expected leave-one-out category precision@k over the `held` products of a
+    search that knew each product's kind (or its brand and kind) exactly: the products
+    sharing the query's brand and kind first, then its kind, then the others, each tier
+    in random order."""
+    table: dict[str, dict[str, int]] = {}
+    for r in rows:
+        row = table.setdefault(title_kind(r["title"]), {})
+        row[r["category"]] = row.get(r["category"], 0) + 1
+    out: dict = {"kind_by_category": table}
+    held_rows = [r for r in rows if r["product_id"] in held]
+    tiers = {
+        "kind": [lambda r: title_kind(r["title"])],
+        "brand_and_kind": [
+            lambda r: (r["title"].split()[0], title_kind(r["title"])),
+            lambda r: title_kind(r["title"]),
+        ],
+    }
+    for name, keys in tiers.items():
+        total = 0.0
+        for q in held_rows:
+            others = [r for r in held_rows if r is not q]
+            taken, hits = 0, 0.0
+            for key in [*keys, lambda r: None]:  # the last tier: every product left
+                tier = [r for r in others if key(r) == key(q)]
+                others = [r for r in others if key(r) != key(q)]
+                if not tier:
+                    continue
+                share = sum(r["category"] == q["category"] for r in tier) / len(tier)
+                n = min(k - taken, len(tier))
+                hits += n * share
+                taken += n
+                if taken == k:
+                    break
+            total += hits / k
+        out[f"oracle_{name}"] = round(total / len(held_rows), 4)
+    return out
+
+
+def _with_kind(rows: list[dict[str, str]]) -> list[dict[str, str]]:
+    return [{**r, "kind": title_kind(r["title"])} for r in rows]
 
 
 def _stiletto(engine: Engine) -> dict:
@@ -147,6 +226,7 @@ def _shop_shots(n: int) -> list[str]:
 
 def bench_field(work: Path, args: argparse.Namespace) -> dict:
     rows = [{**r, "image": str(FASHION / r["image"])} for r in _rows(FASHION / "catalog.csv")]
+    rows = _with_kind(rows)
     fields = list(rows[0])
     held = {
         r["product_id"]
@@ -155,11 +235,12 @@ def bench_field(work: Path, args: argparse.Namespace) -> dict:
     }
     learn_csv = _write(work / "learn.csv", fields, [r for r in rows if r["product_id"] not in held])
     held_csv = _write(work / "held.csv", fields, [r for r in rows if r["product_id"] in held])
+    all_csv = _write(work / "catalog.csv", fields, rows)
     settings = TuneSettings(method="head" if args.method == "auto" else args.method, seed=0)
     out: dict = {"learn_products": len(rows) - len(held), "held_products": len(held),
-                 "method": settings.method}  # fmt: skip
+                 "method": settings.method, "labels": label_ceiling(rows, held)}  # fmt: skip
     with Engine(work / "fashion-base") as base:
-        base.index([], metadata=FASHION / "catalog.csv", progress=False)
+        base.index([], metadata=all_csv, progress=False)
         out["base_held"] = _precision(base, held)
         out["base_full_catalog"] = _precision(base, None)
         out["base_stiletto"] = _stiletto(base)
@@ -176,7 +257,7 @@ def bench_field(work: Path, args: argparse.Namespace) -> dict:
         shutil.copytree(work / "fashion-split" / "models" / "features",
                         full_home / "models" / "features", dirs_exist_ok=True)  # fmt: skip
         with Engine(full_home) as full:
-            full.index([], metadata=FASHION / "catalog.csv", progress=False)
+            full.index([], metadata=all_csv, progress=False)
             t0 = time.perf_counter()
             full_report = train_tuned_model(full, field="category", progress=True,
                                             settings=settings, log=print)  # fmt: skip
@@ -277,8 +358,13 @@ def _print(f: dict) -> None:
         for key in ("base_held", "tuned_held", "base_full_catalog", "tuned_full_catalog"):
             print(
                 f"  {key:20} category P@10 {d[key]['category']:.3f}"
-                f"  colour P@10 {d[key]['colour']:.3f}"
+                f"  colour P@10 {d[key]['colour']:.3f}  kind P@10 {d[key]['kind']:.3f}"
             )
+        lab = d["labels"]
+        print(
+            f"  the labels allow: category P@10 {lab['oracle_kind']:.3f} knowing"
+            f" each kind, {lab['oracle_brand_and_kind']:.3f} knowing brand and kind"
+        )
         for key in ("base_stiletto", "tuned_stiletto"):
             print(f"  {key:20} heels {d[key]['heels']}/10, red {d[key]['red']}/10")
         lat = d["latency"]
