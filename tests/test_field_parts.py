@@ -99,3 +99,26 @@ def test_letterbox_on_real_images():
     assert letterbox_product(stiletto) is not None
     photos = sorted((grocery / "dataset" / "train").rglob("*.jpg"))[::130]
     assert photos and all(letterbox_product(Image.open(p).convert("RGB")) is None for p in photos)
+
+
+def test_a_crop_view_sees_a_square_product_shot_whole(shared_model_cache):
+    """A view that keeps the central 60 % (a `tune --photos` model's) would cut a square
+    product shot on a plain background (a grocery catalog image): it is framed, and seen
+    whole; a square shop photo is still cropped."""
+    from lookalike.encoders import load_encoder
+    from lookalike.query import QualitySettings, QueryPipeline, centre_square
+
+    grocery = require_data("grocery")
+    iconic = grocery / "dataset" / "iconic-images-and-descriptions" / "Fruit" / "Apple"
+    shot = Image.open(iconic / "Golden-Delicious" / "Golden-Delicious_Iconic.jpg").convert("RGB")
+    photo = Image.open(sorted((grocery / "dataset" / "train").rglob("*.jpg"))[0]).convert("RGB")
+    assert shot.width == shot.height and photo.width == photo.height
+    assert letterbox_product(shot) is None  # the full square cuts nothing
+    assert letterbox_product(shot, keep=0.6) is shot
+    assert letterbox_product(photo, keep=0.6) is None
+    base = load_encoder("efficientnet-lite2", shared_model_cache)
+    pipe = QueryPipeline(base, QualitySettings(query_views=("centre60",), frame_products=True))
+    assert pipe.keep == 0.6
+    got = pipe.embed_queries([shot, photo])
+    want = base.embed(np.stack([base.prepare(shot), base.prepare(centre_square(photo, 0.6))]))
+    np.testing.assert_allclose(got, want, atol=1e-6)

@@ -27,11 +27,13 @@ PROBE = 128  # the long side of the copy the test runs on
 MIN_OUTSIDE = 0.005  # share of the image's pixels that must lie outside the square
 
 
-def letterbox_product(img: Image.Image) -> Image.Image | None:
+def letterbox_product(img: Image.Image, keep: float = 1.0) -> Image.Image | None:
     """`img` (RGB) padded to a square with its background colour when it is a product
-    on a plain background that the central square would cut; None otherwise."""
+    on a plain background that the central square would cut; None otherwise. `keep`: the
+    side of that square as a share of the shorter side (the query view's crop: 0.6 for
+    `centre60`); a square image it would cut is returned as it is, to be seen whole."""
     w, h = img.size
-    if w == h or min(w, h) < 8:
+    if (w == h and keep >= 1.0) or min(w, h) < 8:
         return None
     small = img.copy()
     small.thumbnail((PROBE, PROBE))
@@ -41,12 +43,14 @@ def letterbox_product(img: Image.Image) -> Image.Image | None:
     if float((~away_from(border, colour)).mean()) < PLAIN_SHARE:
         return None
     product = away_from(a, colour)
-    side = min(sh, sw)
+    side = max(1, round(min(sh, sw) * keep))
     inside = np.zeros_like(product)
     top, left = (sh - side) // 2, (sw - side) // 2
     inside[top : top + side, left : left + side] = True
     if float((product & ~inside).sum()) < MIN_OUTSIDE * product.size:
         return None
+    if w == h:
+        return img
     fill = tuple(int(round(c)) for c in colour)
     out = Image.new("RGB", (max(w, h), max(w, h)), fill)
     out.paste(img, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))

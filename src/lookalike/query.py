@@ -17,8 +17,9 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
 - product framing (`frame_products`, on by default for a tuned model): a product shot on a plain
   background that the encoder's centre crop would cut (a stiletto in a portrait frame)
   is padded to a square with its background colour first (lookalike.framing), and its
-  centre-crop views use the whole framed image; shopper photos and products that fit
-  the square are untouched.
+  centre-crop views use the whole framed image; the square is the smallest the views
+  keep, so a `centre60` model sees a square product shot whole too. Shopper photos and
+  products that fit the square are untouched.
 - query-domain centring (`centre`, on by default once calibrated): shop photos share a
   strong "shelf photo" component that studio catalog shots lack. `calibrate` averages
   the view vectors of unlabelled photos like the ones shoppers will send (no labels are
@@ -245,6 +246,9 @@ class QueryPipeline:
         self.views: tuple[str, ...] = self.settings.query_views or default_views(base)
         frame = self.settings.frame_products
         self.frame: bool = is_tuned(base) if frame is None else frame
+        # the smallest share of the image a view keeps: a product shot it would cut is framed
+        self.keep = min((int(v[6:]) / 100 for v in self.views if v.startswith("centre")),
+                        default=1.0)  # fmt: skip
         self.stamp = base.stamp  # the vector space a centre must have been calibrated in
         self.input_size = base.input_size
         self.draft_size = base.draft_size
@@ -294,7 +298,7 @@ class QueryPipeline:
 
     def _views(self, img: Image.Image) -> list[Image.Image]:
         rgb = img if img.mode == "RGB" else img.convert("RGB")
-        framed = letterbox_product(rgb) if self.frame else None
+        framed = letterbox_product(rgb, self.keep) if self.frame else None
         if framed is None:
             return [QUERY_VIEWS[v](rgb) for v in self.views]
         # the whole product is the point: no centre crop of a framed product shot
