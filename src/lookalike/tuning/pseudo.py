@@ -48,6 +48,7 @@ TEMPERATURE = 0.05  # softmax temperature of the cosine scores
 PROPAGATION_STEPS = 20
 SINKHORN_STEPS = 20
 LABEL_CROPS = (0.8, 0.6)  # central squares embedded beside the full image for labelling
+SHOPPER_WEIGHT = 0.5  # the catalog images' synthetic shopper views in their label view
 SHARPEN = 3.0  # the head's soft targets: assignment shares raised to this power
 PHOTOS_QUERY_VIEWS = ("centre60",)
 """The query view recorded in model.json (`query_views`) of a head trained with the
@@ -83,6 +84,16 @@ def label_views(views: list[np.ndarray]) -> np.ndarray:
     """The embedding photos are labelled with: the normalised sum of the L2-normalised
     embeddings of the full image and its central crops (LABEL_CROPS)."""
     return _l2n(np.sum([_l2n(np.asarray(v, dtype=np.float32)) for v in views], axis=0))
+
+
+def mix_shopper_views(catalog: np.ndarray, views: np.ndarray, have: np.ndarray,
+                      weight: float = SHOPPER_WEIGHT) -> np.ndarray:  # fmt: skip
+    """The catalog images' label views (N, D) with `weight` x the mean of each image's
+    L2-normalised synthetic shopper views (N, V, D; lookalike.tuning.shopper) added, and
+    normalised again (`have` (N, V): which views exist; an image with none is itself)."""
+    v = _l2n(views.reshape(-1, views.shape[-1])).reshape(views.shape) * have[..., None]
+    mean = v.sum(1) / np.maximum(have.sum(1, keepdims=True), 1)
+    return _l2n(np.asarray(catalog, dtype=np.float32) + weight * mean)
 
 
 def soft_targets(shares: np.ndarray, power: float = SHARPEN) -> np.ndarray:
