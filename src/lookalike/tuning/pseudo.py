@@ -7,7 +7,11 @@ most likely shows, and the run then trains exactly as if a person had labelled i
    embeddings of the full image and of its central squares (LABEL_CROPS, label_views:
    the product usually fills the middle of a shop photo), centred on their own means
    (shop photos share shelves, hands and light that studio shots lack), and each photo
-   scores each product by cosine with the product's best catalog image.
+   scores each product by cosine with the product's best catalog image. A catalog
+   image's vector there also holds SHOPPER_WEIGHT x the mean of its synthetic shopper
+   views (lookalike.tuning.shopper, mix_shopper_views): the studio shot pasted on the
+   run's own photos, so it looks a little more like them (label accuracy +2 points on
+   both of grocery's burst splits).
 2. **Propagation over the photos.** Shop photos come in bursts of near-identical shots
    of one product, so a photo's nearest photos almost always show the same product
    (96 % of first neighbours on grocery): the scores, turned into soft assignments, are
