@@ -2,7 +2,7 @@
 catalog metadata (`--field category`) on fashion-footwear; the figures of docs/quality.md.
 
     .venv/bin/python benchmarks/bench_tune_sources.py
-        [--part all|photos|field] [--selection] [--method auto|finetune|head]
+        [--part all|photos|field] [--selection [--split-salt S]] [--method auto|finetune|head]
         [--queries 60] [--workdir DIR] [--json FILE]
 
 photos: a home indexed with the grocery catalog is tuned with `photos=[train.csv]` (only
@@ -11,7 +11,8 @@ base home; single-query latency of both is timed interleaved (base, tuned, base,
 With `--selection` the photos are instead split by burst (a burst is ten consecutive
 file numbers of one product; a quarter of the bursts, by a hash of the burst id, are
 held out): tuned on the other bursts' images, scored on the held-out bursts; val.csv is
-not read. That is the split the method was chosen on.
+not read. That is the split the method was chosen on; `--split-salt b2` hashes "b2" +
+the burst id instead: a second, fresh split to confirm a choice on.
 
 field: fashion-footwear's products are split product-disjointly (a fifth of them, by a
 hash of the id, held out). A home indexed with the other 80 % is tuned with
@@ -88,22 +89,24 @@ def recall(engine: Engine, rows: list[dict[str, str]]) -> dict[str, float]:
     return {"recall@1": round(hits1 / len(rows), 4), "recall@5": round(hits5 / len(rows), 4)}
 
 
-def burst_split(rows: list[dict[str, str]]) -> tuple[list[dict], list[dict]]:
+def burst_split(rows: list[dict[str, str]], salt: str = "") -> tuple[list[dict], list[dict]]:
     """(kept, held): bursts of ten consecutive file numbers of one product; a quarter of
-    them (by a hash of the burst id) held out."""
+    them (by a hash of `salt` + the burst id) held out."""
     kept, held = [], []
     for r in rows:
         n = int(re.search(r"_(\d+)\.\w+$", r["image"]).group(1))
         burst = f"{r['product_id']}/{(n - 1) // 10}"
-        (held if int(hashlib.md5(burst.encode()).hexdigest(), 16) % 4 == 0 else kept).append(r)
+        hashed = int(hashlib.md5((salt + burst).encode()).hexdigest(), 16)
+        (held if hashed % 4 == 0 else kept).append(r)
     return kept, held
 
 
 def bench_photos(work: Path, args: argparse.Namespace) -> dict:
     train = [{**r, "image": str(GROCERY / r["image"])} for r in _rows(GROCERY / "train.csv")]
     if args.selection:
-        photos, queries = burst_split(train)
-        scored_on = f"held-out bursts of train.csv ({len(queries)} photos)"
+        photos, queries = burst_split(train, args.split_salt)
+        salted = f", salt {args.split_salt!r}" if args.split_salt else ""
+        scored_on = f"held-out bursts of train.csv{salted} ({len(queries)} photos)"
     else:
         photos, queries = train, [{**r, "image": str(GROCERY / r["image"])}
                                   for r in _rows(GROCERY / "val.csv")]  # fmt: skip
@@ -299,6 +302,7 @@ def main() -> int:
         action="store_true",
         help="photos: the burst split of train.csv instead of val.csv",
     )
+    ap.add_argument("--split-salt", default="", help="--selection: salt of the burst hash")
     ap.add_argument(
         "--method",
         default="auto",

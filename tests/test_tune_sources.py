@@ -30,7 +30,15 @@ from lookalike.models import active_version, base_of, describe_active, tuned_roo
 from lookalike.query import query_pipeline
 from lookalike.tuning import TuneSettings, train_tuned_model, use_model
 from lookalike.tuning.head import fit_head
-from lookalike.tuning.pseudo import LABEL_CROPS, assign, label_views, self_train, soft_targets
+from lookalike.tuning.pseudo import (
+    LABEL_CROPS,
+    assign,
+    label_views,
+    mix_shopper_views,
+    self_train,
+    soft_targets,
+)
+from lookalike.tuning.settings import PHOTOS_KEEP_BASE
 
 N_PRODUCTS = 12
 PHOTOS_PER_PRODUCT = 16  # consecutive files: bursts, as a shop's photos come
@@ -108,7 +116,7 @@ def test_photos_alone_train_a_model_that_finds_held_out_bursts_better(photos_hom
     assert len(pseudo["rounds"]) == HEAD.pseudo_rounds + 1
     info = _model_json(photos_home["home"], report.version)
     assert info["sources"]["used"] == ["photos"] and info["labels"] is None
-    assert report.settings["keep_base"] == 1.0  # photos alone: the base embedding is kept
+    assert report.settings["keep_base"] == PHOTOS_KEEP_BASE == 1.25  # photos alone: kept
     # search uses it at once, and it finds photos of other bursts better than the base
     assert photos_home["tuned_r1"] > photos_home["base_r1"], photos_home
 
@@ -185,6 +193,50 @@ def test_photos_are_labelled_with_their_central_crops_too(grocery, photos_home):
                        atol=1e-3)  # fmt: skip
     labels, _ = assign(photos, cat, cat_y, n)
     assert float((labels == truth).mean()) > 0.85
+
+
+def test_catalog_images_are_labelled_with_synthetic_shopper_views(grocery, photos_home):
+    """The run made shopper.VIEWS synthetic shopper views of each catalog image, each on
+    one of the photos picked by content (not by name or order), and cached their
+    embeddings; labelling compared the photos with each catalog image's label view mixed
+    with them (the run's confidence is that of the mixed catalog, not of the plain one)."""
+    from lookalike.fsutil import sha256_of
+    from lookalike.tuning import FeatureCache
+    from lookalike.tuning.features import ImageRef, shopper_embeddings, shopper_images
+    from lookalike.tuning.shopper import VIEWS, shopper_view, view_seed
+
+    home = photos_home["home"]
+    with Engine(home) as engine:
+        base = base_of(engine.encoder)
+    refs = {name: [ImageRef(Path(r["image"]), sha256_of(Path(r["image"])))
+                   for r in _rows(grocery[name])] for name in ("catalog", "photos")}  # fmt: skip
+    views = shopper_images(refs["catalog"], refs["photos"])
+    assert len(views) == VIEWS * len(refs["catalog"]) == VIEWS * N_PRODUCTS
+    reordered = shopper_images(refs["catalog"], refs["photos"][::-1])
+    assert [v.key for v in reordered] == [v.key for v in views]
+    assert {v.background.sha256 for v in views} <= {p.sha256 for p in refs["photos"]}
+    assert len({v.background.sha256 for v in views}) > VIEWS  # not one shelf for all
+    emb, have = shopper_embeddings(FeatureCache.open(home, base, "crops"), views, N_PRODUCTS)
+    assert have.all() and emb.shape == (N_PRODUCTS, VIEWS, base.dim)
+    v = views[1]  # a cached view is the base encoder's embedding of shopper_view
+    draft = int(getattr(base, "draft_size", 2 * int(base.input_size)))
+    img = shopper_view(load_image(v.path, draft_size=draft),
+                       load_image(v.background.path, draft_size=draft),
+                       view_seed(v.sha256, v.shopper))  # fmt: skip
+    assert np.allclose(emb[0, 1], base.embed(base.prepare(img)[None])[0], atol=1e-4)
+
+    arrays, _, cat_y, n = _photo_arrays(grocery, home)
+    (photos, _), (cat, cat_full) = arrays["photos"], arrays["catalog"]
+    assert (np.einsum("nvd,nd->nv", emb, cat_full) < 0.95).all()  # not the studio shot
+    mixed = mix_shopper_views(cat, emb, have)
+    assert np.allclose(mix_shopper_views(cat, emb, np.zeros_like(have)), cat, atol=1e-6)
+    in_run_order = photos[np.argsort([p.sha256 for p in refs["photos"]], kind="stable")]
+
+    def confidence(catalog: np.ndarray) -> float:
+        return float(assign(in_run_order, catalog, cat_y, n)[1].mean())
+
+    reported = photos_home["report"].sources["photos"]["rounds"][0]["mean_confidence"]
+    assert abs(confidence(mixed) - reported) < 2e-4 < abs(confidence(cat) - reported)
 
 
 def test_head_learns_from_soft_targets(grocery, photos_home):

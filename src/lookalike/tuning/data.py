@@ -24,9 +24,11 @@ from .features import (
     crop_embeddings,
     featurizer,
     probe_maps,
+    shopper_embeddings,
+    shopper_images,
 )
 from .finetune import Trunk
-from .pseudo import LABEL_CROPS, PseudoLabels, label_views, self_train
+from .pseudo import LABEL_CROPS, PseudoLabels, label_views, mix_shopper_views, self_train
 from .settings import TuneSettings
 from .sources import Inputs
 
@@ -95,6 +97,13 @@ def cached_features(
         crops = FeatureCache.open(home, base, "crops")
         unreadable += compute_crops(base, crops, [*cat_images, *photo_images, *unl_images],
                                     LABEL_CROPS, progress)  # fmt: skip
+        # ... and the catalog images' synthetic shopper views, on the photos (a view that
+        # fails leaves its image to its own label view: not an unreadable input)
+        readable = [i for i in cat_images if i.sha256 in cache]
+        compute_features(base, crops, shopper_images(readable, [i for i in unl_images
+                                                                 if i.sha256 in cache]),
+                         featurize=featurizer(base, False), progress=progress,
+                         desc="shopper views")  # fmt: skip
     return Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images,
                      crops)  # fmt: skip
 
@@ -190,6 +199,9 @@ def gather_arrays(features: Features, inputs: Inputs, settings: TuneSettings) ->
             views = crop_embeddings(cache, features.crops, images, LABEL_CROPS)
             data.label_emb[name] = label_views(views)
             data.crop_emb[name] = views[1:]
+        shopper, have = shopper_embeddings(features.crops, shopper_images(kept_cat, unl),
+                                           len(kept_cat))  # fmt: skip
+        data.label_emb["cat"] = mix_shopper_views(data.label_emb["cat"], shopper, have)
     if features.val_images:
         data.val_x, data.val_y, data.val_emb = gather(
             features.val_images, [pid for _, pid in inputs.val_rows]

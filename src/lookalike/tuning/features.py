@@ -26,6 +26,8 @@ from ..fsutil import atomic_write
 from ..images import load_image
 from ..query import centre_square
 from .finetune import VIEW_RECIPE, random_view
+from .shopper import VIEWS as SHOPPER_VIEWS
+from .shopper import Background, pick_background, shopper_view, view_seed
 
 GRID = 3
 """Feature maps are pooled into GRID x GRID cells for the feature-level crops."""
@@ -191,10 +193,14 @@ class ImageRef:
     sha256: str
     view: int = 0  # > 0: a randomly augmented view of the image (finetune.random_view)
     crop: float = 0.0  # > 0: the central square of this fraction of the shorter side
+    shopper: int = 0  # > 0: a synthetic shopper view of the image on `background` (shopper)
+    background: Background | None = None
 
     @property
     def key(self) -> str:
         """The feature cache key: the file's sha256, plus the view for a view."""
+        if self.shopper and self.background is not None:
+            return f"{self.sha256}#shopper{self.shopper}.{self.background.sha256[:16]}"
         if self.crop:
             return f"{self.sha256}#centre{round(self.crop * 100)}"
         if not self.view:
@@ -237,6 +243,9 @@ def compute_features(
                 img = random_view(img, image.sha256, image.view)
             if image.crop:
                 img = centre_square(img, image.crop)
+            if image.shopper and image.background is not None:
+                bg = load_image(image.background.path, draft_size=draft)
+                img = shopper_view(img, bg, view_seed(image.sha256, image.shopper))
             return image, base.prepare(img)
         except LookalikeError as exc:
             errors.append(f"{image.path}: {exc}")
@@ -308,6 +317,31 @@ def compute_crops(base: Any, crops: FeatureCache, images: Sequence[ImageRef],
     views = [ImageRef(i.path, i.sha256, crop=c) for c in fractions for i in images]
     return compute_features(base, crops, views, featurize=featurizer(base, False),
                             progress=progress, desc="central crops")  # fmt: skip
+
+
+def shopper_images(catalog: Sequence[ImageRef], photos: Sequence[ImageRef],
+                   views: int = SHOPPER_VIEWS) -> list[ImageRef]:  # fmt: skip
+    """The synthetic shopper views (lookalike.tuning.shopper) of each `catalog` image,
+    each on a background picked from `photos` by content."""
+    unique = {p.sha256: Background(p.path, p.sha256) for p in reversed(photos)}
+    ordered = [unique[sha] for sha in sorted(unique)]
+    if not ordered:
+        return []
+    return [ImageRef(i.path, i.sha256, shopper=k, background=pick_background(i.sha256, k, ordered))
+            for i in catalog for k in range(1, views + 1)]  # fmt: skip
+
+
+def shopper_embeddings(crops: FeatureCache, views: Sequence[ImageRef],
+                       n_images: int) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(n_images, V, D) embeddings of `views` (shopper_images' order: V views of each
+    image in turn) and (n_images, V) whether each was computed (a view that failed is
+    left out)."""
+    per = len(views) // max(1, n_images)
+    have = np.array([v.key in crops for v in views], dtype=bool)
+    out = np.zeros((len(views), crops.dim), dtype=np.float32)
+    if have.any():
+        out[have] = crops.embeddings[crops.rows([v.key for v in views if v.key in crops])]
+    return out.reshape(n_images, per, crops.dim), have.reshape(n_images, per)
 
 
 def crop_embeddings(cache: FeatureCache, crops: FeatureCache, images: Sequence[ImageRef],

@@ -7,7 +7,11 @@ most likely shows, and the run then trains exactly as if a person had labelled i
    embeddings of the full image and of its central squares (LABEL_CROPS, label_views:
    the product usually fills the middle of a shop photo), centred on their own means
    (shop photos share shelves, hands and light that studio shots lack), and each photo
-   scores each product by cosine with the product's best catalog image.
+   scores each product by cosine with the product's best catalog image. A catalog
+   image's vector there also holds SHOPPER_WEIGHT x the mean of its synthetic shopper
+   views (lookalike.tuning.shopper, mix_shopper_views): the studio shot pasted on the
+   run's own photos, so it looks a little more like them (label accuracy +2 points on
+   both of grocery's burst splits).
 2. **Propagation over the photos.** Shop photos come in bursts of near-identical shots
    of one product, so a photo's nearest photos almost always show the same product
    (96 % of first neighbours on grocery): the scores, turned into soft assignments, are
@@ -48,6 +52,7 @@ TEMPERATURE = 0.05  # softmax temperature of the cosine scores
 PROPAGATION_STEPS = 20
 SINKHORN_STEPS = 20
 LABEL_CROPS = (0.8, 0.6)  # central squares embedded beside the full image for labelling
+SHOPPER_WEIGHT = 0.5  # the catalog images' synthetic shopper views in their label view
 SHARPEN = 3.0  # the head's soft targets: assignment shares raised to this power
 PHOTOS_QUERY_VIEWS = ("centre60",)
 """The query view recorded in model.json (`query_views`) of a head trained with the
@@ -83,6 +88,16 @@ def label_views(views: list[np.ndarray]) -> np.ndarray:
     """The embedding photos are labelled with: the normalised sum of the L2-normalised
     embeddings of the full image and its central crops (LABEL_CROPS)."""
     return _l2n(np.sum([_l2n(np.asarray(v, dtype=np.float32)) for v in views], axis=0))
+
+
+def mix_shopper_views(catalog: np.ndarray, views: np.ndarray, have: np.ndarray,
+                      weight: float = SHOPPER_WEIGHT) -> np.ndarray:  # fmt: skip
+    """The catalog images' label views (N, D) with `weight` x the mean of each image's
+    L2-normalised synthetic shopper views (N, V, D; lookalike.tuning.shopper) added, and
+    normalised again (`have` (N, V): which views exist; an image with none is itself)."""
+    v = _l2n(views.reshape(-1, views.shape[-1])).reshape(views.shape) * have[..., None]
+    mean = v.sum(1) / np.maximum(have.sum(1, keepdims=True), 1)
+    return _l2n(np.asarray(catalog, dtype=np.float32) + weight * mean)
 
 
 def soft_targets(shares: np.ndarray, power: float = SHARPEN) -> np.ndarray:

@@ -12,6 +12,8 @@ METHOD_DEFAULTS: dict[str, dict[str, int]] = {
     "finetune": {"epochs": 8, "batch_size": 96},
     "head": {"epochs": 12, "batch_size": 128},
 }
+PHOTOS_KEEP_BASE = 1.25
+"""`keep_base` of a `--photos` run without labelled photos or a field (docs/quality.md)."""
 
 
 @dataclass
@@ -38,7 +40,8 @@ class TuneSettings:
     catalog_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
     field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
-    # base embedding appended, scaled; None: 1.0 with --field or with --photos alone
+    # base embedding appended, scaled; None: 1.0 with --field, PHOTOS_KEEP_BASE with
+    # --photos alone
     keep_base: float | None = None
     class_weight: float = 1.0  # --field, head method: the field classifier's posterior
     colour_weight: float = 0.7  # --field, head method: the colour descriptor
@@ -68,5 +71,6 @@ class TuneSettings:
         if out.batch_size is None:
             out.batch_size = defaults["batch_size"]
         if out.keep_base is None:
-            out.keep_base = 1.0 if field or (photos and not labelled) else 0.0
+            out.keep_base = (1.0 if field else PHOTOS_KEEP_BASE if photos and not labelled
+                             else 0.0)  # fmt: skip
         return out
