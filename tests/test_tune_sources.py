@@ -239,6 +239,19 @@ def test_catalog_images_are_labelled_with_synthetic_shopper_views(grocery, photo
     assert abs(confidence(mixed) - reported) < 2e-4 < abs(confidence(cat) - reported)
 
 
+def test_a_large_catalog_gets_fewer_shopper_views_an_image():
+    """The views are bounded (shopper.BUDGET in all, at least one an image), so a large
+    catalog's tuning is not multiplied by them."""
+    from lookalike.tuning.features import ImageRef, shopper_images
+    from lookalike.tuning.shopper import BUDGET, VIEWS, views_per_image
+
+    assert views_per_image(81) == VIEWS and views_per_image(BUDGET // VIEWS) == VIEWS
+    assert views_per_image(BUDGET // 3) == 3 and views_per_image(10 * BUDGET) == 1
+    refs = [ImageRef(Path(f"{i}.jpg"), f"{i:064x}") for i in range(BUDGET // 2)]
+    views = shopper_images(refs, refs[:5])
+    assert len(views) == 2 * len(refs) <= BUDGET
+
+
 def test_head_learns_from_soft_targets(grocery, photos_home):
     """Soft targets keep each photo's most likely product, are sharper than the shares
     they come from, and one-hot targets train the same head as product indices."""

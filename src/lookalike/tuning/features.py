@@ -26,8 +26,7 @@ from ..fsutil import atomic_write
 from ..images import load_image
 from ..query import centre_square
 from .finetune import VIEW_RECIPE, random_view
-from .shopper import VIEWS as SHOPPER_VIEWS
-from .shopper import Background, pick_background, shopper_view, view_seed
+from .shopper import Background, pick_background, shopper_view, view_seed, views_per_image
 
 GRID = 3
 """Feature maps are pooled into GRID x GRID cells for the feature-level crops."""
@@ -320,9 +319,11 @@ def compute_crops(base: Any, crops: FeatureCache, images: Sequence[ImageRef],
 
 
 def shopper_images(catalog: Sequence[ImageRef], photos: Sequence[ImageRef],
-                   views: int = SHOPPER_VIEWS) -> list[ImageRef]:  # fmt: skip
-    """The synthetic shopper views (lookalike.tuning.shopper) of each `catalog` image,
-    each on a background picked from `photos` by content."""
+                   views: int | None = None) -> list[ImageRef]:  # fmt: skip
+    """The synthetic shopper views (lookalike.tuning.shopper) of each `catalog` image
+    (`views` each; None: shopper.views_per_image), each on a background picked from
+    `photos` by content."""
+    views = views_per_image(len(catalog)) if views is None else views
     unique = {p.sha256: Background(p.path, p.sha256) for p in reversed(photos)}
     ordered = [unique[sha] for sha in sorted(unique)]
     if not ordered:
