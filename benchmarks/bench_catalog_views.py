@@ -59,8 +59,8 @@ MEAN_SETS = (
     ("flip", "rot10", "rot-10"), ("flip", "rot20", "rot-20"), ("flip", "rot30", "rot-30"),
     ("flip", "rot10", "rot-10", "rot20", "rot-20"),
 )  # fmt: skip
-FASHION_SETS = ((), ("flip",), ("rot20", "rot-20"), ("flip", "rot20", "rot-20"),
-                ("flip", "rot30", "rot-30"))  # fmt: skip
+FASHION_SETS = ((), ("flip",), ("rot20",), ("rot-20",), ("rot20", "rot-20"),
+                ("flip", "rot20", "rot-20"), ("flip", "rot30", "rot-30"))  # fmt: skip
 
 
 def zoom_out(img: Image.Image, scale: float, background: str) -> Image.Image:
@@ -196,8 +196,10 @@ def main() -> int:
     print(f"{base.stamp}; {len(train)} train.csv photos in {len(ids)} bursts"
           f" ({int(held.sum())} held out) vs {len(cat_ids)} catalog images;"
           f" queries: {QUERY_VIEW}")  # fmt: skip
-    print("| catalog side | passes / image | R@1 (photos) | R@1 per burst (95 % CI) "
-          "| R@5 (photos) | R@5 per burst (95 % CI) | held-out quarter R@1 / R@5 |")
+    print(
+        "| catalog side | passes / image | R@1 (photos) | R@1 per burst (95 % CI) "
+        "| R@5 (photos) | R@5 per burst (95 % CI) | held-out quarter R@1 / R@5 |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['label']} | {r['catalog_passes']} | {r['r1']:.3f} | {r['r1_burst']:.3f} "
