@@ -14,6 +14,7 @@ shared machine.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import sys
@@ -68,10 +69,16 @@ def vgg_images_per_second(files: list[Path]) -> float:
     return len(files) / (time.perf_counter() - started)
 
 
-def lookalike_run(paths, metadata, models: Path) -> tuple[float, int, float]:
+def lookalike_run(
+    paths, metadata, models: Path, catalog_views: list[str] | None = None
+) -> tuple[float, int, float]:
     os.environ["LOOKALIKE_MODELS"] = str(models)
     with tempfile.TemporaryDirectory() as tmp:
-        engine = Engine(Path(tmp) / "home")
+        home = Path(tmp) / "home"
+        if catalog_views is not None:  # else the default (lookalike.models.views)
+            home.mkdir()
+            (home / "quality.json").write_text(json.dumps({"catalog_views": catalog_views}))
+        engine = Engine(home)
         _ = engine.encoder  # export/load outside the timing
         started = time.perf_counter()
         report = engine.index(paths, metadata=metadata, progress=False)
@@ -88,7 +95,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vgg-images", type=int, default=60)
     parser.add_argument("--models", default=str(Path.home() / ".cache/lookalike/models"))
+    parser.add_argument(
+        "--catalog-views",
+        help="comma-separated catalog views of each image ('' for the image alone);"
+        " default: the shipped default",
+    )
     args = parser.parse_args()
+    views = None if args.catalog_views is None else [v for v in args.catalog_views.split(",") if v]
     models = Path(args.models)
     footwear = DATA / "footwear300" / "data"
     fashion = DATA / "fashion-footwear" / "catalog.csv"
@@ -100,7 +113,7 @@ def main() -> None:
         ("footwear300", [footwear], None),
         ("fashion-footwear", [], fashion),
     ):
-        rate, count, rerun = lookalike_run(paths, metadata, models)
+        rate, count, rerun = lookalike_run(paths, metadata, models, views)
         rows.append((name, count, rate, rerun))
     vgg_files = sorted(footwear.glob("*.jpg"))[: args.vgg_images]
     vgg = vgg_images_per_second(vgg_files)

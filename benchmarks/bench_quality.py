@@ -38,6 +38,7 @@ STILETTO = DATA / "footwear300" / "search_image_01.jpg"
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
+from lookalike.models.views import DEFAULT_CATALOG_VIEWS, CatalogViewEncoder  # noqa: E402
 from lookalike.query import (  # noqa: E402
     QUERY_VIEWS,
     QualitySettings,
@@ -154,6 +155,10 @@ def main() -> None:
 
     for fill in (1.0, 0.7):
         catalog[fill] = embed_prepared(base, cat_images, framing(fill))
+    # what `lookalike index` stores for a base model: each image's views averaged
+    viewed = CatalogViewEncoder(base, DEFAULT_CATALOG_VIEWS)
+    cat_viewed = embed_prepared(viewed, cat_images, viewed.prepare)
+    cv_label = "+".join(DEFAULT_CATALOG_VIEWS)
     views: dict[str, np.ndarray] = {}
     for view in SINGLE_VIEWS:
         enc = QueryPipeline(base, QualitySettings(query_views=(view,)))
@@ -216,6 +221,13 @@ def main() -> None:
         assert np.allclose(fashion_gap[:16], base.embed(np.stack(
             [base.prepare(im) for im in fashion_images[:16]])), atol=1e-4)  # fmt: skip
         fashion[1.0] = fashion_p10(fashion_gap)
+        fashion_viewed = embed_prepared(viewed, fashion_images, viewed.prepare)
+        fashion_cv = fashion_p10(fashion_viewed)
+        colour_p10 = {
+            name: leave_one_out_precision(vectors, fashion_ids, [r["colour"] or None
+                                          for r in frows], 10)["precision"]
+            for name, vectors in (("image alone", fashion_gap), (cv_label, fashion_viewed))
+        }  # fmt: skip
         fashion[0.7] = fashion_p10(embed_prepared(base, fashion_images, framing(0.7)))
         # the red stiletto of `make run` against the stored fashion vectors, per view
         colours = [r["colour"] for r in frows]
@@ -227,6 +239,12 @@ def main() -> None:
                 sum(fashion_cats[i] == "Heels" for i in top),
                 sum(colours[i] == "Red" for i in top),
             )
+        pipe = QueryPipeline(base, QualitySettings(centre=False))
+        top = np.argsort(-(fashion_viewed @ pipe.embed_queries([stiletto_img])[0]))[:10]
+        stiletto[f"{pipe.views[0]}, catalog views {cv_label}"] = (
+            sum(fashion_cats[i] == "Heels" for i in top),
+            sum(colours[i] == "Red" for i in top),
+        )
 
     table: list[tuple[str, str, np.ndarray, float | None, int, float | None]] = []
 
@@ -256,13 +274,23 @@ def main() -> None:
         settings=QualitySettings(query_views=full),
     )
     for centred in (False, True):
+        add(
+            f"{default[0]} + query centring, catalog views {cv_label} (mean)"
+            if centred
+            else f"plain: {default[0]}, catalog views {cv_label} (mean, one vector per image)",
+            "**default, calibrated**" if centred else "**default**",
+            query_vectors(default, centred) @ cat_viewed.T,
+            fashion_p=fashion_cv if fashion_images is not None else None,
+        )
         for view in CENTRE_VIEWS:
             shipped = (view,) == default
             add(
                 f"central {view[6:]} % square + query centring (its own views)"
                 if centred
                 else f"plain: central {view[6:]} % square only",
-                ("**default, calibrated**" if centred else "**default**") if shipped else "option",
+                ("default before, calibrated" if centred else "default before")
+                if shipped
+                else "option",
                 query_vectors((view,), centred) @ cat.T,
                 settings=QualitySettings(query_views=(view,), centre=centred) if shipped else None,
             )
@@ -392,6 +420,10 @@ def main() -> None:
             f" | {'—' if fp is None else f'{fp:.3f}'} | {forwards}"
             f" | {'—' if ms is None else f'{ms:.0f}'} |"
         )
+    if fashion_images is not None:
+        print()
+        print("fashion-footwear leave-one-out colour precision@10, catalog views: "
+              + ", ".join(f"{k} {v:.3f}" for k, v in colour_p10.items()))  # fmt: skip
     if stiletto:
         print()
         print("Red stiletto (footwear300/search_image_01.jpg) vs fashion-footwear, top 10, plain:")

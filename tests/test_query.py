@@ -274,7 +274,7 @@ def test_a_query_with_a_catalog_images_bytes_gets_its_stored_vector(tmp_path):
         np.testing.assert_allclose(engine.embed_queries([other])[0], decoded, atol=1e-6)
         # in a batch, each query on its own; with a centre stored the shortcut still holds
         save_centre(home, QueryCentre(np.full(engine.encoder.dim, 0.01, np.float32),
-                                      engine.encoder.stamp, 5, ("centre70",)))  # fmt: skip
+                                      pipeline.stamp, 5, ("centre70",)))  # fmt: skip
         mixed = engine.embed_queries([other, query])
         np.testing.assert_array_equal(mixed[1], stored)
         assert not np.allclose(mixed[0], decoded, atol=1e-4)  # centred

@@ -39,8 +39,9 @@ from .images import load_image, probe_image
 from .ingest import IngestReport, ingest, reembed
 from .locks import HomeLock
 from .metadata import parse_bool, parse_price, product_from_fields
-from .models import active_encoder
+from .models import active_encoder, catalog_views_for, is_tuned, with_catalog_views
 from .payload import PayloadStore
+from .query import load_settings
 from .repair import sync_store
 from .search import Result, check_k, rank_products
 from .sharing import SharedHome
@@ -106,8 +107,15 @@ class Engine(SharedHome):
             if self._encoder is None:
                 from .encoders import load_encoder
 
-                encoder = load_encoder(self.model, self.models_dir)
-                self._encoder = active_encoder(self.home, encoder)
+                encoder = active_encoder(self.home, load_encoder(self.model, self.models_dir))
+                if not is_tuned(encoder):  # a base model embeds its catalog images' views
+                    views = catalog_views_for(
+                        load_settings(self.home).catalog_views,
+                        self.catalog.get_meta("stamp") if self.catalog.count_images() else None,
+                        encoder.stamp,
+                    )
+                    encoder = with_catalog_views(encoder, views)
+                self._encoder = encoder
             return self._encoder
 
     def _check_model_matches(self) -> None:

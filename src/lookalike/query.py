@@ -52,7 +52,8 @@ from .errors import ImageError, InputPathError, MetadataError, UsageError
 from .framing import letterbox_product
 from .fsutil import sha256_of
 from .images import DEFAULT_MAX_BYTES, load_image
-from .models import is_tuned
+from .models import is_tuned, query_encoder
+from .models.views import check_views
 
 log = logging.getLogger(__name__)
 
@@ -127,12 +128,23 @@ class QualitySettings:
     (lookalike.framing); such a photo's centre-crop views use the whole framed image.
     None: on for a tuned model (the red stiletto: 0 -> 10 heels with `tune --field`),
     off for a base model (the same query: 2 -> 0 heels, 7 -> 4 red); docs/quality.md."""
+    catalog_views: tuple[str, ...] | None = None
+    """Catalog side (lookalike.models.views): views each catalog image of a base model is
+    embedded as, averaged (`flip`, `rot20`, ...; [] for the image alone). None: what the
+    catalog was indexed with, else DEFAULT_CATALOG_VIEWS. A change needs `lookalike index`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.centre, bool):
             raise UsageError(f"centre must be true or false, not {self.centre!r}")
         if self.frame_products is not None and not isinstance(self.frame_products, bool):
             raise UsageError(f"frame_products must be true or false, not {self.frame_products!r}")
+        if self.catalog_views is not None:
+            if isinstance(self.catalog_views, str) or not isinstance(self.catalog_views, Sequence):
+                raise UsageError(f"catalog_views must be a list, not {self.catalog_views!r}")
+            try:
+                object.__setattr__(self, "catalog_views", check_views(self.catalog_views))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
         if self.query_views is None:
             return
         views = tuple(self.query_views)
@@ -241,6 +253,7 @@ class QueryPipeline:
         settings: QualitySettings | None = None,
         centre: QueryCentre | None = None,
     ) -> None:
+        base = query_encoder(base)  # catalog views are the catalog's, not the queries'
         self.base = base
         self.settings = settings or QualitySettings()
         self.views: tuple[str, ...] = self.settings.query_views or default_views(base)
@@ -357,7 +370,7 @@ def embed_sources(
         sha = content_sha256(query)
         vector = stored(sha) if sha is not None else None
         if vector is not None and vector.shape == (pipeline.dim,):
-            out[i] = _l2(vector)
+            out[i] = vector  # stored normalised by the encoder: as it is
         else:
             todo.append(i)
     if todo:

@@ -28,9 +28,23 @@ from .tuned import (
     is_tuned,
     open_tuned,
 )
+from .views import (
+    CATALOG_VIEWS,
+    DEFAULT_CATALOG_VIEWS,
+    CatalogViewEncoder,
+    catalog_views_for,
+    query_encoder,
+    with_catalog_views,
+)
 
 __all__ = [
     "ACTIVE_FILE",
+    "CATALOG_VIEWS",
+    "DEFAULT_CATALOG_VIEWS",
+    "CatalogViewEncoder",
+    "catalog_views_for",
+    "query_encoder",
+    "with_catalog_views",
     "HEAD_FORMAT",
     "TRUNK_INPUT",
     "TUNED_DIR",

@@ -265,5 +265,8 @@ def is_tuned(encoder: Any) -> bool:
 
 
 def base_of(encoder: Any) -> Any:
-    """The untuned encoder underneath `encoder` (itself when it is not tuned)."""
-    return encoder.base if is_tuned(encoder) else encoder
+    """The untuned encoder underneath `encoder` (itself when it is not tuned), without
+    catalog views (lookalike.models.views): what tuning trains on."""
+    from .views import query_encoder
+
+    return encoder.base if is_tuned(encoder) else query_encoder(encoder)

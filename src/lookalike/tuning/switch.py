@@ -46,6 +46,8 @@ def _reembed_from_caches(home: Path, base: Any, encoder: Any, catalog: Any, stor
     catalog and the vector store, without running the network; returns how many."""
     from_cache = 0
     finetuned = hasattr(encoder, "from_trunk_maps")
+    if not finetuned and not isinstance(encoder, TunedEncoder) and encoder is not base:
+        return 0  # the base with catalog views (lookalike.models.views): not in the caches
     # a fine-tuned model needs the trunk maps; the base model and a head need only
     # the base embedding, which both caches hold
     for kind in ("trunk",) if finetuned else ("trunk", "cells"):
