@@ -48,7 +48,7 @@ from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
 from lookalike.models.views import (  # noqa: E402
     CATALOG_VIEWS,
-    DEFAULT_CATALOG_VIEWS,
+    TURNED_VIEWS,
     CatalogViewEncoder,
 )
 
@@ -183,7 +183,7 @@ def main() -> int:
         sims = np.max([q @ single[v].T for v in ("orig", *extra)], axis=0)
         add("separate vectors, best of: image+" + "+".join(extra), sims, 1 + len(extra))
 
-    for views in ((), DEFAULT_CATALOG_VIEWS):
+    for views in ((), TURNED_VIEWS):
         cat = mean_vectors[views]
         for frac in (0.5, 1.0):
             mu = frac * cat.mean(axis=0)

@@ -38,7 +38,7 @@ STILETTO = DATA / "footwear300" / "search_image_01.jpg"
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
-from lookalike.models.views import DEFAULT_CATALOG_VIEWS, CatalogViewEncoder  # noqa: E402
+from lookalike.models.views import TURNED_VIEWS, CatalogViewEncoder  # noqa: E402
 from lookalike.query import (  # noqa: E402
     QUERY_VIEWS,
     QualitySettings,
@@ -155,10 +155,10 @@ def main() -> None:
 
     for fill in (1.0, 0.7):
         catalog[fill] = embed_prepared(base, cat_images, framing(fill))
-    # what `lookalike index` stores for a base model: each image's views averaged
-    viewed = CatalogViewEncoder(base, DEFAULT_CATALOG_VIEWS)
+    # what `lookalike index` stores with `catalog_views` set: each image's views averaged
+    viewed = CatalogViewEncoder(base, TURNED_VIEWS)
     cat_viewed = embed_prepared(viewed, cat_images, viewed.prepare)
-    cv_label = "+".join(DEFAULT_CATALOG_VIEWS)
+    cv_label = "+".join(TURNED_VIEWS)
     views: dict[str, np.ndarray] = {}
     for view in SINGLE_VIEWS:
         enc = QueryPipeline(base, QualitySettings(query_views=(view,)))
@@ -278,7 +278,7 @@ def main() -> None:
             f"{default[0]} + query centring, catalog views {cv_label} (mean)"
             if centred
             else f"plain: {default[0]}, catalog views {cv_label} (mean, one vector per image)",
-            "**default, calibrated**" if centred else "**default**",
+            "option, calibrated: catalog_views" if centred else "option: catalog_views",
             query_vectors(default, centred) @ cat_viewed.T,
             fashion_p=fashion_cv if fashion_images is not None else None,
         )
@@ -288,9 +288,7 @@ def main() -> None:
                 f"central {view[6:]} % square + query centring (its own views)"
                 if centred
                 else f"plain: central {view[6:]} % square only",
-                ("default before, calibrated" if centred else "default before")
-                if shipped
-                else "option",
+                ("**default, calibrated**" if centred else "**default**") if shipped else "option",
                 query_vectors((view,), centred) @ cat.T,
                 settings=QualitySettings(query_views=(view,), centre=centred) if shipped else None,
             )

@@ -18,6 +18,7 @@ from lookalike.models import base_of
 from lookalike.models.views import (
     CATALOG_VIEWS,
     DEFAULT_CATALOG_VIEWS,
+    TURNED_VIEWS,
     CatalogViewEncoder,
     catalog_views_for,
     query_encoder,
@@ -62,7 +63,7 @@ def test_views_and_which_a_home_uses():
     assert turned.getpixel((0, 0)) == (245, 245, 240)  # corners: the background colour
     assert CATALOG_VIEWS["flip"](img).getpixel((219, 100)) == img.getpixel((0, 100))
     base = "m:1:crop260"
-    assert catalog_views_for(None, None, base) == DEFAULT_CATALOG_VIEWS  # a new home
+    assert catalog_views_for(None, None, base) == DEFAULT_CATALOG_VIEWS == ()  # a new home
     assert catalog_views_for(None, base, base) == ()  # indexed before: keeps its vectors
     assert catalog_views_for(None, base + "+catalog:rot10,rot-10", base) == ("rot10", "rot-10")
     assert catalog_views_for(None, "other:2:crop224", base) == DEFAULT_CATALOG_VIEWS
@@ -74,22 +75,38 @@ def test_views_and_which_a_home_uses():
             QualitySettings(catalog_views=bad)
 
 
+def test_a_new_home_embeds_the_image_alone(tmp_path):
+    """The views are opt-in (they cost ingest speed): a new home's catalog vectors are
+    the base model's of the image, its stamp the base's."""
+    csv_path = _catalog(tmp_path / "shop", n=2, seed=30)
+    with Engine(tmp_path / "home") as engine:
+        engine.index([], metadata=csv_path, progress=False)
+        assert not isinstance(engine.encoder, CatalogViewEncoder)
+        assert "+catalog:" not in engine.catalog.get_meta("stamp")
+        (row,) = engine.catalog.images_of("P0")
+        img = Image.open(tmp_path / "shop" / "p0.png").convert("RGB")
+        alone = engine.encoder.embed(engine.encoder.prepare(img)[None])[0]
+        np.testing.assert_allclose(engine.catalog.vectors([row.image_id])[0], alone, atol=1e-6)
+
+
 def test_catalog_vectors_are_the_mean_of_their_views_and_queries_stay_the_base(tmp_path):
     csv_path = _catalog(tmp_path / "shop")
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "quality.json").write_text(json.dumps({"catalog_views": TURNED_VIEWS}))
     with Engine(tmp_path / "home") as engine:
         engine.index([], metadata=csv_path, progress=False)
         encoder = engine.encoder
         base = query_encoder(encoder)
         assert isinstance(encoder, CatalogViewEncoder) and base is not encoder
         assert base_of(encoder) is base  # tuning trains on the bare base model
-        assert encoder.stamp == f"{base.stamp}+catalog:{','.join(DEFAULT_CATALOG_VIEWS)}"
+        assert encoder.stamp == f"{base.stamp}+catalog:{','.join(TURNED_VIEWS)}"
         assert engine.catalog.get_meta("stamp") == encoder.stamp
         for i in range(4):
             (row,) = engine.catalog.images_of(f"P{i}")
             assert row.stamp == encoder.stamp
             stored = engine.catalog.vectors([row.image_id])[0]
             img = Image.open(tmp_path / "shop" / f"p{i}.png").convert("RGB")
-            want = _mean_of_views(base, img, DEFAULT_CATALOG_VIEWS)
+            want = _mean_of_views(base, img, TURNED_VIEWS)
             np.testing.assert_allclose(stored, want, atol=2e-5)
             alone = base.embed(base.prepare(img)[None])[0]
             assert float(stored @ alone) < 0.999  # the views changed it

@@ -332,10 +332,7 @@ def test_photos_with_the_finetune_method(grocery, tmp_path_factory):
     assert (tuned_root(home) / report.version / "model.onnx").is_file()
     assert len(hits) == 3
     v = report.validation
-    # "before" is the base as search used it, catalog vectors averaged over each image's
-    # views (lookalike.models.views), which the tuned model does not use: on these 48
-    # photos a two-epoch fine-tune is within one photo of it
-    assert v["after"]["recall@1"] >= v["before"]["recall@1"] - 1 / v["queries"] - 1e-9, v
+    assert v["after"]["recall@1"] >= v["before"]["recall@1"], v
 
 
 # --------------------------------------------------------------------------- --field

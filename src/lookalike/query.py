@@ -131,7 +131,8 @@ class QualitySettings:
     catalog_views: tuple[str, ...] | None = None
     """Catalog side (lookalike.models.views): views each catalog image of a base model is
     embedded as, averaged (`flip`, `rot20`, ...; [] for the image alone). None: what the
-    catalog was indexed with, else DEFAULT_CATALOG_VIEWS. A change needs `lookalike index`."""
+    catalog was indexed with, else none (the image alone; `["flip", "rot20", "rot-20"]` is
+    the measured set, at four passes an image). A change needs `lookalike index`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.centre, bool):

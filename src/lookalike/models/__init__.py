@@ -31,6 +31,7 @@ from .tuned import (
 from .views import (
     CATALOG_VIEWS,
     DEFAULT_CATALOG_VIEWS,
+    TURNED_VIEWS,
     CatalogViewEncoder,
     catalog_views_for,
     query_encoder,
@@ -41,6 +42,7 @@ __all__ = [
     "ACTIVE_FILE",
     "CATALOG_VIEWS",
     "DEFAULT_CATALOG_VIEWS",
+    "TURNED_VIEWS",
     "CatalogViewEncoder",
     "catalog_views_for",
     "query_encoder",

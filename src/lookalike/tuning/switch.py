@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ..ingest import IngestReport, reembed
-from ..models import TunedEncoder, base_of, load_tuned, set_active
+from ..models import CatalogViewEncoder, TunedEncoder, base_of, load_tuned, set_active
 from .features import FeatureCache, catalog_images
 
 
@@ -46,7 +46,7 @@ def _reembed_from_caches(home: Path, base: Any, encoder: Any, catalog: Any, stor
     catalog and the vector store, without running the network; returns how many."""
     from_cache = 0
     finetuned = hasattr(encoder, "from_trunk_maps")
-    if not finetuned and not isinstance(encoder, TunedEncoder) and encoder is not base:
+    if isinstance(encoder, CatalogViewEncoder):
         return 0  # the base with catalog views (lookalike.models.views): not in the caches
     # a fine-tuned model needs the trunk maps; the base model and a head need only
     # the base embedding, which both caches hold

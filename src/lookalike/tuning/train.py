@@ -24,7 +24,7 @@ import numpy as np
 
 from ..encoders.runtime import file_sha256
 from ..fsutil import atomic_write, sha256_of
-from ..models import HEAD_FORMAT, Head, base_of, is_tuned, open_tuned, tuned_root
+from ..models import HEAD_FORMAT, CatalogViewEncoder, Head, base_of, open_tuned, tuned_root
 from .data import (
     Data,
     Features,
@@ -169,7 +169,7 @@ def train_tuned_model(
     before = None
     val_recall = _validation_recall(home, features, data)
     if val_recall is not None:
-        before = val_recall(base, _searched_catalog(engine, base, inputs, features, data))
+        before = val_recall(base, _searched_catalog(engine, inputs, features, data))
         log(
             f"validation before tuning: Recall@1 {before['recall@1']:.3f}"
             f"  Recall@5 {before['recall@5']:.3f}  ({len(data.val_y)} photos)"
@@ -450,13 +450,12 @@ def _validation_recall(
     return recall
 
 
-def _searched_catalog(engine: Any, base: Any, inputs: Any, features: Features,
-                      data: Any) -> np.ndarray:  # fmt: skip
+def _searched_catalog(engine: Any, inputs: Any, features: Features, data: Any) -> np.ndarray:
     """The catalog vectors a search compares with before tuning: the stored ones when the
     live model is the base embedding its catalog's views (lookalike.models.views), else
     the base model's vectors of the catalog images."""
     encoder = engine.encoder
-    if encoder is base or is_tuned(encoder):
+    if not isinstance(encoder, CatalogViewEncoder):
         return data.cat_emb
     ids = [row[0] for row, img in zip(inputs.cat_rows, features.cat_images, strict=True)
            if img.sha256 in features.cache]  # fmt: skip
