@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from lookalike.encoders.colour import DIM, colour_descriptor
 from lookalike.errors import ModelError
+from lookalike import framing
 from lookalike.framing import letterbox_product
 from lookalike.models import Head
 
@@ -99,6 +100,30 @@ def test_letterbox_on_real_images():
     assert letterbox_product(stiletto) is not None
     photos = sorted((grocery / "dataset" / "train").rglob("*.jpg"))[::130]
     assert photos and all(letterbox_product(Image.open(p).convert("RGB")) is None for p in photos)
+
+
+def test_the_quick_look_reads_the_same_border_as_the_whole_image():
+    """_maybe_plain copies only the border strips out of the image: the same pixels in
+    the same order as the border of the whole array, so the same decisions, on real shop
+    photos, studio shots and catalog images of every shape."""
+    foot = require_data("footwear300")
+    grocery = require_data("grocery")
+    paths = sorted((grocery / "dataset" / "train").rglob("*.jpg"))[::97]
+    paths += sorted((foot / "data").glob("*.jpg"))[::15] + [foot / "search_image_01.jpg"]
+    decisions = set()
+    for path in paths:
+        img = Image.open(path).convert("RGB")
+        whole = np.asarray(img)
+        share, colour = framing._plain_share(whole)
+        w, h = img.size
+        boxes = ((0, 0, w, 1), (0, h - 1, w, h), (0, 1, 1, h - 1), (w - 1, 1, w, h - 1))
+        strips = np.concatenate([np.asarray(img.crop(b)).reshape(-1, 3) for b in boxes])
+        assert np.array_equal(strips, framing.border_pixels(whole)), path
+        assert framing._maybe_plain(img) == (share >= framing.PRE_SHARE), path
+        decisions.add(share >= framing.PRE_SHARE)
+    assert decisions == {True, False}  # both kinds of image were looked at
+    grey = Image.new("L", (40, 60), 200)  # not RGB: read as RGB
+    assert framing._maybe_plain(grey)
 
 
 def test_a_crop_view_sees_a_square_product_shot_whole(shared_model_cache):
