@@ -10,9 +10,9 @@ import pytest
 from conftest import require_data
 from PIL import Image, ImageDraw
 
+from lookalike import framing
 from lookalike.encoders.colour import DIM, colour_descriptor
 from lookalike.errors import ModelError
-from lookalike import framing
 from lookalike.framing import letterbox_product
 from lookalike.models import Head
 
@@ -72,6 +72,23 @@ def test_field_head_parts_round_trip_and_need_the_colour(tmp_path):
     assert _head(0.5).digest() != head.digest()
     no_colour = _head(0.0)
     assert not no_colour.needs_colour and no_colour.apply(x).shape == (5, 11)
+
+
+def test_a_query_s_rows_and_a_batch_s_agree_within_float32_rounding():
+    """A Head multiplies a query's few rows with a loop and a batch with BLAS (`few`):
+    the same vectors but for float32 rounding, on a head of the --photos shape."""
+    rng = np.random.default_rng(3)
+    head = Head(mean=rng.normal(size=1632).astype(np.float32) * 0.01,
+                weights=[rng.normal(size=(1632, 1024)).astype(np.float32) * 0.03,
+                         rng.normal(size=(1024, 512)).astype(np.float32) * 0.04],
+                biases=[np.zeros(1024, np.float32), np.full(512, 0.01, np.float32)],
+                keep_base=1.25)  # fmt: skip
+    x = rng.normal(size=(20, 1632)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    loop, blas = head.apply(x, few=True), head.apply(x, few=False)
+    assert np.abs(loop - blas).max() < 1e-6
+    assert np.array_equal(head.apply(x[:1]), loop[:1])  # by the row count: a query's
+    assert np.array_equal(head.apply(x), blas)
 
 
 def test_letterbox_frames_a_tall_product_shot_and_leaves_photos_alone():
