@@ -121,8 +121,9 @@ def test_letterbox_on_real_images():
 
 def test_the_quick_look_reads_the_same_border_as_the_whole_image():
     """_maybe_plain copies only the border strips out of the image: the same pixels in
-    the same order as the border of the whole array, so the same decisions, on real shop
-    photos, studio shots and catalog images of every shape."""
+    the same order as the border of the whole array, and its median and share are
+    np.median's and the mean's values, so the same decisions, on real shop photos, studio
+    shots and catalog images of every shape."""
     foot = require_data("footwear300")
     grocery = require_data("grocery")
     paths = sorted((grocery / "dataset" / "train").rglob("*.jpg"))[::97]
@@ -136,11 +137,21 @@ def test_the_quick_look_reads_the_same_border_as_the_whole_image():
         boxes = ((0, 0, w, 1), (0, h - 1, w, h), (0, 1, 1, h - 1), (w - 1, 1, w, h - 1))
         strips = np.concatenate([np.asarray(img.crop(b)).reshape(-1, 3) for b in boxes])
         assert np.array_equal(strips, framing.border_pixels(whole)), path
+        assert np.array_equal(colour, np.median(strips, axis=-2)), path  # np.median's values
+        assert share == float((~framing.away_from(strips, colour)).mean()), path
         assert framing._maybe_plain(img) == (share >= framing.PRE_SHARE), path
         decisions.add(share >= framing.PRE_SHARE)
     assert decisions == {True, False}  # both kinds of image were looked at
     grey = Image.new("L", (40, 60), 200)  # not RGB: read as RGB
     assert framing._maybe_plain(grey)
+    # the median of a batch's borders (lookalike.encoders.colour), odd and even counts
+    rng = np.random.default_rng(4)
+    for shape in ((3, 7, 9, 3), (2, 8, 8, 3)):
+        for dtype in (np.uint8, np.int16, np.float32):
+            batch = rng.integers(0, 256, shape).astype(dtype)
+            border, colour = framing.border_colour(batch)
+            want = np.median(border, axis=-2)
+            assert colour.dtype == want.dtype and np.array_equal(colour, want)
 
 
 def test_a_crop_view_sees_a_square_product_shot_whole(shared_model_cache):

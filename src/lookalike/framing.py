@@ -84,8 +84,19 @@ def _plain_share(pixels: np.ndarray) -> tuple[float, np.ndarray]:
 
 def _near_share(border: np.ndarray) -> tuple[float, np.ndarray]:
     """(the share of `border` (n, 3) pixels near their median colour, that colour)."""
-    colour = np.median(border, axis=-2)
-    return float((~away_from(border, colour)).mean()), colour
+    colour = _median(border)
+    away = away_from(border, colour)
+    return (away.size - np.count_nonzero(away)) / away.size, colour
+
+
+def _median(border: np.ndarray) -> np.ndarray:
+    """np.median(border, axis=-2), the same float64 values, without its layers of
+    Python: in a query, right after the network's pass, np.median took 0.12 ms here."""
+    n = border.shape[-2]
+    lo, hi = (n - 1) // 2, n // 2
+    part = np.partition(border, [lo, hi], axis=-2)
+    dtype = border.dtype if border.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    return (part[..., lo, :].astype(dtype) + part[..., hi, :].astype(dtype)) / dtype.type(2)
 
 
 def border_pixels(pixels: np.ndarray) -> np.ndarray:
@@ -100,7 +111,7 @@ def border_colour(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(..., h, w, 3) images -> (their border pixels (..., 2h + 2w - 4, 3), the border's
     median colour (..., 3)): the background of a studio shot."""
     border = border_pixels(pixels)
-    return border, np.median(border, axis=-2)
+    return border, _median(border)
 
 
 def away_from(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:
