@@ -67,7 +67,7 @@ def _maybe_plain(img: Image.Image) -> bool:
     """A quick look at the full image's border before the test proper: False when fewer
     than PRE_SHARE of its pixels are near their median colour, which no image the test
     frames comes near (lowest 0.91 over 6,155 real images, every shop photo of grocery
-    below 0.77). A shop photo is turned down in 0.08 ms instead of 0.5. Only the border
+    below 0.77). A shop photo is turned down in 0.07 ms instead of 0.5. Only the border
     strips are copied out of the image, not the whole of it (0.06 ms of a 348 px photo)."""
     rgb = img if img.mode == "RGB" else img.convert("RGB")
     w, h = rgb.size
