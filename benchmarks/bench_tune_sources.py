@@ -274,10 +274,14 @@ def bench_field(work: Path, args: argparse.Namespace) -> dict:
 
 
 def latency_only(work: Path, args: argparse.Namespace) -> int:
-    """Time base and tuned homes kept by an earlier run (--workdir), interleaved."""
+    """Time base and tuned homes kept by an earlier run (--workdir), interleaved (--part
+    photos: the grocery homes only, field: the fashion ones)."""
     val = [str(GROCERY / r["image"]) for r in _rows(GROCERY / "val.csv")][: args.queries]
     out = {}
+    parts = {"grocery": ("all", "photos"), "fashion": ("all", "field")}
     for name, paths in (("grocery", val), ("fashion", _shop_shots(args.queries))):
+        if args.part not in parts[name]:
+            continue
         homes = {
             "base": work / f"{name}-base",
             "tuned": work / ("grocery-tuned" if name == "grocery" else "fashion-full"),

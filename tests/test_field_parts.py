@@ -10,6 +10,7 @@ import pytest
 from conftest import require_data
 from PIL import Image, ImageDraw
 
+from lookalike import framing
 from lookalike.encoders.colour import DIM, colour_descriptor
 from lookalike.errors import ModelError
 from lookalike.framing import letterbox_product
@@ -73,6 +74,23 @@ def test_field_head_parts_round_trip_and_need_the_colour(tmp_path):
     assert not no_colour.needs_colour and no_colour.apply(x).shape == (5, 11)
 
 
+def test_a_query_s_rows_and_a_batch_s_agree_within_float32_rounding():
+    """A Head multiplies a query's few rows with a loop and a batch with BLAS (`few`):
+    the same vectors but for float32 rounding, on a head of the --photos shape."""
+    rng = np.random.default_rng(3)
+    head = Head(mean=rng.normal(size=1632).astype(np.float32) * 0.01,
+                weights=[rng.normal(size=(1632, 1024)).astype(np.float32) * 0.03,
+                         rng.normal(size=(1024, 512)).astype(np.float32) * 0.04],
+                biases=[np.zeros(1024, np.float32), np.full(512, 0.01, np.float32)],
+                keep_base=1.25)  # fmt: skip
+    x = rng.normal(size=(20, 1632)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    loop, blas = head.apply(x, few=True), head.apply(x, few=False)
+    assert np.abs(loop - blas).max() < 1e-6
+    assert np.array_equal(head.apply(x[:1]), loop[:1])  # by the row count: a query's
+    assert np.array_equal(head.apply(x), blas)
+
+
 def test_letterbox_frames_a_tall_product_shot_and_leaves_photos_alone():
     tall = Image.new("RGB", (200, 300), (250, 250, 250))
     ImageDraw.Draw(tall).polygon([(20, 290), (180, 10), (190, 290)], fill=(200, 0, 0))
@@ -99,6 +117,41 @@ def test_letterbox_on_real_images():
     assert letterbox_product(stiletto) is not None
     photos = sorted((grocery / "dataset" / "train").rglob("*.jpg"))[::130]
     assert photos and all(letterbox_product(Image.open(p).convert("RGB")) is None for p in photos)
+
+
+def test_the_quick_look_reads_the_same_border_as_the_whole_image():
+    """_maybe_plain copies only the border strips out of the image: the same pixels in
+    the same order as the border of the whole array, and its median and share are
+    np.median's and the mean's values, so the same decisions, on real shop photos, studio
+    shots and catalog images of every shape."""
+    foot = require_data("footwear300")
+    grocery = require_data("grocery")
+    paths = sorted((grocery / "dataset" / "train").rglob("*.jpg"))[::97]
+    paths += sorted((foot / "data").glob("*.jpg"))[::15] + [foot / "search_image_01.jpg"]
+    decisions = set()
+    for path in paths:
+        img = Image.open(path).convert("RGB")
+        whole = np.asarray(img)
+        share, colour = framing._plain_share(whole)
+        w, h = img.size
+        boxes = ((0, 0, w, 1), (0, h - 1, w, h), (0, 1, 1, h - 1), (w - 1, 1, w, h - 1))
+        strips = np.concatenate([np.asarray(img.crop(b)).reshape(-1, 3) for b in boxes])
+        assert np.array_equal(strips, framing.border_pixels(whole)), path
+        assert np.array_equal(colour, np.median(strips, axis=-2)), path  # np.median's values
+        assert share == float((~framing.away_from(strips, colour)).mean()), path
+        assert framing._maybe_plain(img) == (share >= framing.PRE_SHARE), path
+        decisions.add(share >= framing.PRE_SHARE)
+    assert decisions == {True, False}  # both kinds of image were looked at
+    grey = Image.new("L", (40, 60), 200)  # not RGB: read as RGB
+    assert framing._maybe_plain(grey)
+    # the median of a batch's borders (lookalike.encoders.colour), odd and even counts
+    rng = np.random.default_rng(4)
+    for shape in ((3, 7, 9, 3), (2, 8, 8, 3)):
+        for dtype in (np.uint8, np.int16, np.float32):
+            batch = rng.integers(0, 256, shape).astype(dtype)
+            border, colour = framing.border_colour(batch)
+            want = np.median(border, axis=-2)
+            assert colour.dtype == want.dtype and np.array_equal(colour, want)
 
 
 def test_a_crop_view_sees_a_square_product_shot_whole(shared_model_cache):

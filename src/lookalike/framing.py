@@ -67,24 +67,51 @@ def _maybe_plain(img: Image.Image) -> bool:
     """A quick look at the full image's border before the test proper: False when fewer
     than PRE_SHARE of its pixels are near their median colour, which no image the test
     frames comes near (lowest 0.91 over 6,155 real images, every shop photo of grocery
-    below 0.77). A shop photo is turned down in 0.14 ms instead of 0.5."""
-    return _plain_share(np.asarray(img))[0] >= PRE_SHARE
+    below 0.77). A shop photo is turned down in 0.07 ms instead of 0.5. Only the border
+    strips are copied out of the image, not the whole of it (0.06 ms of a 348 px photo)."""
+    rgb = img if img.mode == "RGB" else img.convert("RGB")
+    w, h = rgb.size
+    boxes = ((0, 0, w, 1), (0, h - 1, w, h), (0, 1, 1, h - 1), (w - 1, 1, w, h - 1))
+    strips = b"".join(rgb.crop(box).tobytes() for box in boxes)
+    return _near_share(np.frombuffer(strips, dtype=np.uint8).reshape(-1, 3))[0] >= PRE_SHARE
 
 
 def _plain_share(pixels: np.ndarray) -> tuple[float, np.ndarray]:
     """(the share of an image's border pixels near the border's median colour, that
     colour): how plain its background is."""
-    border, colour = border_colour(pixels)
-    return float((~away_from(border, colour)).mean()), colour
+    return _near_share(border_pixels(pixels))
+
+
+def _near_share(border: np.ndarray) -> tuple[float, np.ndarray]:
+    """(the share of `border` (n, 3) pixels near their median colour, that colour)."""
+    colour = _median(border)
+    away = away_from(border, colour)
+    return (away.size - np.count_nonzero(away)) / away.size, colour
+
+
+def _median(border: np.ndarray) -> np.ndarray:
+    """np.median(border, axis=-2), the same float64 values, without its layers of
+    Python: in a query, right after the network's pass, np.median took 0.12 ms here."""
+    n = border.shape[-2]
+    lo, hi = (n - 1) // 2, n // 2
+    part = np.partition(border, [lo, hi], axis=-2)
+    dtype = border.dtype if border.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    return (part[..., lo, :].astype(dtype) + part[..., hi, :].astype(dtype)) / dtype.type(2)
+
+
+def border_pixels(pixels: np.ndarray) -> np.ndarray:
+    """(..., h, w, 3) images -> their border pixels (..., 2h + 2w - 4, 3): the top row,
+    the bottom row, then the left and the right column between them."""
+    p = pixels
+    return np.concatenate([p[..., 0, :, :], p[..., -1, :, :], p[..., 1:-1, 0, :],
+                           p[..., 1:-1, -1, :]], axis=-2)  # fmt: skip
 
 
 def border_colour(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(..., h, w, 3) images -> (their border pixels (..., 2h + 2w - 4, 3), the border's
     median colour (..., 3)): the background of a studio shot."""
-    p = pixels
-    border = np.concatenate([p[..., 0, :, :], p[..., -1, :, :], p[..., 1:-1, 0, :],
-                             p[..., 1:-1, -1, :]], axis=-2)  # fmt: skip
-    return border, np.median(border, axis=-2)
+    border = border_pixels(pixels)
+    return border, _median(border)
 
 
 def away_from(pixels: np.ndarray, colour: np.ndarray) -> np.ndarray:

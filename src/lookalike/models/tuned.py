@@ -80,14 +80,17 @@ class Head:
     def needs_colour(self) -> bool:
         return bool(self.colour_weight)
 
-    def apply(self, x: np.ndarray, colour: np.ndarray | None = None) -> np.ndarray:
+    def apply(
+        self, x: np.ndarray, colour: np.ndarray | None = None, few: bool | None = None
+    ) -> np.ndarray:
         """(N, D_in) base embeddings (and, for a head with a colour part, the images'
-        (N, 64) colour descriptors) -> (N, dim) float32 L2-normalised."""
+        (N, 64) colour descriptors) -> (N, dim) float32 L2-normalised. `few`: multiply
+        with the loop below (True) or BLAS (False); None: by the row count."""
         x = np.asarray(x, dtype=np.float32)
         # a query's few rows: a plain loop, not BLAS, whose threads fight ONNX Runtime's
         # still-spinning ones right after the base pass (measured: 7 ms a query under
         # load instead of 0.2 ms; docs/quality.md)
-        few = len(x) <= SMALL_BATCH
+        few = len(x) <= SMALL_BATCH if few is None else few
         parts: list[np.ndarray] = []
         if self.weights:
             y = x - self.mean
