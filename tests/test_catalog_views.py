@@ -268,3 +268,36 @@ def test_a_changed_setting_is_refused_until_reindexed_and_old_homes_keep_theirs(
         np.testing.assert_allclose(engine.catalog.vectors([row.image_id])[0], want, atol=2e-5)
         top = engine.search([query], k=1)[0][0]
         assert top.product_id == "P2" and top.score == pytest.approx(1.0, abs=1e-5)
+
+
+def test_tune_and_reset_give_an_old_plain_home_back_its_plain_vectors(tmp_path):
+    """A home indexed before the default changed, tuned, then reset: the base comes back
+    with the catalog side it had (bare base stamp, vectors from the feature caches), not
+    with a new home's views and power."""
+    from lookalike.tuning import TuneSettings, reset, train_tuned_model
+
+    csv_path = _catalog(tmp_path / "shop", n=4, seed=60)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "quality.json").write_text(json.dumps({"catalog_views": [], "power_normalise": False}))
+    with Engine(home) as engine:
+        engine.index([], metadata=csv_path, progress=False)
+        plain = engine.catalog.get_meta("stamp")
+    (home / "quality.json").unlink()  # as an old home: no setting, plain vectors
+    lines = ["image,product_id"]
+    for i in range(4):
+        for k, angle in enumerate((-12, 9)):
+            img = Image.open(tmp_path / "shop" / f"p{i}.png").rotate(angle, fillcolor=(90, 90, 90))
+            img.save(tmp_path / "shop" / f"photo{i}_{k}.png")
+            lines.append(f"photo{i}_{k}.png,P{i}")
+    (tmp_path / "shop" / "labels.csv").write_text("\n".join(lines) + "\n")
+    with Engine(home) as engine:
+        assert engine.encoder.stamp == plain
+        settings = TuneSettings(method="head", epochs=2, seed=0)
+        report = train_tuned_model(
+            engine, tmp_path / "shop" / "labels.csv", progress=False, settings=settings
+        )
+        assert engine.encoder.stamp == report.stamp != plain
+        counts = reset(engine, progress=False)
+        assert engine.encoder.stamp == plain == engine.catalog.get_meta("stamp")
+        assert counts == {"from_cache": 4, "from_files": 0}

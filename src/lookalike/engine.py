@@ -40,10 +40,12 @@ from .ingest import IngestReport, ingest, reembed
 from .locks import HomeLock
 from .metadata import parse_bool, parse_price, product_from_fields
 from .models import (
+    BASE_STAMP_META,
     active_encoder,
     catalog_power_for,
     catalog_views_for,
     is_tuned,
+    parse_stamp,
     with_catalog_views,
 )
 from .payload import PayloadStore
@@ -117,6 +119,9 @@ class Engine(SharedHome):
                 if not is_tuned(encoder):  # a base model: catalog views, power normalisation
                     settings = load_settings(self.home)
                     stored = self.catalog.get_meta("stamp") if self.catalog.count_images() else None
+                    if stored is not None and parse_stamp(stored, encoder.stamp) is None:
+                        # back from a tuned model: the base's catalog side before tuning
+                        stored = self.catalog.get_meta(BASE_STAMP_META) or stored
                     views = catalog_views_for(settings.catalog_views, stored, encoder.stamp)
                     power = catalog_power_for(settings.power_normalise, stored, encoder.stamp)
                     encoder = with_catalog_views(encoder, views, power)

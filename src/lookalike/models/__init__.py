@@ -29,6 +29,7 @@ from .tuned import (
     open_tuned,
 )
 from .views import (
+    BASE_STAMP_META,
     CATALOG_VIEWS,
     DEFAULT_CATALOG_VIEWS,
     DEFAULT_POWER,
@@ -36,12 +37,14 @@ from .views import (
     CatalogViewEncoder,
     catalog_power_for,
     catalog_views_for,
+    parse_stamp,
     query_encoder,
     with_catalog_views,
 )
 
 __all__ = [
     "ACTIVE_FILE",
+    "BASE_STAMP_META",
     "CATALOG_VIEWS",
     "DEFAULT_CATALOG_VIEWS",
     "DEFAULT_POWER",
@@ -49,6 +52,7 @@ __all__ = [
     "CatalogViewEncoder",
     "catalog_power_for",
     "catalog_views_for",
+    "parse_stamp",
     "query_encoder",
     "with_catalog_views",
     "HEAD_FORMAT",

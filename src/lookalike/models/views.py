@@ -39,6 +39,9 @@ from ..framing import border_colour
 
 STAMP_TAG = "+catalog:"
 POWER_TAG = "+power"
+BASE_STAMP_META = "base_catalog_stamp"
+"""Catalog meta key: the base model's catalog stamp when a tuned model took over, so that
+`tune --reset` gives the home back the catalog views and power it had."""
 EMBED_CHUNK = 32
 """Most view images per forward pass (activations grow with the batch)."""
 
