@@ -150,15 +150,21 @@ def fashion_two_pass(base) -> list[dict]:
     images = [load_image(FASHION / r["image"], draft_size=base.draft_size) for r in rows]
     out = []
     for label, passes, v in two_pass_sets(embed_single(base, images, TWO_PASS_VIEWS)):
-        sims = v @ v.T
-        np.fill_diagonal(sims, -np.inf)
-        top = np.argsort(-sims, axis=1)[:, :10]
-        row = {"label": "fashion, " + label, "catalog_passes": passes}
-        for f, vals in fields.items():
-            ok = vals != ""
-            row[f"p10_{f}"] = round(float((vals[top] == vals[:, None])[ok].mean()), 4)
-        out.append(row)
-        print(row, file=sys.stderr)
+        out.append({"label": "fashion, " + label, "catalog_passes": passes,
+                    **leave_one_out_p10(v, fields)})  # fmt: skip
+        print(out[-1], file=sys.stderr)
+    return out
+
+
+def leave_one_out_p10(v: np.ndarray, fields: dict[str, np.ndarray]) -> dict[str, float]:
+    """Precision@10 per field of each vector's nearest others (one image per product)."""
+    sims = v @ v.T
+    np.fill_diagonal(sims, -np.inf)  # one image per product: leave-one-out
+    top = np.argsort(-sims, axis=1)[:, :10]
+    out = {}
+    for f, vals in fields.items():
+        ok = vals != ""
+        out[f"p10_{f}"] = round(float((vals[top] == vals[:, None])[ok].mean()), 4)
     return out
 
 
@@ -174,15 +180,9 @@ def fashion_rows(base, sets) -> list[dict]:
                     for r in rows[i : i + 64]]  # fmt: skip
             vecs.append(enc.embed(np.stack([enc.prepare(img) for img in imgs])))
         seconds = time.perf_counter() - started
-        v = np.concatenate(vecs)
-        sims = v @ v.T
-        np.fill_diagonal(sims, -np.inf)  # one image per product: leave-one-out
-        top = np.argsort(-sims, axis=1)[:, :10]
         row = {"label": "fashion, catalog views " + ("+".join(views) or "none"),
-               "seconds": round(seconds, 1), "images": len(rows)}  # fmt: skip
-        for f, vals in fields.items():
-            ok = vals != ""
-            row[f"p10_{f}"] = round(float((vals[top] == vals[:, None])[ok].mean()), 4)
+               "seconds": round(seconds, 1), "images": len(rows),
+               **leave_one_out_p10(np.concatenate(vecs), fields)}  # fmt: skip
         out.append(row)
         print(row, file=sys.stderr)
     return out

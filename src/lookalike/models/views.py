@@ -158,57 +158,52 @@ def catalog_power_for(setting: Any, stored_stamp: str | None, base_stamp: str) -
     return DEFAULT_POWER if kept is None else kept[1]
 
 
-class PoweredEncoder:
-    """A base encoder whose vectors are power-normalised: how a home with power
-    normalisation embeds its queries."""
+class _OnBase:
+    """An encoder in front of a base encoder: its stamp, and the base's everything else."""
 
-    def __init__(self, base: Any, power: float) -> None:
+    def __init__(self, base: Any, stamp: str) -> None:
         self.base = base
-        self.power = check_power(power)
-        self.stamp = f"{base.stamp}{POWER_TAG}{self.power:g}"
+        self.stamp = stamp
         self.name = base.name
         self.dim = base.dim
         self.input_size = base.input_size
         self.draft_size = getattr(base, "draft_size", 2 * int(base.input_size))
 
     def __repr__(self) -> str:
-        return f"<PoweredEncoder {self.stamp} dim={self.dim}>"
+        return f"<{type(self).__name__} {self.stamp} dim={self.dim}>"
 
     def __getattr__(self, name: str) -> Any:  # anything else is the base's
         if name == "base":
             raise AttributeError(name)
         return getattr(self.base, name)
+
+
+class PoweredEncoder(_OnBase):
+    """A base encoder whose vectors are power-normalised: how a home with power
+    normalisation embeds its queries."""
+
+    def __init__(self, base: Any, power: float) -> None:
+        self.power = check_power(power)
+        super().__init__(base, f"{base.stamp}{POWER_TAG}{self.power:g}")
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return power_normalise(self.base.embed(batch), self.power)
 
 
-class CatalogViewEncoder:
+class CatalogViewEncoder(_OnBase):
     """A base encoder whose catalog images are embedded as the mean of their views,
     power-normalised when `power` is given."""
 
     def __init__(self, base: Any, views: Sequence[str], power: float | None = None) -> None:
-        self.base = base
         self.views = check_views(views)
         self.power = check_power(power)
         self._fns = [CATALOG_VIEWS[v] for v in self.views]
-        self.stamp = base.stamp + (f"{STAMP_TAG}{','.join(self.views)}" if self.views else "")
+        stamp = base.stamp + (f"{STAMP_TAG}{','.join(self.views)}" if self.views else "")
         if self.power is not None:
-            self.stamp += f"{POWER_TAG}{self.power:g}"
+            stamp += f"{POWER_TAG}{self.power:g}"
+        super().__init__(base, stamp)
         self.query = base if self.power is None else PoweredEncoder(base, self.power)
         """What embeds queries: the base, power-normalised as the catalog is."""
-        self.name = base.name
-        self.dim = base.dim
-        self.input_size = base.input_size
-        self.draft_size = getattr(base, "draft_size", 2 * int(base.input_size))
-
-    def __repr__(self) -> str:
-        return f"<CatalogViewEncoder {self.stamp} dim={self.dim}>"
-
-    def __getattr__(self, name: str) -> Any:  # anything else is the base's
-        if name == "base":
-            raise AttributeError(name)
-        return getattr(self.base, name)
 
     def prepare(self, img: Image.Image) -> np.ndarray:
         """(1 + len(views), S, S, 3): the image as it is, then each view of it."""
