@@ -4,7 +4,7 @@ precision@10 (category, colour): the selection set of the `catalog_views` defaul
 (lookalike.models.views, docs/quality.md "Catalog views").
 
     .venv/bin/python benchmarks/bench_catalog_views.py [--cache FILE.npz] [--no-fashion]
-        [--json FILE]
+        [--json FILE] [--two-pass]
 
 Every train.csv photo (2,640) is a query, embedded with the shipped query view
 (`centre70`; `--cache` reuses bench_query_views.py's cache of raw view vectors), against
@@ -18,6 +18,10 @@ the 81 catalog images embedded
 - with the catalog's mean vector subtracted from catalog and query vectors;
 - with power normalisation (sign(x)|x|^p, then L2) on both sides: a new embedding, not
   a catalog-side setting.
+
+`--two-pass` measures instead the sets of at most two forward passes per catalog image
+(the image + one view, the mean of the two), each as it is and with power normalisation
+p = 0.75 and 0.5 on both sides, beside power normalisation of the image alone.
 
 Scored per photo, per burst (a burst is ten consecutive file numbers of one product; 95 %
 bootstrap over bursts) and on the held-out quarter of bench_tune_sources.py `--selection`.
@@ -101,6 +105,69 @@ def power(x: np.ndarray, p: float) -> np.ndarray:
     return l2(np.sign(x) * np.abs(x) ** p)
 
 
+TWO_PASS_VIEWS = ("rot15", "rot20", "rot25", "rot-20", "flip", "flip>rot20")
+"""The one extra view of each 2-pass set; "flip>rot20" is the mirror turned by 20 degrees."""
+POWERS = (None, 0.75, 0.5)
+
+
+def one_view(img: Image.Image, view: str) -> Image.Image:
+    """`img` as the named view ("a>b": view a, then view b of it)."""
+    img = img.convert("RGB")
+    for v in view.split(">"):
+        img = CATALOG_VIEWS[v](img)
+    return img
+
+
+def two_pass_sets(single: dict[str, np.ndarray]) -> list[tuple[str, int, np.ndarray]]:
+    """(label, passes, catalog vectors) of the image alone and the image + each view (mean
+    of the two L2-normalised view vectors, as CatalogViewEncoder), each without and with
+    power normalisation; `single` maps "orig" and each view to its (N, dim) vectors."""
+    out = []
+    for view in ("", *TWO_PASS_VIEWS):
+        mean = l2(single["orig"] + single[view]) if view else single["orig"]
+        for p in POWERS:
+            label = ("image + " + view if view else "image alone") + (f", power {p}" if p else "")
+            out.append((label, 2 if view else 1, power(mean, p) if p else mean))
+    return out
+
+
+def embed_single(base, images: list, views) -> dict[str, np.ndarray]:
+    """The base vectors of `images` ("orig") and of each view of them (chunks of 64)."""
+    out = {}
+    for view in ("orig", *views):
+        vecs = []
+        for i in range(0, len(images), 64):
+            chunk = images[i : i + 64]
+            chunk = chunk if view == "orig" else [one_view(img, view) for img in chunk]
+            vecs.append(base.embed(np.stack([base.prepare(img.convert("RGB")) for img in chunk])))
+        out[view] = l2(np.concatenate(vecs))
+    return out
+
+
+def fashion_two_pass(base) -> list[dict]:
+    rows = _rows(FASHION / "catalog.csv")
+    fields = {f: np.array([r[f] for r in rows]) for f in ("category", "colour")}
+    images = [load_image(FASHION / r["image"], draft_size=base.draft_size) for r in rows]
+    out = []
+    for label, passes, v in two_pass_sets(embed_single(base, images, TWO_PASS_VIEWS)):
+        out.append({"label": "fashion, " + label, "catalog_passes": passes,
+                    **leave_one_out_p10(v, fields)})  # fmt: skip
+        print(out[-1], file=sys.stderr)
+    return out
+
+
+def leave_one_out_p10(v: np.ndarray, fields: dict[str, np.ndarray]) -> dict[str, float]:
+    """Precision@10 per field of each vector's nearest others (one image per product)."""
+    sims = v @ v.T
+    np.fill_diagonal(sims, -np.inf)  # one image per product: leave-one-out
+    top = np.argsort(-sims, axis=1)[:, :10]
+    out = {}
+    for f, vals in fields.items():
+        ok = vals != ""
+        out[f"p10_{f}"] = round(float((vals[top] == vals[:, None])[ok].mean()), 4)
+    return out
+
+
 def fashion_rows(base, sets) -> list[dict]:
     rows = _rows(FASHION / "catalog.csv")
     fields = {f: np.array([r[f] for r in rows]) for f in ("category", "colour")}
@@ -113,15 +180,9 @@ def fashion_rows(base, sets) -> list[dict]:
                     for r in rows[i : i + 64]]  # fmt: skip
             vecs.append(enc.embed(np.stack([enc.prepare(img) for img in imgs])))
         seconds = time.perf_counter() - started
-        v = np.concatenate(vecs)
-        sims = v @ v.T
-        np.fill_diagonal(sims, -np.inf)  # one image per product: leave-one-out
-        top = np.argsort(-sims, axis=1)[:, :10]
         row = {"label": "fashion, catalog views " + ("+".join(views) or "none"),
-               "seconds": round(seconds, 1), "images": len(rows)}  # fmt: skip
-        for f, vals in fields.items():
-            ok = vals != ""
-            row[f"p10_{f}"] = round(float((vals[top] == vals[:, None])[ok].mean()), 4)
+               "seconds": round(seconds, 1), "images": len(rows),
+               **leave_one_out_p10(np.concatenate(vecs), fields)}  # fmt: skip
         out.append(row)
         print(row, file=sys.stderr)
     return out
@@ -133,6 +194,7 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, help="bench_query_views.py's raw view vectors")
     parser.add_argument("--no-fashion", action="store_true")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--two-pass", action="store_true", help="the sets of <= 2 passes")
     args = parser.parse_args()
     models = Path(os.environ.get("LOOKALIKE_MODELS") or Path(tempfile.gettempdir()) / "lk-models")
     base = load_encoder(args.model, models)
@@ -162,6 +224,13 @@ def main() -> int:
     def add(label: str, sims: np.ndarray, passes: int) -> None:
         rows.append({"label": label, "catalog_passes": passes,
                      **scores_of(sims, truth, bidx, held, boot)})  # fmt: skip
+
+    if args.two_pass:
+        for label, passes, cat in two_pass_sets(embed_single(base, images, TWO_PASS_VIEWS)):
+            qp = power(q, float(label.rsplit(" ", 1)[1])) if ", power" in label else q
+            add(label, qp @ cat.T, passes)
+        return report(args, base, rows, train, ids, held, cat_ids,
+                      [] if args.no_fashion else fashion_two_pass(base))  # fmt: skip
 
     started = time.perf_counter()
     mean_vectors = {}
@@ -193,6 +262,11 @@ def main() -> int:
             add(f"power normalisation p={p} (both sides), views {'+'.join(views) or 'none'}",
                 power(q, p) @ power(cat, p).T, 1 + len(views))  # fmt: skip
 
+    fashion = [] if args.no_fashion else fashion_rows(base, FASHION_SETS)
+    return report(args, base, rows, train, ids, held, cat_ids, fashion)
+
+
+def report(args, base, rows, train, ids, held, cat_ids, fashion) -> int:  # fmt: skip
     print(f"{base.stamp}; {len(train)} train.csv photos in {len(ids)} bursts"
           f" ({int(held.sum())} held out) vs {len(cat_ids)} catalog images;"
           f" queries: {QUERY_VIEW}")  # fmt: skip
@@ -206,13 +280,12 @@ def main() -> int:
               f"({r['r1_ci'][0]:.2f}–{r['r1_ci'][1]:.2f}) | {r['r5']:.3f} | {r['r5_burst']:.3f} "
               f"({r['r5_ci'][0]:.2f}–{r['r5_ci'][1]:.2f}) | {r['r1_held']:.3f} / "
               f"{r['r5_held']:.3f} |")  # fmt: skip
-    fashion = [] if args.no_fashion else fashion_rows(base, FASHION_SETS)
     if fashion:
         print("\n| fashion-footwear, catalog views | P@10 category | P@10 colour | embed s |")
         print("|---|---|---|---|")
         for r in fashion:
             print(f"| {r['label']} | {r['p10_category']:.4f} | {r['p10_colour']:.4f} "
-                  f"| {r['seconds']} |")  # fmt: skip
+                  f"| {r.get('seconds', '')} |")  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps({"grocery": rows, "fashion": fashion}, indent=1))
     return 0

@@ -1,6 +1,7 @@
 """End-to-end ingest throughput of lookalike beside the original write-up's pipeline shape.
 
-    .venv/bin/python benchmarks/bench_ingest.py [--vgg-images 60]
+    .venv/bin/python benchmarks/bench_ingest.py [--vgg-images 60] [--catalog-views V,...]
+        [--power-normalise P|off]
 
 lookalike: `Engine.index` on a fresh home (walk, hash, decode in threads, batch encode on
 ONNX Runtime, SQLite + FAISS writes), the ONNX export done beforehand (it happens once per
@@ -70,14 +71,14 @@ def vgg_images_per_second(files: list[Path]) -> float:
 
 
 def lookalike_run(
-    paths, metadata, models: Path, catalog_views: list[str] | None = None
+    paths, metadata, models: Path, settings: dict | None = None
 ) -> tuple[float, int, float]:
     os.environ["LOOKALIKE_MODELS"] = str(models)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp) / "home"
-        if catalog_views is not None:  # else the default (lookalike.models.views)
+        if settings:  # else the defaults (lookalike.models.views)
             home.mkdir()
-            (home / "quality.json").write_text(json.dumps({"catalog_views": catalog_views}))
+            (home / "quality.json").write_text(json.dumps(settings))
         engine = Engine(home)
         _ = engine.encoder  # export/load outside the timing
         started = time.perf_counter()
@@ -100,8 +101,16 @@ def main() -> None:
         help="comma-separated catalog views of each image ('' for the image alone);"
         " default: the shipped default",
     )
+    parser.add_argument(
+        "--power-normalise", help="power p of the vectors, or 'off'; default: the shipped default"
+    )
     args = parser.parse_args()
-    views = None if args.catalog_views is None else [v for v in args.catalog_views.split(",") if v]
+    settings: dict = {}
+    if args.catalog_views is not None:
+        settings["catalog_views"] = [v for v in args.catalog_views.split(",") if v]
+    if args.power_normalise is not None:
+        off = args.power_normalise == "off"
+        settings["power_normalise"] = False if off else float(args.power_normalise)
     models = Path(args.models)
     footwear = DATA / "footwear300" / "data"
     fashion = DATA / "fashion-footwear" / "catalog.csv"
@@ -113,7 +122,7 @@ def main() -> None:
         ("footwear300", [footwear], None),
         ("fashion-footwear", [], fashion),
     ):
-        rate, count, rerun = lookalike_run(paths, metadata, models, views)
+        rate, count, rerun = lookalike_run(paths, metadata, models, settings)
         rows.append((name, count, rate, rerun))
     vgg_files = sorted(footwear.glob("*.jpg"))[: args.vgg_images]
     vgg = vgg_images_per_second(vgg_files)

@@ -1,10 +1,12 @@
 """Retrieval quality of each pipeline choice, as the table in docs/quality.md.
 
     .venv/bin/python benchmarks/bench_quality.py [--calib 500] [--no-fashion] [--latency 40]
+        [--queries CSV]
 
 Grocery (../shared/data/grocery): the 296 val.csv shopper photos search the 81 catalog
-images; Recall@1/@5 (with a 95 % bootstrap interval over queries). Query centring is
-calibrated on `--calib` photos sampled from train.csv, reading only its `image` column
+images (`--queries`: other labelled photos, e.g. a part of train.csv to try the script
+without reading val); Recall@1/@5 (with a 95 % bootstrap interval over queries). Query
+centring is calibrated on `--calib` photos sampled from train.csv, reading only its `image` column
 (no labels). Fashion-footwear: leave-one-out category precision@10 over the 2,836
 catalog images (query-side choices leave it unchanged: it compares stored catalog
 vectors). Cost: forward passes per query and the measured p50 of embedding one query
@@ -38,7 +40,13 @@ STILETTO = DATA / "footwear300" / "search_image_01.jpg"
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
-from lookalike.models.views import TURNED_VIEWS, CatalogViewEncoder  # noqa: E402
+from lookalike.models.views import (  # noqa: E402
+    DEFAULT_CATALOG_VIEWS,
+    DEFAULT_POWER,
+    TURNED_VIEWS,
+    CatalogViewEncoder,
+    power_normalise,
+)
 from lookalike.query import (  # noqa: E402
     QUERY_VIEWS,
     QualitySettings,
@@ -125,6 +133,7 @@ def main() -> None:
     parser.add_argument("--no-fashion", action="store_true", help="skip fashion-footwear")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", default=DEFAULT_MODEL, help=f"encoder (default {DEFAULT_MODEL})")
+    parser.add_argument("--queries", type=Path, help="labelled photos (default: grocery val.csv)")
     args = parser.parse_args()
 
     grocery = DATA / "grocery"
@@ -136,7 +145,7 @@ def main() -> None:
     t_start = time.time()
 
     cat_rows = rows(grocery / "catalog.csv")
-    val_rows = rows(grocery / "val.csv")
+    val_rows = rows(args.queries or grocery / "val.csv")
     train_images = [r["image"] for r in rows(grocery / "train.csv")]  # labels never read
     rng = np.random.default_rng(args.seed)
     pick = sorted(rng.choice(len(train_images), min(args.calib, len(train_images)), replace=False))
@@ -159,6 +168,10 @@ def main() -> None:
     viewed = CatalogViewEncoder(base, TURNED_VIEWS)
     cat_viewed = embed_prepared(viewed, cat_images, viewed.prepare)
     cv_label = "+".join(TURNED_VIEWS)
+    # a new home's default: the image + DEFAULT_CATALOG_VIEWS, power-normalised, queries too
+    shipped_side = CatalogViewEncoder(base, DEFAULT_CATALOG_VIEWS, DEFAULT_POWER)
+    cat_new = embed_prepared(shipped_side, cat_images, shipped_side.prepare)
+    new_label = f"catalog image+{'+'.join(DEFAULT_CATALOG_VIEWS)}, power {DEFAULT_POWER} both sides"
     views: dict[str, np.ndarray] = {}
     for view in SINGLE_VIEWS:
         enc = QueryPipeline(base, QualitySettings(query_views=(view,)))
@@ -186,6 +199,14 @@ def main() -> None:
             stack = l2(stack - centre_for(view_set).mean[None, None, :])
         return l2(stack.sum(axis=1))
 
+    def powered_queries(view: str, centred: bool) -> np.ndarray:
+        """The new default's query vectors: power-normalised views, centred by a centre
+        calibrated in that space (what `calibrate` stores for such a home)."""
+        q = power_normalise(views[view], DEFAULT_POWER)
+        if centred:
+            q = l2(q - power_normalise(calib_views[view], DEFAULT_POWER).mean(axis=0))
+        return q
+
     # this table's shortcuts give the shipped code's vectors: `calibrate` on the photos
     # and `embed_queries` of the pipeline it feeds
     default = QueryPipeline(base).views
@@ -195,6 +216,10 @@ def main() -> None:
     check.set_centre(centre_for(("full", "centre80")))
     direct = check.embed_queries(val_images[:8])
     assert np.allclose(direct, query_vectors(("full", "centre80"), True)[:8], atol=1e-4)
+    powered = QueryPipeline(shipped_side, QualitySettings(centre=False))
+    assert powered.views == default
+    direct = powered.embed_queries(val_images[:8])
+    assert np.allclose(direct, powered_queries(default[0], False)[:8], atol=1e-4)
 
     fashion: dict[float, float] = {}
     stiletto: dict[str, tuple[int, int]] = {}
@@ -223,10 +248,12 @@ def main() -> None:
         fashion[1.0] = fashion_p10(fashion_gap)
         fashion_viewed = embed_prepared(viewed, fashion_images, viewed.prepare)
         fashion_cv = fashion_p10(fashion_viewed)
+        fashion_new = embed_prepared(shipped_side, fashion_images, shipped_side.prepare)
         colour_p10 = {
             name: leave_one_out_precision(vectors, fashion_ids, [r["colour"] or None
                                           for r in frows], 10)["precision"]
-            for name, vectors in (("image alone", fashion_gap), (cv_label, fashion_viewed))
+            for name, vectors in (("image alone", fashion_gap), (cv_label, fashion_viewed),
+                                  (new_label, fashion_new))
         }  # fmt: skip
         fashion[0.7] = fashion_p10(embed_prepared(base, fashion_images, framing(0.7)))
         # the red stiletto of `make run` against the stored fashion vectors, per view
@@ -245,6 +272,11 @@ def main() -> None:
             sum(fashion_cats[i] == "Heels" for i in top),
             sum(colours[i] == "Red" for i in top),
         )
+        top = np.argsort(-(fashion_new @ powered.embed_queries([stiletto_img])[0]))[:10]
+        stiletto[f"{pipe.views[0]}, {new_label} (the default)"] = (
+            sum(fashion_cats[i] == "Heels" for i in top),
+            sum(colours[i] == "Red" for i in top),
+        )
 
     table: list[tuple[str, str, np.ndarray, float | None, int, float | None]] = []
 
@@ -259,6 +291,7 @@ def main() -> None:
         table.append((label, status, scores, fp, forwards, ms))
 
     full, crop, flip = ("full",), ("full", "centre80"), ("full", "flip")
+    p10_new = fashion_p10(fashion_new) if fashion_images is not None else None
     cat = catalog[1.0]
     n_cal = len(calib_paths)
     add(
@@ -275,6 +308,14 @@ def main() -> None:
     )
     for centred in (False, True):
         add(
+            f"{default[0]} + query centring, {new_label}"
+            if centred
+            else f"plain: {default[0]}, {new_label}",
+            "**default, calibrated**" if centred else "**default**",
+            powered_queries(default[0], centred) @ cat_new.T,
+            fashion_p=p10_new if fashion_images is not None else None,
+        )
+        add(
             f"{default[0]} + query centring, catalog views {cv_label} (mean)"
             if centred
             else f"plain: {default[0]}, catalog views {cv_label} (mean, one vector per image)",
@@ -288,7 +329,9 @@ def main() -> None:
                 f"central {view[6:]} % square + query centring (its own views)"
                 if centred
                 else f"plain: central {view[6:]} % square only",
-                ("**default, calibrated**" if centred else "**default**") if shipped else "option",
+                ("default before, calibrated" if centred else "default before")
+                if shipped
+                else "option",
                 query_vectors((view,), centred) @ cat.T,
                 settings=QualitySettings(query_views=(view,), centre=centred) if shipped else None,
             )

@@ -107,7 +107,9 @@ def tuned_home(grocery_split, tmp_path_factory):
     home = tmp_path_factory.mktemp("tune-home")
     with Engine(home) as engine:
         engine.index([], metadata=grocery_split["catalog"], progress=False)
-        base_stamp = engine.encoder.stamp
+        catalog_stamp = engine.encoder.stamp  # the base with its catalog views and power
+        base_stamp = base_of(engine.encoder).stamp  # the network a head is trained on
+        assert catalog_stamp == base_stamp + "+catalog:rot-20+power0.5"  # a new home's
         # searches of a base model use the central square (unless quality.json says
         # otherwise), and the trainer's "before" is what such a search gives
         assert query_pipeline(home, engine.encoder).views == ("centre70",)
@@ -121,7 +123,8 @@ def tuned_home(grocery_split, tmp_path_factory):
         )  # fmt: skip
         assert query_pipeline(home, engine.encoder).views == ("full",)  # a tuned model's
         tuned_r1 = _recall_at_1(engine, grocery_split["held"])
-    return {"home": home, "report": report, "base_stamp": base_stamp, "base_r1": base_r1,
+    return {"home": home, "report": report, "base_stamp": base_stamp,
+            "catalog_stamp": catalog_stamp, "base_r1": base_r1,
             "base_default_r1": base_default_r1, "tuned_r1": tuned_r1}  # fmt: skip
 
 
@@ -203,9 +206,11 @@ def test_reset_restores_base_model_then_reuse(tuned_home, grocery_split):
     home, report = tuned_home["home"], tuned_home["report"]
     with Engine(home) as engine:
         counts = reset(engine, progress=False)
-        assert counts == {"from_cache": N_PRODUCTS + 1, "from_files": 0}
+        # back to the catalog side it had before tuning (catalog views, power
+        # normalisation): not in the feature caches, so read from the files
+        assert counts == {"from_cache": 0, "from_files": N_PRODUCTS + 1}
         assert not is_tuned(engine.encoder)
-        assert engine.catalog.get_meta("stamp") == tuned_home["base_stamp"]
+        assert engine.catalog.get_meta("stamp") == tuned_home["catalog_stamp"]
         assert active_version(home) is None
         assert not engine.info().get("tuned")
         # restored vectors are the base model's own

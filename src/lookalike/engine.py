@@ -39,7 +39,15 @@ from .images import load_image, probe_image
 from .ingest import IngestReport, ingest, reembed
 from .locks import HomeLock
 from .metadata import parse_bool, parse_price, product_from_fields
-from .models import active_encoder, catalog_views_for, is_tuned, with_catalog_views
+from .models import (
+    BASE_STAMP_META,
+    active_encoder,
+    catalog_power_for,
+    catalog_views_for,
+    is_tuned,
+    parse_stamp,
+    with_catalog_views,
+)
 from .payload import PayloadStore
 from .query import load_settings
 from .repair import sync_store
@@ -108,13 +116,15 @@ class Engine(SharedHome):
                 from .encoders import load_encoder
 
                 encoder = active_encoder(self.home, load_encoder(self.model, self.models_dir))
-                if not is_tuned(encoder):  # a base model embeds its catalog images' views
-                    views = catalog_views_for(
-                        load_settings(self.home).catalog_views,
-                        self.catalog.get_meta("stamp") if self.catalog.count_images() else None,
-                        encoder.stamp,
-                    )
-                    encoder = with_catalog_views(encoder, views)
+                if not is_tuned(encoder):  # a base model: catalog views, power normalisation
+                    settings = load_settings(self.home)
+                    stored = self.catalog.get_meta("stamp") if self.catalog.count_images() else None
+                    if stored is not None and parse_stamp(stored, encoder.stamp) is None:
+                        # back from a tuned model: the base's catalog side before tuning
+                        stored = self.catalog.get_meta(BASE_STAMP_META) or stored
+                    views = catalog_views_for(settings.catalog_views, stored, encoder.stamp)
+                    power = catalog_power_for(settings.power_normalise, stored, encoder.stamp)
+                    encoder = with_catalog_views(encoder, views, power)
                 self._encoder = encoder
             return self._encoder
 

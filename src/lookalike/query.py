@@ -53,7 +53,7 @@ from .framing import letterbox_product
 from .fsutil import sha256_of
 from .images import DEFAULT_MAX_BYTES, load_image
 from .models import is_tuned, query_encoder
-from .models.views import check_views
+from .models.views import check_power, check_views
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,12 @@ class QualitySettings:
     catalog_views: tuple[str, ...] | None = None
     """Catalog side (lookalike.models.views): views each catalog image of a base model is
     embedded as, averaged (`flip`, `rot20`, ...; [] for the image alone). None: what the
-    catalog was indexed with, else none (the image alone; `["flip", "rot20", "rot-20"]` is
-    the measured set, at four passes an image). A change needs `lookalike index`."""
+    catalog was indexed with, else `["rot-20"]` (two passes an image; `["flip", "rot20",
+    "rot-20"]` is the measured set of four). A change needs `lookalike index`."""
+    power_normalise: float | bool | None = None
+    """Power normalisation (sign(x) |x|^p, then L2) of a base model's catalog and query
+    vectors: p between 0 and 1, or false for none. None: what the catalog was indexed
+    with, else 0.5 (lookalike.models.views). A change needs `lookalike index`."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.centre, bool):
@@ -144,6 +148,11 @@ class QualitySettings:
                 raise UsageError(f"catalog_views must be a list, not {self.catalog_views!r}")
             try:
                 object.__setattr__(self, "catalog_views", check_views(self.catalog_views))
+            except ValueError as exc:
+                raise UsageError(str(exc)) from None
+        if self.power_normalise is not None:
+            try:
+                check_power(self.power_normalise)
             except ValueError as exc:
                 raise UsageError(str(exc)) from None
         if self.query_views is None:

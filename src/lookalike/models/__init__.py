@@ -29,22 +29,30 @@ from .tuned import (
     open_tuned,
 )
 from .views import (
+    BASE_STAMP_META,
     CATALOG_VIEWS,
     DEFAULT_CATALOG_VIEWS,
+    DEFAULT_POWER,
     TURNED_VIEWS,
     CatalogViewEncoder,
+    catalog_power_for,
     catalog_views_for,
+    parse_stamp,
     query_encoder,
     with_catalog_views,
 )
 
 __all__ = [
     "ACTIVE_FILE",
+    "BASE_STAMP_META",
     "CATALOG_VIEWS",
     "DEFAULT_CATALOG_VIEWS",
+    "DEFAULT_POWER",
     "TURNED_VIEWS",
     "CatalogViewEncoder",
+    "catalog_power_for",
     "catalog_views_for",
+    "parse_stamp",
     "query_encoder",
     "with_catalog_views",
     "HEAD_FORMAT",

@@ -269,7 +269,7 @@ def is_tuned(encoder: Any) -> bool:
 
 def base_of(encoder: Any) -> Any:
     """The untuned encoder underneath `encoder` (itself when it is not tuned), without
-    catalog views (lookalike.models.views): what tuning trains on."""
-    from .views import query_encoder
+    catalog views or power normalisation (lookalike.models.views): what tuning trains on."""
+    from .views import bare_base
 
-    return encoder.base if is_tuned(encoder) else query_encoder(encoder)
+    return encoder.base if is_tuned(encoder) else bare_base(encoder)

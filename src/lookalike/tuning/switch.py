@@ -10,7 +10,15 @@ from typing import Any
 import numpy as np
 
 from ..ingest import IngestReport, reembed
-from ..models import CatalogViewEncoder, TunedEncoder, base_of, load_tuned, set_active
+from ..models import (
+    BASE_STAMP_META,
+    CatalogViewEncoder,
+    TunedEncoder,
+    base_of,
+    is_tuned,
+    load_tuned,
+    set_active,
+)
 from .features import FeatureCache, catalog_images
 
 
@@ -24,6 +32,9 @@ def use_model(engine: Any, version: str | None, progress: bool = True) -> dict[s
         base = base_of(engine.encoder)
         if version is not None:
             load_tuned(home, version, base)  # fails before anything changes
+        if not is_tuned(engine.encoder) and engine.catalog.count_images():
+            # what `reset` gives back (catalog views, power normalisation)
+            engine.catalog.set_meta(BASE_STAMP_META, engine.encoder.stamp)
         set_active(home, version)
         encoder, store = engine.reload_model()  # new stamp: a fresh vector store
         catalog = engine.catalog

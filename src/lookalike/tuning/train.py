@@ -169,7 +169,7 @@ def train_tuned_model(
     before = None
     val_recall = _validation_recall(home, features, data)
     if val_recall is not None:
-        before = val_recall(base, _searched_catalog(engine, inputs, features, data))
+        before = val_recall(*_searched_catalog(engine, base, inputs, features, data))
         log(
             f"validation before tuning: Recall@1 {before['recall@1']:.3f}"
             f"  Recall@5 {before['recall@5']:.3f}  ({len(data.val_y)} photos)"
@@ -450,18 +450,21 @@ def _validation_recall(
     return recall
 
 
-def _searched_catalog(engine: Any, inputs: Any, features: Features, data: Any) -> np.ndarray:
-    """The catalog vectors a search compares with before tuning: the stored ones when the
-    live model is the base embedding its catalog's views (lookalike.models.views), else
-    the base model's vectors of the catalog images."""
+def _searched_catalog(
+    engine: Any, base: Any, inputs: Any, features: Features, data: Any
+) -> tuple[Any, np.ndarray]:
+    """The model that embeds the queries and the catalog vectors a search compares them
+    with before tuning: the live model and its stored vectors when it is the base with
+    catalog views or power normalisation (lookalike.models.views), else the base model
+    and its vectors of the catalog images."""
     encoder = engine.encoder
     if not isinstance(encoder, CatalogViewEncoder):
-        return data.cat_emb
+        return base, data.cat_emb
     ids = [row[0] for row, img in zip(inputs.cat_rows, features.cat_images, strict=True)
            if img.sha256 in features.cache]  # fmt: skip
     if not set(ids) <= set(engine.catalog.embedded_ids(encoder.stamp).tolist()):
-        return data.cat_emb  # not indexed with the live views yet
-    return engine.catalog.vectors(ids)
+        return base, data.cat_emb  # not indexed with the live views yet
+    return encoder, engine.catalog.vectors(ids)
 
 
 def _from_cache(
