@@ -77,8 +77,9 @@ def score_home(engine: Engine, pool: list[dict], held: list[dict]) -> dict:
     q = _embed(engine, [r["image"] for r in held])
     p = _embed(engine, [r["image"] for r in pool])
     truth = [r["product_id"] for r in held]
+    none = np.zeros(len(cat), np.float32)
     out = {"engine_search": recall(engine, held),
-           "beta 0": ranked_recall(q, cat, owners, truth, np.zeros(len(cat), np.float32))}  # fmt: skip
+           "beta 0": ranked_recall(q, cat, owners, truth, none)}  # fmt: skip
     for beta, k in SETTINGS:
         out[f"beta {beta} k {k}"] = ranked_recall(q, cat, owners, truth,
                                                   beta * hub_scores(cat, p, k))  # fmt: skip
