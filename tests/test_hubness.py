@@ -169,9 +169,16 @@ def test_off_and_a_centre_file_without_r(calibrated, capsys):
         for q, results in zip(vq, engine.search(queries, k=5), strict=True):
             want = _brute_force(q, ids, vectors, owners, np.zeros(len(ids)), 5)
             assert [r.product_id for r in results] == [pid for pid, _, _ in want]
-    assert main(["--home", str(home), "calibrate", "--off"]) == 0
-    assert not (home / CENTRE_FILE).exists()
-    with Engine(home) as engine:
+        # an engine that stays open (a running server) follows calibrate and --off
+        listing = calibrated["root"] / "calib.csv"
+        assert main(["--home", str(home), "calibrate", str(listing)]) == 0
+        hub = query_pipeline(home, engine.encoder).hub
+        assert hub is not None and hub.ids.size == len(ids)
+        results = engine.search(queries[:1], k=5)[0]
+        want = _brute_force(vq[0], ids, vectors, owners, hub.penalty(ids), 5)
+        assert [r.product_id for r in results] == [pid for pid, _, _ in want]
+        assert main(["--home", str(home), "calibrate", "--off"]) == 0
+        assert not (home / CENTRE_FILE).exists()
         assert query_pipeline(home, engine.encoder).hub is None
         assert query_pipeline(home, engine.encoder).centre is None
 
