@@ -511,19 +511,12 @@ def photo_paths(sources: Iterable[str | Path]) -> list[Path]:
 
 
 def calibrate(
-    encoder: QueryPipeline,
-    photos: Sequence[str | Path],
-    *,
-    limit: int | None = 1000,
-    batch: int = 16,
-    seed: int = 0,
-    progress: bool = False,
+    encoder: QueryPipeline, photos: Sequence[str | Path], **options: Any
 ) -> tuple[QueryCentre, list[str]]:
     """The mean raw query vector of unlabelled photos (at most `limit`, an even random
-    sample). Returns the centre and the photos that could not be read."""
-    centre, failed, _ = calibrate_queries(
-        encoder, photos, limit=limit, batch=batch, seed=seed, progress=progress
-    )
+    sample; the options of `calibrate_queries`). Returns the centre and the photos that
+    could not be read."""
+    centre, failed, _ = calibrate_queries(encoder, photos, **options)
     return centre, failed
 
 
