@@ -39,6 +39,7 @@ STILETTO = DATA / "footwear300" / "search_image_01.jpg"
 
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
+from lookalike.hubness import HUB_BETA, HUB_K, hub_scores  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
 from lookalike.models.views import (  # noqa: E402
     DEFAULT_CATALOG_VIEWS,
@@ -53,6 +54,7 @@ from lookalike.query import (  # noqa: E402
     QueryCentre,
     QueryPipeline,
     calibrate,
+    calibrate_queries,
     with_margin,
 )
 
@@ -220,6 +222,14 @@ def main() -> None:
     assert powered.views == default
     direct = powered.embed_queries(val_images[:8])
     assert np.allclose(direct, powered_queries(default[0], False)[:8], atol=1e-4)
+    # the hubness correction's r(c) (lookalike.hubness): the calibration photos, centred
+    # as queries are in the default's space, against the default's catalog vectors
+    p = power_normalise(calib_views[default[0]], DEFAULT_POWER)
+    calib_centred = l2(p - p.mean(axis=0))
+    hub_r = hub_scores(cat_new, calib_centred, HUB_K)
+    _, _, few_q = calibrate_queries(QueryPipeline(shipped_side), calib_paths[:32], limit=None)
+    p32 = p[:32]
+    assert np.allclose(few_q, l2(p32 - p32.mean(axis=0)), atol=1e-4)  # what calibrate uses
 
     fashion: dict[float, float] = {}
     stiletto: dict[str, tuple[int, int]] = {}
@@ -311,10 +321,18 @@ def main() -> None:
             f"{default[0]} + query centring, {new_label}"
             if centred
             else f"plain: {default[0]}, {new_label}",
-            "**default, calibrated**" if centred else "**default**",
+            "calibrated, hub_correction false" if centred else "**default**",
             powered_queries(default[0], centred) @ cat_new.T,
             fashion_p=p10_new if fashion_images is not None else None,
         )
+        if centred:
+            add(
+                f"{default[0]} + query centring + hub correction (beta {HUB_BETA}, k {HUB_K}),"
+                f" {new_label}",
+                "**default, calibrated**",
+                powered_queries(default[0], True) @ cat_new.T - HUB_BETA * hub_r[None, :],
+                fashion_p=p10_new if fashion_images is not None else None,
+            )
         add(
             f"{default[0]} + query centring, catalog views {cv_label} (mean)"
             if centred

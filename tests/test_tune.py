@@ -202,6 +202,29 @@ def _any_image(engine: Engine) -> str:
     return next(iter(engine.catalog.iter_images()))[0].source
 
 
+def test_a_tuned_model_gets_no_hub_correction(tuned_home, grocery_split, tmp_path):
+    """`calibrate` stores no hub scores for a tuned model, and a centre that carries some
+    in its stamp is still searched without the correction (lookalike.hubness)."""
+    import shutil
+
+    from lookalike.query import CENTRE_FILE, QueryCentre, calibrate_home, save_centre
+
+    home = tmp_path / "home"
+    shutil.copytree(tuned_home["home"], home)
+    photos = [r["image"] for r in _rows(grocery_split["held"])][:20]
+    with Engine(home) as engine:
+        assert is_tuned(engine.encoder)
+        summary = calibrate_home(home, engine.encoder, photos, catalog=engine.catalog)
+        assert summary["hub_correction"] is None
+        centre = QueryCentre.load(home / CENTRE_FILE)
+        assert centre.hub_r is None and centre.stamp == engine.encoder.stamp
+        ids = engine.catalog.embedded_ids(engine.encoder.stamp)
+        centre.hub_ids, centre.hub_r, centre.hub_k = ids, np.linspace(0, 0.5, len(ids)), 10
+        save_centre(home, centre)
+        pipeline = query_pipeline(home, engine.encoder)
+        assert pipeline.centre is not None and pipeline.hub is None
+
+
 def test_reset_restores_base_model_then_reuse(tuned_home, grocery_split):
     home, report = tuned_home["home"], tuned_home["report"]
     with Engine(home) as engine:

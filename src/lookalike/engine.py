@@ -461,15 +461,24 @@ class Engine(SharedHome):
     def embed_queries(self, queries: Sequence[QuerySource]) -> np.ndarray:
         """Decode and embed query images with the catalog's encoder and preprocessing; a
         query with a catalog image's bytes gets that image's stored vector."""
+        return self._embed_photos(queries)[0]
+
+    def _embed_photos(self, queries: Sequence[QuerySource]) -> tuple[np.ndarray, list | None]:
+        """`embed_queries`, and each query's hubness correction (lookalike.hubness; None
+        for all when the pipeline has none). A query that took a catalog image's stored
+        vector gets none: it is that image, and finds itself first."""
         from .query import embed_sources, query_pipeline  # views, centring (docs/quality.md)
 
         encoder = self.encoder
         stamp = encoder.stamp
-        return embed_sources(
-            query_pipeline(self.home, encoder),
-            queries,
-            lambda sha: self.catalog.vector_by_sha(sha, stamp),
+        pipeline = query_pipeline(self.home, encoder)
+        shortcut: list[int] = []
+        vectors = embed_sources(
+            pipeline, queries, lambda sha: self.catalog.vector_by_sha(sha, stamp), shortcut
         )
+        if pipeline.hub is None:
+            return vectors, None
+        return vectors, [None if i in shortcut else pipeline.hub for i in range(len(queries))]
 
     def search(
         self,
@@ -489,9 +498,9 @@ class Engine(SharedHome):
         self._follow_catalog_model()
         store = self.store
         self._follow_other_writers()
-        vectors = self.embed_queries(queries)
+        vectors, hubs = self._embed_photos(queries)
         with self._lock:
-            return rank_products(self.catalog, store, vectors, k, filters, min_score)
+            return rank_products(self.catalog, store, vectors, k, filters, min_score, hubs=hubs)
 
     def find(
         self,

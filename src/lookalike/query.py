@@ -26,6 +26,10 @@ into L2-normalised query vectors; `Engine.embed_queries` uses it through
   read) and stores that mean in the home folder (`query_centre.npz`); every later query
   view has it subtracted and is L2-normalised again before the views are summed and the
   sum is normalised. With no calibration stored, queries are embedded as before.
+- hubness correction (`hub_correction`, beta 0.5, base models only, once calibrated):
+  `calibrate` also stores r(c) for every catalog image, the mean cosine of its 10
+  nearest calibration photos (centred as queries are), and a photo search ranks images
+  by cos - beta r(c) (lookalike.hubness; the shown score stays the cosine).
 
 Settings come from `QualitySettings()` defaults, overridden by `<home>/quality.json`
 (same keys), e.g. `{"query_views": ["full", "centre80"], "centre": true}`. Both files are
@@ -48,9 +52,11 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .catalog import Catalog
 from .errors import ImageError, InputPathError, MetadataError, UsageError
 from .framing import letterbox_product
 from .fsutil import sha256_of
+from .hubness import HUB_BETA, HUB_K, HubCorrection, catalog_hub_scores
 from .images import DEFAULT_MAX_BYTES, load_image
 from .models import is_tuned, query_encoder
 from .models.views import check_power, check_views
@@ -137,8 +143,18 @@ class QualitySettings:
     """Power normalisation (sign(x) |x|^p, then L2) of a base model's catalog and query
     vectors: p between 0 and 1, or false for none. None: what the catalog was indexed
     with, else 0.5 (lookalike.models.views). A change needs `lookalike index`."""
+    hub_correction: float | bool = HUB_BETA
+    """beta of the hubness correction of a calibrated base model's photo searches
+    (lookalike.hubness): images ranked by cos - beta r(c); false (or 0) for none."""
 
     def __post_init__(self) -> None:
+        hub = self.hub_correction
+        if hub is True:
+            object.__setattr__(self, "hub_correction", HUB_BETA)
+        elif hub is not False and (
+            not isinstance(hub, int | float) or not 0.0 <= float(hub) <= 10.0
+        ):
+            raise UsageError(f"hub_correction must be false or a number from 0 to 10, not {hub!r}")
         if not isinstance(self.centre, bool):
             raise UsageError(f"centre must be true or false, not {self.centre!r}")
         if self.frame_products is not None and not isinstance(self.frame_products, bool):
@@ -221,11 +237,25 @@ class QueryCentre:
     photos: int
     views: tuple[str, ...]
     created: float = field(default_factory=time.time)
+    hub_ids: np.ndarray | None = None
+    """The catalog images (ids) r was computed for at `calibrate`; None in a centre file
+    made before the hubness correction existed (then no correction)."""
+    hub_r: np.ndarray | None = None
+    """r(c) of each of `hub_ids`: the mean cosine of its `hub_k` nearest calibration photos."""
+    hub_k: int | None = None
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp.npz")
+        hub = {}
+        if self.hub_ids is not None and self.hub_r is not None:
+            hub = {
+                "hub_ids": np.asarray(self.hub_ids, dtype=np.int64),
+                "hub_r": np.asarray(self.hub_r, dtype=np.float32),
+                "hub_k": np.array(int(self.hub_k or HUB_K)),
+            }
         np.savez(
             tmp,
+            **hub,
             mean=self.mean.astype(np.float32),
             meta=np.array(
                 json.dumps(
@@ -248,10 +278,18 @@ class QueryCentre:
             with np.load(path, allow_pickle=False) as data:
                 meta = json.loads(str(data["meta"]))
                 mean = np.asarray(data["mean"], dtype=np.float32)
+                hub: dict[str, Any] = {}
+                if "hub_r" in data.files:  # older files have none: no correction
+                    hub = {
+                        "hub_ids": np.asarray(data["hub_ids"], dtype=np.int64),
+                        "hub_r": np.asarray(data["hub_r"], dtype=np.float32),
+                        "hub_k": int(data["hub_k"]),
+                    }
         except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
             log.warning("ignoring unreadable %s: %s", path, exc)
             return None
-        return cls(mean, meta["stamp"], int(meta["photos"]), tuple(meta["views"]), meta["created"])
+        return cls(mean, meta["stamp"], int(meta["photos"]), tuple(meta["views"]),
+                   meta["created"], **hub)  # fmt: skip
 
 
 class QueryPipeline:
@@ -277,6 +315,8 @@ class QueryPipeline:
         self.draft_size = base.draft_size
         self.dim = base.dim
         self.centre: QueryCentre | None = None
+        self.hub: HubCorrection | None = None
+        """The hubness correction photo searches apply (lookalike.hubness), or None."""
         if centre is not None:
             self.set_centre(centre)
 
@@ -305,6 +345,12 @@ class QueryPipeline:
                 list(self.views),
             )
         self.centre = centre
+        self.hub = None
+        beta = float(self.settings.hub_correction)
+        if centre is not None and centre.hub_r is not None and self.settings.centre:
+            # r was measured on centred photos of a base model: never for a tuned one
+            if not is_tuned(self.base) and centre.hub_ids is not None:
+                self.hub = HubCorrection.of(centre.hub_ids, centre.hub_r, beta)
 
     def raw_query_views(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, V, dim) L2-normalised view vectors, before centring."""
@@ -367,13 +413,15 @@ def embed_sources(
     pipeline: QueryPipeline,
     queries: Sequence[Any],
     stored: Callable[[str], np.ndarray | None],
+    shortcut: list[int] | None = None,
 ) -> np.ndarray:
     """Query sources (paths, uploaded bytes or decoded images) -> float32 (N, dim).
 
     A query whose bytes are those of a catalog image (`stored(sha256)` gives that
     image's vector in this vector space) is that vector, unchanged: it matches itself
     first, at score 1, whatever the views or the centre do to photos. The others are
-    decoded and embedded by `pipeline`."""
+    decoded and embedded by `pipeline`. `shortcut`, when given, gets the positions of the
+    queries that took a stored vector."""
     out = np.zeros((len(queries), pipeline.dim), dtype=np.float32)
     todo: list[int] = []
     for i, query in enumerate(queries):
@@ -381,6 +429,8 @@ def embed_sources(
         vector = stored(sha) if sha is not None else None
         if vector is not None and vector.shape == (pipeline.dim,):
             out[i] = vector  # stored normalised by the encoder: as it is
+            if shortcut is not None:
+                shortcut.append(i)
         else:
             todo.append(i)
     if todo:
@@ -461,6 +511,16 @@ def photo_paths(sources: Iterable[str | Path]) -> list[Path]:
 
 
 def calibrate(
+    encoder: QueryPipeline, photos: Sequence[str | Path], **options: Any
+) -> tuple[QueryCentre, list[str]]:
+    """The mean raw query vector of unlabelled photos (at most `limit`, an even random
+    sample; the options of `calibrate_queries`). Returns the centre and the photos that
+    could not be read."""
+    centre, failed, _ = calibrate_queries(encoder, photos, **options)
+    return centre, failed
+
+
+def calibrate_queries(
     encoder: QueryPipeline,
     photos: Sequence[str | Path],
     *,
@@ -468,17 +528,16 @@ def calibrate(
     batch: int = 16,
     seed: int = 0,
     progress: bool = False,
-) -> tuple[QueryCentre, list[str]]:
-    """The mean raw query vector of unlabelled photos (at most `limit`, an even random
-    sample). Returns the centre and the photos that could not be read."""
+) -> tuple[QueryCentre, list[str], np.ndarray]:
+    """`calibrate`, and the photos' query vectors once centred by it (N, dim): what
+    `embed_queries` gives them with that centre, without a second forward pass."""
     paths = list(photos)
     if limit is not None and len(paths) > limit:
         rng = np.random.default_rng(seed)
         paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
     if not paths:
         raise UsageError("calibrate needs at least one photo")
-    total = np.zeros(encoder.dim, dtype=np.float64)
-    count = 0
+    parts: list[np.ndarray] = []
     failed: list[str] = []
     draft = encoder.draft_size
     chunks = range(0, len(paths), batch)
@@ -493,16 +552,16 @@ def calibrate(
                 images.append(load_image(Path(p), draft_size=draft))
             except (ImageError, OSError) as exc:
                 failed.append(f"{p}: {exc}")
-        if not images:
-            continue
-        views = encoder.raw_query_views(images)
-        total += views.reshape(-1, encoder.dim).sum(axis=0)
-        count += views.shape[0] * views.shape[1]
-    if count == 0:
+        if images:
+            parts.append(encoder.raw_query_views(images))
+    if not parts:
         raise ImageError("none of the calibration photos could be read")
-    mean = (total / count).astype(np.float32)
-    n_photos = count // len(encoder.views)
-    return QueryCentre(mean, encoder.stamp, n_photos, encoder.views), failed
+    views = np.concatenate(parts)  # (N, V, dim)
+    flat = views.reshape(-1, encoder.dim)
+    mean = (flat.astype(np.float64).sum(axis=0) / len(flat)).astype(np.float32)
+    centre = QueryCentre(mean, encoder.stamp, len(views), encoder.views)
+    queries = _l2(_l2(views - mean[None, None, :]).sum(axis=1))  # as embed_queries does
+    return centre, failed, queries
 
 
 def save_centre(home: str | Path, centre: QueryCentre) -> Path:
@@ -519,16 +578,25 @@ def calibrate_home(
     *,
     limit: int | None = 1000,
     progress: bool = False,
+    catalog: Catalog | None = None,
 ) -> dict[str, Any]:
     """`lookalike calibrate`: the centre of unlabelled photos (folders, images, or CSVs with
-    an image column) for this home's encoder, saved in the home. Returns the summary."""
+    an image column) for this home's encoder, saved in the home. With `catalog` and a base
+    model, also r(c) of every catalog image embedded by `encoder` (lookalike.hubness):
+    the mean cosine of its `HUB_K` nearest photos, centred. Returns the summary."""
     if not photos:
         raise UsageError("give folders, image files or CSVs of unlabelled photos")
     if limit is not None and limit < 1:
         raise UsageError("--limit must be at least 1")
     pipeline = QueryPipeline(encoder, load_settings(home))
     paths = photo_paths(photos)
-    centre, failed = calibrate(pipeline, paths, limit=limit, progress=progress)
+    centre, failed, queries = calibrate_queries(pipeline, paths, limit=limit, progress=progress)
+    hub = None
+    if catalog is not None and not is_tuned(pipeline.base):
+        ids, r = catalog_hub_scores(catalog, encoder.stamp, queries, HUB_K)
+        if ids.size:
+            centre.hub_ids, centre.hub_r, centre.hub_k = ids, r, HUB_K
+            hub = {"images": int(ids.size), "k": HUB_K}
     path = save_centre(home, centre)
     return {
         "photos": centre.photos,
@@ -537,6 +605,7 @@ def calibrate_home(
         "views": list(centre.views),
         "stamp": centre.stamp,
         "path": str(path),
+        "hub_correction": hub,
     }
 
 
@@ -553,4 +622,6 @@ def describe(pipeline: QueryPipeline) -> dict[str, Any]:
     out: dict[str, Any] = {"query_views": list(pipeline.views)}
     used = pipeline.centre is not None and pipeline.settings.centre
     out["query_centre"] = {"photos": pipeline.centre.photos} if used else None
+    hub = pipeline.hub
+    out["hub_correction"] = {"beta": hub.beta, "images": int(hub.ids.size)} if hub else None
     return out

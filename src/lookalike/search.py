@@ -5,11 +5,17 @@ Results are products, not images: a product appears once, with its best-matching
 and that image's cosine score. A filter never loses results: the vector search only
 considers images whose product passes the filter, so when three products match, those
 three come back, ranked.
+
+With a hubness correction (lookalike.hubness: a calibrated base model's photo searches)
+products are ranked by their best image's cos - beta r(c) instead, and `score` stays that
+image's cosine (so `min_score` keeps its meaning, and scores are not always descending).
+The ranking is exact: the store's candidates are fetched by cosine as always, and the
+search widens until no image it has not fetched could rank among the top k.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +23,7 @@ import numpy as np
 
 from .catalog import Catalog, Filters
 from .errors import UsageError
+from .hubness import HubCorrection
 from .vectors.base import VectorStore
 
 __all__ = ["Filters", "Result", "rank_products"]
@@ -107,10 +114,11 @@ def rank_products(
     min_score: float | None = None,
     exclude_products: Collection[str] = (),
     allowed_ids: np.ndarray | None = None,
+    hubs: Sequence[HubCorrection | None] | None = None,
 ) -> list[list[Result]]:
     """Top-k products for each query vector (rows of `queries`). `allowed_ids` (image
     ids that already passed the filters, e.g. those of products with some words)
-    replaces `filters`."""
+    replaces `filters`. `hubs`: each query's hubness correction (None: plain cosine)."""
     check_k(k)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     scope = search_scope(catalog, store, filters, allowed_ids)
@@ -118,8 +126,9 @@ def rank_products(
         return [[] for _ in range(len(queries))]
     exclude = set(exclude_products)
     out = []
-    for query in queries:
-        best = best_images(catalog, store, query, k, scope, min_score, exclude)
+    for i, query in enumerate(queries):
+        hub = hubs[i] if hubs is not None else None
+        best = best_images(catalog, store, query, k, scope, min_score, exclude, hub)
         out.append(results_for(catalog, list(best.items())[:k]))
     return out
 
@@ -132,9 +141,11 @@ def best_images(
     scope: Scope,
     min_score: float | None = None,
     exclude: Collection[str] = (),
+    hub: HubCorrection | None = None,
 ) -> dict[str, tuple[float, int, str]]:
     """product_id -> (score, image_id, source) of its best image, for at least k products
-    when there are that many (best first)."""
+    when there are that many (best first). With `hub`, best = highest cos - beta r(c)
+    (`score` is still the cosine)."""
     # Ask for more images than products (a product may own several images), and widen
     # the search until k distinct products are found or every candidate has been seen.
     total = scope.total
@@ -146,22 +157,29 @@ def best_images(
         valid = ids >= 0
         scores, ids = scores[valid], ids[valid]
         owners = catalog.image_products(ids.tolist())
+        ranks = scores - hub.penalty(ids) if hub is not None else scores
         best: dict[str, tuple[float, int, str]] = {}
+        rank: dict[str, float] = {}
         exhausted = len(ids) < want or want >= total
         below_floor = False
-        for score, image_id in zip(scores.tolist(), ids.tolist(), strict=True):
+        for score, image_id, r in zip(scores.tolist(), ids.tolist(), ranks.tolist(), strict=True):
             if min_score is not None and score < min_score:
                 below_floor = True
                 break
             owner = owners.get(image_id)
             if owner is None or owner[0] in exclude:
                 continue  # removed from the catalog while the store lagged, or excluded
-            if owner[0] not in best:
-                best[owner[0]] = (score, image_id, owner[1])
-        if len(best) >= k or exhausted or below_floor:
+            if owner[0] not in best or r > rank[owner[0]]:
+                best[owner[0]], rank[owner[0]] = (score, image_id, owner[1]), r
+        enough = len(best) >= k
+        if enough and hub is not None and len(scores):
+            # an image not fetched has cos <= the lowest fetched, so its corrected score is
+            # at most that - the least penalty: the top k are final once the k-th beats it
+            enough = sorted(rank.values())[-k] >= float(scores[-1]) - hub.least
+        if enough or exhausted or below_floor:
             break
         want = min(total, want * 4)
-    return dict(sorted(best.items(), key=lambda item: -item[1][0]))
+    return dict(sorted(best.items(), key=lambda item: -rank[item[0]]))
 
 
 def results_for(

@@ -64,11 +64,14 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                 args.photos,
                 limit=args.limit,
                 progress=show_progress(args),
+                catalog=engine.catalog,
             )
             failed = summary["failed"]
+            hub = summary["hub_correction"]
             text = (
                 f"query centre from {summary['photos']} photos ({summary['found']} found"
                 + (f", {len(failed)} unreadable" if failed else "")
+                + (f"; hub scores of {hub['images']} catalog images" if hub else "")
                 + f") saved to {summary['path']}"
             )
         print(json.dumps(summary, indent=2) if args.json else text)
@@ -122,12 +125,14 @@ def add_commands(sub: Any) -> None:
             "Average the query vectors of unlabelled photos like the ones shoppers will send"
             " (folders, image files, or CSV files with an image column; labels are never"
             " read) and store that centre in the home folder. Every later search subtracts"
-            " it from the query vector, which removes what all shop photos share. No"
-            " re-index is needed. See docs/quality.md."
+            " it from the query vector, which removes what all shop photos share. For a"
+            " base model it also stores how near each catalog image is to the photos"
+            " (hubness), which photo searches then discount. No re-index is needed. See"
+            " docs/quality.md."
         ),
     )
     p.add_argument("photos", nargs="*", help="folders, image files or CSVs with an image column")
     p.add_argument("--limit", type=int, default=1000, help="at most this many photos (sampled)")
-    p.add_argument("--off", action="store_true", help="remove the stored centre")
+    p.add_argument("--off", action="store_true", help="remove the stored centre (and hub scores)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=cmd_calibrate)
