@@ -126,10 +126,15 @@ def test_photo_search_is_the_brute_force_corrected_ranking(calibrated):
         assert first.product_id == owners[3] and first.score == pytest.approx(1.0, abs=1e-5)
 
 
-def test_a_strong_correction_widens_the_search_to_stay_exact(calibrated):
+def test_a_strong_correction_widens_the_search_to_stay_exact(calibrated, monkeypatch):
     """beta 3: the corrected top products lie beyond the first candidates fetched by
-    cosine (32 images for k 1), so only the widening keeps the ranking exact."""
+    cosine (32 images for k 1, with the larger first fetch of a hub-corrected search
+    turned off: grocery's 81 images would otherwise all be fetched at once), so only
+    the widening keeps the ranking exact."""
+    from lookalike import search
     from lookalike.engine import Engine
+
+    monkeypatch.setattr(search, "HUB_FETCH", 1)
 
     home = _fresh(calibrated, "strong")
     (home / "quality.json").write_text(json.dumps({"hub_correction": 3}))
