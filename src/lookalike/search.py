@@ -32,7 +32,7 @@ HUB_FETCH = 4
 """A hub-corrected search fetches this many times more candidates in its first round:
 the corrected top k then usually needs no second round trip to the store (2,836
 fashion images, calibrated on footwear300 photos: 1.99 -> 1.15 searches a query at k
-10, 2.9 -> 1.6 ms ranking; docs/quality.md)."""
+10, 2.57 -> 1.78 ms ranking; benchmarks/bench_hub_fetch.py)."""
 
 MAX_K = 1000
 
