@@ -96,6 +96,11 @@ def check_power(p: Any) -> float | None:
     return float(p)
 
 
+def _power_tag(p: float | None) -> str:
+    """The stamp's suffix for power normalisation p ("" for none)."""
+    return "" if p is None else f"{POWER_TAG}{p:g}"
+
+
 def check_views(views: Sequence[str]) -> tuple[str, ...]:
     """The views as a tuple, or ValueError naming the unknown ones."""
     views = tuple(views)
@@ -131,12 +136,6 @@ def parse_stamp(stored: str | None, base_stamp: str) -> tuple[tuple[str, ...], f
         return check_views(rest[len(STAMP_TAG) :].split(",")), power
     except ValueError:
         return None
-
-
-def stamp_views(stored: str | None, base_stamp: str) -> tuple[str, ...] | None:
-    """The catalog views of a stored catalog stamp (parse_stamp), None for another model's."""
-    parsed = parse_stamp(stored, base_stamp)
-    return None if parsed is None else parsed[0]
 
 
 def catalog_views_for(
@@ -184,7 +183,7 @@ class PoweredEncoder(_OnBase):
 
     def __init__(self, base: Any, power: float) -> None:
         self.power = check_power(power)
-        super().__init__(base, f"{base.stamp}{POWER_TAG}{self.power:g}")
+        super().__init__(base, base.stamp + _power_tag(self.power))
 
     def embed(self, batch: np.ndarray) -> np.ndarray:
         return power_normalise(self.base.embed(batch), self.power)
@@ -198,10 +197,8 @@ class CatalogViewEncoder(_OnBase):
         self.views = check_views(views)
         self.power = check_power(power)
         self._fns = [CATALOG_VIEWS[v] for v in self.views]
-        stamp = base.stamp + (f"{STAMP_TAG}{','.join(self.views)}" if self.views else "")
-        if self.power is not None:
-            stamp += f"{POWER_TAG}{self.power:g}"
-        super().__init__(base, stamp)
+        views_tag = f"{STAMP_TAG}{','.join(self.views)}" if self.views else ""
+        super().__init__(base, base.stamp + views_tag + _power_tag(self.power))
         self.query = base if self.power is None else PoweredEncoder(base, self.power)
         """What embeds queries: the base, power-normalised as the catalog is."""
 
