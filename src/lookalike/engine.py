@@ -472,7 +472,7 @@ class Engine(SharedHome):
         encoder = self.encoder
         stamp = encoder.stamp
         pipeline = query_pipeline(self.home, encoder)
-        shortcut: list[int] = []
+        shortcut: set[int] = set()
         vectors = embed_sources(
             pipeline, queries, lambda sha: self.catalog.vector_by_sha(sha, stamp), shortcut
         )

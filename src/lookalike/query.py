@@ -413,7 +413,7 @@ def embed_sources(
     pipeline: QueryPipeline,
     queries: Sequence[Any],
     stored: Callable[[str], np.ndarray | None],
-    shortcut: list[int] | None = None,
+    shortcut: set[int] | None = None,
 ) -> np.ndarray:
     """Query sources (paths, uploaded bytes or decoded images) -> float32 (N, dim).
 
@@ -430,7 +430,7 @@ def embed_sources(
         if vector is not None and vector.shape == (pipeline.dim,):
             out[i] = vector  # stored normalised by the encoder: as it is
             if shortcut is not None:
-                shortcut.append(i)
+                shortcut.add(i)
         else:
             todo.append(i)
     if todo:
