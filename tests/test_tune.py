@@ -366,7 +366,7 @@ def test_feature_cache_holds_catalog_and_photos(tuned_home):
     assert cache.has_spatial() and cache.spatial.shape[1:] == (208, 9, 9)
     assert cache.embeddings.shape[1] == base.dim
     # the augmented views are cached beside the images, keyed by file, recipe and number
-    views = TuneSettings().catalog_views
+    views = TuneSettings().catalog_augment_views
     for sha in shas:
         assert {f"{sha}#{VIEW_RECIPE}.{k}" for k in range(1, views + 1)} <= set(cache.index)
     rows = cache.rows([sha, f"{sha}#{VIEW_RECIPE}.1"])

@@ -80,9 +80,9 @@ def cached_features(
             unreadable += compute_features(
                 base, cache, images, featurize=featurize, progress=progress, desc=desc
             )
-    if finetuning and (settings.views or settings.catalog_views):
+    if finetuning and (settings.views or settings.catalog_augment_views):
         view_images = [
-            *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.catalog_views + 1)
+            *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.catalog_augment_views + 1)
               for i in cat_images),
             *(ImageRef(i.path, i.sha256, k) for k in range(1, settings.views + 1)
               for i in [*photo_images, *unl_images]),
@@ -176,7 +176,7 @@ def gather_arrays(features: Features, inputs: Inputs, settings: TuneSettings) ->
     data = Data(
         finetuning, spatial, len(inputs.products), photo_x, photo_y, cat_x, cat_y, cat_emb,
         photo_views=gather_views(features.photo_images, settings.views),
-        cat_views=gather_views(features.cat_images, settings.catalog_views),
+        cat_views=gather_views(features.cat_images, settings.catalog_augment_views),
         n_photos=len(photo_y), photo_emb=photo_emb,
     )  # fmt: skip
     if inputs.labels_path is not None and len(photo_y) == 0:

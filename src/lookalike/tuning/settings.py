@@ -37,7 +37,7 @@ class TuneSettings:
     catalog_weight: float = 1.0
     catalog_per_step: int = 24  # finetune: catalog images beside each batch of photos
     views: int = 2  # finetune: augmented views of each labelled photo (finetune.random_view)
-    catalog_views: int = 8  # finetune: ... and of each catalog image
+    catalog_augment_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
     field_weight: float = 1.0  # --field: weight of the field's loss beside the product loss
     # base embedding appended, scaled; None: 1.0 with --field, PHOTOS_KEEP_BASE with

@@ -348,7 +348,7 @@ def _write_model(
                      "tail_sha256": file_sha256(folder / "tail.onnx", None),
                      "first_block": trunk.cut.first_block, "trunk_tensor": trunk.cut.tensor,
                      "input": f"trunk maps of each image and {settings.views} (photos) /"
-                              f" {settings.catalog_views} (catalog) augmented views;"
+                              f" {settings.catalog_augment_views} (catalog) augmented views;"
                               " mirror + random-crop of the maps"}  # fmt: skip
         return _Written(digest, described, kind_info)
     head: Head = trained
