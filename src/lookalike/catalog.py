@@ -423,6 +423,14 @@ class Catalog(textindex.WordsQueries):
             ).fetchall()
         return [ImageRow(*r) for r in rows]
 
+    def has_sha(self, sha256: str) -> bool:
+        """Whether some catalog image has exactly these bytes."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT 1 FROM images WHERE sha256=? LIMIT 1", (sha256,)
+            ).fetchone()
+        return row is not None
+
     def vector_by_sha(self, sha256: str, stamp: str) -> np.ndarray | None:
         """A vector already computed for identical bytes under the same model."""
         with self._lock:

@@ -37,6 +37,7 @@ from .errors import (
 from .fusion import SearchReport, check_text_weight, photo_and_words, words_alone
 from .images import load_image, probe_image
 from .ingest import IngestReport, ingest, reembed
+from .keptphotos import KeptPhotos
 from .locks import HomeLock
 from .metadata import parse_bool, parse_price, product_from_fields
 from .models import (
@@ -596,6 +597,9 @@ class Engine(SharedHome):
         tuned = self.catalog.get_meta("tuned")
         if tuned:
             out["tuned"] = tuned
+        kept = KeptPhotos.of_home(self.home, 0)
+        if count := kept.count():  # `serve --keep-photos`: shopper photos to tune on
+            out["kept_photos"] = {"folder": str(kept.folder.resolve()), "photos": count}
         if out["stamp"] is not None:
             try:
                 out["vector_store"] = self.store.describe()

@@ -12,6 +12,8 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
+from ..errors import UsageError
+from ..keptphotos import KeptPhotos
 from .auth import API_KEY_ENV
 from .deps import CpuSlots
 from .errors import install_error_handlers
@@ -21,6 +23,7 @@ from .routes import catalog, catalog_writes, duplicates, images, meta, search
 from .thumbnails import ThumbnailCache
 
 CORS_ENV = "LOOKALIKE_CORS_ORIGINS"
+KEEP_PHOTOS_ENV = "LOOKALIKE_KEEP_PHOTOS"
 
 
 def create_app(
@@ -33,6 +36,7 @@ def create_app(
     vector_store: str | None = None,
     opener: Callable[..., Any] | None = None,
     cors_origins: Iterable[str] | None = None,
+    keep_photos: int | None = None,
 ) -> FastAPI:
     """The FastAPI app over `engine`, or over the catalog at `home` (opened in the
     background at startup; /readyz says when it is open). `api_key` defaults to
@@ -40,15 +44,16 @@ def create_app(
     `Limits.from_env()`. `model`/`vector_store` go to `Engine.open`;
     `opener(home) -> engine` replaces `Engine.open` altogether. `cors_origins` (default
     $LOOKALIKE_CORS_ORIGINS, comma-separated; none by default) lets storefront pages on
-    those origins call the API from the browser."""
+    those origins call the API from the browser. `keep_photos` (default
+    $LOOKALIKE_KEEP_PHOTOS, else 0) keeps up to that many searched photos in
+    `<home>/query-photos` for `tune --photos` (`lookalike.keptphotos`)."""
     limits = limits or Limits.from_env()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
     if opener is None and (model or vector_store):
         opener = _engine_opener(model, vector_store)
-    holder = EngineHolder(
-        engine, Path(home) if home else default_home(), opener, limits.threads_per_search
-    )
+    home_path = Path(home) if home else getattr(engine, "home", None) or default_home()
+    holder = EngineHolder(engine, home_path, opener, limits.threads_per_search)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -74,6 +79,7 @@ def create_app(
     app.state.api_key = api_key.encode("utf-8") if api_key else None
     app.state.cpu = CpuSlots(limits.search_concurrency)
     app.state.thumbnails = ThumbnailCache(limits.thumbnail_cache_bytes)
+    app.state.kept_photos = KeptPhotos.of_home(home_path, _keep_photos(keep_photos))
     app.add_middleware(RequestGate, limits=limits, api_key=app.state.api_key)
     _add_cors(app, cors_origins)
     install_error_handlers(app)
@@ -95,6 +101,17 @@ def _engine_opener(model: str | None, vector_store: str | None) -> Callable[[Pat
         return Engine.open(path, model=model, vector_store=vector_store)
 
     return opener
+
+
+def _keep_photos(keep_photos: int | None) -> int:
+    """How many searched photos to keep: the argument, else $LOOKALIKE_KEEP_PHOTOS, else 0."""
+    if keep_photos is not None:
+        return keep_photos
+    raw = os.environ.get(KEEP_PHOTOS_ENV, "").strip()
+    try:
+        return int(raw) if raw else 0
+    except ValueError:
+        raise UsageError(f"{KEEP_PHOTOS_ENV} must be a whole number, not {raw!r}") from None
 
 
 def _add_cors(app: FastAPI, cors_origins: Iterable[str] | None) -> None:

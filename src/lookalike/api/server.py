@@ -95,6 +95,7 @@ def serve(
     limits: Limits | None = None,
     log_level: str = "info",
     access_log: bool = True,
+    keep_photos: int | None = None,
 ) -> None:
     """Run the API and page under uvicorn until interrupted. `api_key` defaults to
     $LOOKALIKE_API_KEY (writes are refused without one); limits default to the
@@ -103,7 +104,12 @@ def serve(
 
     limits = limits or Limits.from_env()
     app = create_app(
-        home=home, api_key=api_key, limits=limits, model=model, vector_store=vector_store
+        home=home,
+        api_key=api_key,
+        limits=limits,
+        model=model,
+        vector_store=vector_store,
+        keep_photos=keep_photos,
     )
     uvicorn.run(
         app,

@@ -16,6 +16,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if not 1 <= args.port <= 65535:
         raise UsageError(f"--port must be 1-65535, not {args.port}")
+    if args.keep_photos is not None and args.keep_photos < 0:
+        raise UsageError(f"--keep-photos must be >= 0, not {args.keep_photos}")
     _check_listen(args.host, args.port)
     with open_engine(args, create=True):
         pass  # the home, its catalog and the store's URI are usable: fail here, not later
@@ -31,6 +33,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port,
         model=args.model,
         vector_store=args.vector_store,
+        keep_photos=args.keep_photos,
     )
     return 0
 
@@ -55,4 +58,11 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--catalog", help="index this folder first")
     p.add_argument("--metadata", help="index this metadata file first")
+    p.add_argument(
+        "--keep-photos",
+        type=int,
+        metavar="N",
+        help="keep up to N searched photos (the newest) in HOME/query-photos, to tune on"
+        " later with `tune --photos HOME/query-photos` (default $LOOKALIKE_KEEP_PHOTOS or 0)",
+    )
     p.set_defaults(func=cmd_serve)

@@ -2,10 +2,11 @@
 words alone), GET /search?q= (words alone) and GET /products/{id}/similar ("more like
 this")."""
 
+import hashlib
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
+from fastapi import APIRouter, BackgroundTasks, Depends, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 
 from ...catalog import Filters
@@ -48,6 +49,7 @@ def make_router(limits: Limits) -> APIRouter:
     )
     async def search(
         request: Request,
+        background: BackgroundTasks,
         engine: EngineDep,
         urls: Urls,
         cpu: Cpu,
@@ -106,18 +108,23 @@ def make_router(limits: Limits) -> APIRouter:
         upload = image
         data = await read_upload(upload, limits.max_image_bytes)
 
-        def work() -> SearchReport:
+        def work() -> tuple[SearchReport, Any]:
             try:
                 img = load_query_image(data, box, encoder_input_size(engine), limits)
             except LookalikeError as exc:
                 raise with_file_name(exc, upload.filename) from None
             if words is None:
-                return SearchReport(
+                report = SearchReport(
                     engine.search([img], k=k, filters=filters, min_score=min_score)[0], "photo"
                 )
-            return engine.find([img], words, k, filters, min_score, text_weight)[0]
+            else:
+                report = engine.find([img], words, k, filters, min_score, text_weight)[0]
+            return report, img
 
-        report = await cpu.run(work)
+        report, img = await cpu.run(work)
+        kept = request.app.state.kept_photos
+        if kept.limit:  # after the answer is sent: keeping a photo never slows a search
+            background.add_task(_keep, kept, engine, img, data, box)
         return _response(report, urls, started)
 
     @router.get(
@@ -183,3 +190,12 @@ def _response(report: SearchReport, urls: UrlMaker, started: float) -> SearchRes
         note=report.note,
         text_weight=report.text_weight,
     )
+
+
+def _keep(kept: Any, engine: Any, img: Any, data: bytes, box: Any) -> None:
+    """Keep a searched photo for `tune --photos` (`serve --keep-photos`), unless its bytes
+    are a catalog image's own: those are the catalog, not a shopper's photo."""
+    sha = hashlib.sha256(data).hexdigest()
+    if engine.catalog.has_sha(sha):
+        return
+    kept.keep(img, hashlib.sha256(f"{sha} {box}".encode()).hexdigest())
