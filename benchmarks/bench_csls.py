@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_tune_sources import GROCERY, _rows, burst_split, recall  # noqa: E402
 
+from lookalike.calibration import calibrate_home  # noqa: E402
 from lookalike.engine import Engine  # noqa: E402
-from lookalike.query import calibrate_home  # noqa: E402
 from lookalike.tuning.features import catalog_images  # noqa: E402
 from lookalike.tuning.switch import use_model  # noqa: E402
 

@@ -35,10 +35,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 DATA = (ROOT / "../shared/data").resolve()
 
+from lookalike.calibration import calibrate  # noqa: E402
 from lookalike.encoders import load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
-from lookalike.query import QualitySettings, QueryPipeline, calibrate  # noqa: E402
+from lookalike.query import QualitySettings, QueryPipeline  # noqa: E402
 
 BATCH = 16
 DEFAULT_MODELS = ",".join(

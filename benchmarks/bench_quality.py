@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT / "src"))
 DATA = (ROOT / "../shared/data").resolve()
 STILETTO = DATA / "footwear300" / "search_image_01.jpg"
 
+from lookalike.calibration import calibrate, calibrate_queries  # noqa: E402
 from lookalike.encoders import DEFAULT_MODEL, load_encoder  # noqa: E402
 from lookalike.evaluate import leave_one_out_precision  # noqa: E402
 from lookalike.hubness import HUB_BETA, HUB_K, hub_scores  # noqa: E402
@@ -53,8 +54,6 @@ from lookalike.query import (  # noqa: E402
     QualitySettings,
     QueryCentre,
     QueryPipeline,
-    calibrate,
-    calibrate_queries,
     with_margin,
 )
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from lookalike.calibration import calibrate_home, save_centre
 from lookalike.encoders.runtime import l2_normalise
 from lookalike.engine import Engine
 from lookalike.errors import CatalogMismatchError, UsageError
@@ -27,14 +28,7 @@ from lookalike.models.views import (
     parse_stamp,
     query_encoder,
 )
-from lookalike.query import (
-    QualitySettings,
-    QueryCentre,
-    calibrate_home,
-    centre_square,
-    query_pipeline,
-    save_centre,
-)
+from lookalike.query import QualitySettings, QueryCentre, centre_square, query_pipeline
 
 
 def _product(seed: int) -> Image.Image:

@@ -11,8 +11,9 @@ import shutil
 import numpy as np
 import pytest
 
+from lookalike.calibration import save_centre
 from lookalike.hubness import HUB_BETA, HUB_K, HubCorrection, hub_scores
-from lookalike.query import CENTRE_FILE, QualitySettings, QueryCentre, query_pipeline, save_centre
+from lookalike.query import CENTRE_FILE, QualitySettings, QueryCentre, query_pipeline
 
 
 def _train_photos(grocery, start: int, step: int, n: int) -> list[str]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from lookalike.calibration import calibrate, save_centre
 from lookalike.errors import InputPathError, MetadataError, UsageError
 from lookalike.framing import letterbox_product
 from lookalike.query import (
@@ -18,12 +19,10 @@ from lookalike.query import (
     QualitySettings,
     QueryCentre,
     QueryPipeline,
-    calibrate,
     centre_square,
     load_settings,
     photo_paths,
     query_pipeline,
-    save_centre,
     with_margin,
 )
 

@@ -207,7 +207,8 @@ def test_a_tuned_model_gets_no_hub_correction(tuned_home, grocery_split, tmp_pat
     in its stamp is still searched without the correction (lookalike.hubness)."""
     import shutil
 
-    from lookalike.query import CENTRE_FILE, QueryCentre, calibrate_home, save_centre
+    from lookalike.calibration import calibrate_home, save_centre
+    from lookalike.query import CENTRE_FILE, QueryCentre
 
     home = tmp_path / "home"
     shutil.copytree(tuned_home["home"], home)

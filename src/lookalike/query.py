@@ -52,11 +52,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-from .catalog import Catalog
-from .errors import ImageError, InputPathError, MetadataError, UsageError
+from .errors import InputPathError, MetadataError, UsageError
 from .framing import letterbox_product
 from .fsutil import sha256_of
-from .hubness import HUB_BETA, HUB_K, HubCorrection, catalog_hub_scores
+from .hubness import HUB_BETA, HUB_K, HubCorrection
 from .images import DEFAULT_MAX_BYTES, load_image
 from .models import is_tuned, query_encoder
 from .models.views import check_power, check_views
@@ -378,8 +377,8 @@ class QueryPipeline:
         """Shopper photos (decoded RGB images) -> float32 (N, dim), L2-normalised."""
         views = self.raw_query_views(images)
         if self.settings.centre and self.centre is not None:
-            views = _l2(views - self.centre.mean[None, None, :])
-        return _l2(views.sum(axis=1))
+            views = unit_vectors(views - self.centre.mean[None, None, :])
+        return unit_vectors(views.sum(axis=1))
 
 
 def tag_content(img: Image.Image, data: bytes) -> Image.Image:
@@ -443,7 +442,8 @@ def embed_sources(
     return out
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
+def unit_vectors(x: np.ndarray) -> np.ndarray:
+    """`x` scaled to unit L2 norm along its last axis (rows, or each view of each photo)."""
     x = np.asarray(x, dtype=np.float32)
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
@@ -508,113 +508,6 @@ def photo_paths(sources: Iterable[str | Path]) -> list[Path]:
         else:
             raise InputPathError(f"not found: {path}")
     return out
-
-
-def calibrate(
-    encoder: QueryPipeline, photos: Sequence[str | Path], **options: Any
-) -> tuple[QueryCentre, list[str]]:
-    """The mean raw query vector of unlabelled photos (at most `limit`, an even random
-    sample; the options of `calibrate_queries`). Returns the centre and the photos that
-    could not be read."""
-    centre, failed, _ = calibrate_queries(encoder, photos, **options)
-    return centre, failed
-
-
-def calibrate_queries(
-    encoder: QueryPipeline,
-    photos: Sequence[str | Path],
-    *,
-    limit: int | None = 1000,
-    batch: int = 16,
-    seed: int = 0,
-    progress: bool = False,
-) -> tuple[QueryCentre, list[str], np.ndarray]:
-    """`calibrate`, and the photos' query vectors once centred by it (N, dim): what
-    `embed_queries` gives them with that centre, without a second forward pass."""
-    paths = list(photos)
-    if limit is not None and len(paths) > limit:
-        rng = np.random.default_rng(seed)
-        paths = [paths[i] for i in sorted(rng.choice(len(paths), limit, replace=False))]
-    if not paths:
-        raise UsageError("calibrate needs at least one photo")
-    parts: list[np.ndarray] = []
-    failed: list[str] = []
-    draft = encoder.draft_size
-    chunks = range(0, len(paths), batch)
-    if progress:
-        from tqdm import tqdm
-
-        chunks = tqdm(chunks, desc="calibrate", unit="batch")
-    for start in chunks:
-        images = []
-        for p in paths[start : start + batch]:
-            try:
-                images.append(load_image(Path(p), draft_size=draft))
-            except (ImageError, OSError) as exc:
-                failed.append(f"{p}: {exc}")
-        if images:
-            parts.append(encoder.raw_query_views(images))
-    if not parts:
-        raise ImageError("none of the calibration photos could be read")
-    views = np.concatenate(parts)  # (N, V, dim)
-    flat = views.reshape(-1, encoder.dim)
-    mean = (flat.astype(np.float64).sum(axis=0) / len(flat)).astype(np.float32)
-    centre = QueryCentre(mean, encoder.stamp, len(views), encoder.views)
-    queries = _l2(_l2(views - mean[None, None, :]).sum(axis=1))  # as embed_queries does
-    return centre, failed, queries
-
-
-def save_centre(home: str | Path, centre: QueryCentre) -> Path:
-    path = Path(home) / CENTRE_FILE
-    Path(home).mkdir(parents=True, exist_ok=True)
-    centre.save(path)
-    return path
-
-
-def calibrate_home(
-    home: str | Path,
-    encoder: Any,
-    photos: Sequence[str | Path],
-    *,
-    limit: int | None = 1000,
-    progress: bool = False,
-    catalog: Catalog | None = None,
-) -> dict[str, Any]:
-    """`lookalike calibrate`: the centre of unlabelled photos (folders, images, or CSVs with
-    an image column) for this home's encoder, saved in the home. With `catalog` and a base
-    model, also r(c) of every catalog image embedded by `encoder` (lookalike.hubness):
-    the mean cosine of its `HUB_K` nearest photos, centred. Returns the summary."""
-    if not photos:
-        raise UsageError("give folders, image files or CSVs of unlabelled photos")
-    if limit is not None and limit < 1:
-        raise UsageError("--limit must be at least 1")
-    pipeline = QueryPipeline(encoder, load_settings(home))
-    paths = photo_paths(photos)
-    centre, failed, queries = calibrate_queries(pipeline, paths, limit=limit, progress=progress)
-    hub = None
-    if catalog is not None and not is_tuned(pipeline.base):
-        ids, r = catalog_hub_scores(catalog, encoder.stamp, queries, HUB_K)
-        if ids.size:
-            centre.hub_ids, centre.hub_r, centre.hub_k = ids, r, HUB_K
-            hub = {"images": int(ids.size), "k": HUB_K}
-    path = save_centre(home, centre)
-    return {
-        "photos": centre.photos,
-        "found": len(paths),
-        "failed": failed,
-        "views": list(centre.views),
-        "stamp": centre.stamp,
-        "path": str(path),
-        "hub_correction": hub,
-    }
-
-
-def remove_centre(home: str | Path) -> bool:
-    path = Path(home) / CENTRE_FILE
-    if path.is_file():
-        path.unlink()
-        return True
-    return False
 
 
 def describe(pipeline: QueryPipeline) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import argparse
 import json
 from typing import Any
 
+from ..calibration import calibrate_home, remove_centre
 from ..errors import UsageError
 from ..evaluate import (
     draw_failures,
@@ -16,7 +17,6 @@ from ..evaluate import (
     run_eval,
     run_leave_one_out,
 )
-from ..query import calibrate_home, remove_centre
 from .common import open_engine, show_progress
 
 
