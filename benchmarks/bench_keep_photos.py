@@ -5,6 +5,8 @@ same real shopper photos (grocery train.csv, each once) in alternation by one cl
 Prints client-side latency p50/p90 for each server and their ratio, the time
 `KeptPhotos.keep` takes per photo in this process, and the disk bytes per kept photo.
 Keeping runs after the answer is sent (a background task), so the ratio should be ~1.
+Then the search latency while `--calibrate-every`'s child process calibrates (another
+home, on the kept photos) at nice 10 as it ships, and at normal priority.
 
     flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_keep_photos.py [--photos 300]
 """
@@ -30,6 +32,7 @@ GROCERY = ROOT / "../shared/data/grocery"
 
 from live_server import LiveServer  # noqa: E402
 
+from lookalike.api.autocalibrate import NICE, AutoCalibrate  # noqa: E402
 from lookalike.engine import Engine  # noqa: E402
 from lookalike.keptphotos import KEPT_DIR, KeptPhotos  # noqa: E402
 
@@ -72,6 +75,25 @@ def main() -> int:
                     times[name].append((time.perf_counter() - started) * 1000)
                     assert r.status_code == 200, r.text
             time.sleep(1.0)  # the last background keep
+            # searches while `--calibrate-every` calibrates in its child process (nice 10,
+            # as AutoCalibrate starts it) and, for comparison, at normal priority
+            during = {}
+            for nice in (NICE, 0):
+                kept_there = KeptPhotos(homes["keep"] / KEPT_DIR, 10**6)
+                calibrating = AutoCalibrate(base, kept_there, 1, nice=nice)
+                calibrating.photo_kept()  # >= MIN_PHOTOS kept there: it starts
+                during[nice] = []
+                i = 0
+                while calibrating._proc is not None:
+                    photo = photos[i % len(photos)]
+                    started = time.perf_counter()
+                    r = client.post(
+                        off.url + "/search", files={"image": (photo.name, photo.read_bytes())}
+                    )
+                    during[nice].append((time.perf_counter() - started) * 1000)
+                    i += 1
+                calibrating.close()
+                assert calibrating.last, "the calibration failed"
         kept = sorted((homes["keep"] / KEPT_DIR).rglob("*.jpg"))
         disk = sum(p.stat().st_size for p in kept)
         # the keep itself, in this process: decode is the server's, so time only the keep
@@ -86,6 +108,11 @@ def main() -> int:
         print(
             f"{name:>5}: {len(t)} searches, p50 {np.percentile(t, 50):.1f} ms,"
             f" p90 {np.percentile(t, 90):.1f} ms"
+        )
+    for nice, t in during.items():
+        print(
+            f"during a calibration at nice {nice}: {len(t)} searches, p50"
+            f" {np.percentile(t, 50):.1f} ms, p90 {np.percentile(t, 90):.1f} ms"
         )
     ratio = statistics.median(times["keep"]) / statistics.median(times["off"])
     print(f"p50 keep / off: {ratio:.3f}")

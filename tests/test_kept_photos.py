@@ -9,6 +9,7 @@ import hashlib
 import io
 import json
 import shutil
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -181,3 +182,55 @@ def test_bad_keep_photos_settings_are_clear_errors(tmp_path, monkeypatch):
         create_app(home=tmp_path / "h", api_key="")
     done = lookalike("--home", str(tmp_path / "h"), "serve", "--keep-photos", "-2")
     assert done.returncode != 0 and "--keep-photos must be >= 0" in done.stderr
+    done = lookalike("--home", str(tmp_path / "h"), "serve", "--calibrate-every", "-1")
+    assert done.returncode != 0 and "--calibrate-every must be >= 0" in done.stderr
+    monkeypatch.setenv("LOOKALIKE_KEEP_PHOTOS", "0")
+    monkeypatch.setenv("LOOKALIKE_CALIBRATE_EVERY", "50")
+    with pytest.raises(Exception, match="needs --keep-photos"):
+        create_app(home=tmp_path / "h", api_key="")
+
+
+def test_serve_calibrates_again_on_the_photos_it_keeps(indexed, tmp_path):
+    """`serve --keep-photos --calibrate-every`: no calibration before MIN_PHOTOS are kept,
+    then one in a child process, whose centre the server's next searches use."""
+    from live_server import LiveServer
+
+    from lookalike.api.autocalibrate import MIN_PHOTOS
+    from lookalike.query import CENTRE_FILE, QueryCentre
+
+    home = _fresh_home(indexed, tmp_path)
+    every = MIN_PHOTOS // 4
+    photos = _all_photos()[: MIN_PHOTOS + every // 2]
+    env = {"LOOKALIKE_KEEP_PHOTOS": str(2 * MIN_PHOTOS), "LOOKALIKE_CALIBRATE_EVERY": str(every)}
+    with LiveServer(home, env=env) as server, httpx.Client(timeout=60) as client:
+
+        def search(photo: Path) -> list[str]:
+            r = client.post(
+                server.url + "/search", files={"image": (photo.name, photo.read_bytes())}
+            )
+            assert r.status_code == 200, r.text
+            return [x["product_id"] for x in r.json()["results"]]
+
+        for photo in photos[: MIN_PHOTOS - 1]:
+            search(photo)
+        time.sleep(1.0)
+        assert not (home / CENTRE_FILE).exists()  # intervals passed, but too few photos
+        before = search(photos[MIN_PHOTOS - 1])  # the MIN_PHOTOS-th kept: a calibration starts
+        deadline = time.monotonic() + 240  # the child process has exited and been heard
+        while "calibrated:" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert (home / CENTRE_FILE).exists(), server.output()
+        centre = QueryCentre.load(home / CENTRE_FILE)
+        assert centre.photos == MIN_PHOTOS and centre.hub_r is not None
+        after = search(photos[MIN_PHOTOS - 1])  # kept already: no new count
+        assert after != before  # the server scores with the new centre (and hub correction)
+    with pytest.raises(Exception, match=f"at least {MIN_PHOTOS}"):
+        create_app(home=home, api_key="", keep_photos=MIN_PHOTOS - 1, calibrate_every=10)
+
+
+def _all_photos() -> list[Path]:
+    from conftest import require_data
+
+    grocery = require_data("grocery")
+    with open(grocery / "train.csv", newline="") as fh:
+        return [grocery / r["image"] for r in csv.DictReader(fh)][::3]

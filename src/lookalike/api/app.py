@@ -15,6 +15,7 @@ from .. import __version__
 from ..errors import UsageError
 from ..keptphotos import KeptPhotos
 from .auth import API_KEY_ENV
+from .autocalibrate import AutoCalibrate
 from .deps import CpuSlots
 from .errors import install_error_handlers
 from .holder import EngineHolder, default_home
@@ -24,6 +25,7 @@ from .thumbnails import ThumbnailCache
 
 CORS_ENV = "LOOKALIKE_CORS_ORIGINS"
 KEEP_PHOTOS_ENV = "LOOKALIKE_KEEP_PHOTOS"
+CALIBRATE_EVERY_ENV = "LOOKALIKE_CALIBRATE_EVERY"
 
 
 def create_app(
@@ -37,6 +39,7 @@ def create_app(
     opener: Callable[..., Any] | None = None,
     cors_origins: Iterable[str] | None = None,
     keep_photos: int | None = None,
+    calibrate_every: int | None = None,
 ) -> FastAPI:
     """The FastAPI app over `engine`, or over the catalog at `home` (opened in the
     background at startup; /readyz says when it is open). `api_key` defaults to
@@ -46,7 +49,9 @@ def create_app(
     $LOOKALIKE_CORS_ORIGINS, comma-separated; none by default) lets storefront pages on
     those origins call the API from the browser. `keep_photos` (default
     $LOOKALIKE_KEEP_PHOTOS, else 0) keeps up to that many searched photos in
-    `<home>/query-photos` for `tune --photos` (`lookalike.keptphotos`)."""
+    `<home>/query-photos` for `tune --photos` (`lookalike.keptphotos`); `calibrate_every`
+    (default $LOOKALIKE_CALIBRATE_EVERY, else 0) calibrates the home on them again every
+    that many new ones (`api.autocalibrate`)."""
     limits = limits or Limits.from_env()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
@@ -61,6 +66,7 @@ def create_app(
         try:
             yield
         finally:
+            app.state.auto_calibrate.close()
             holder.close()
 
     app = FastAPI(
@@ -79,7 +85,11 @@ def create_app(
     app.state.api_key = api_key.encode("utf-8") if api_key else None
     app.state.cpu = CpuSlots(limits.search_concurrency)
     app.state.thumbnails = ThumbnailCache(limits.thumbnail_cache_bytes)
-    app.state.kept_photos = KeptPhotos.of_home(home_path, _keep_photos(keep_photos))
+    kept = KeptPhotos.of_home(home_path, _whole_number(keep_photos, KEEP_PHOTOS_ENV))
+    app.state.kept_photos = kept
+    app.state.auto_calibrate = AutoCalibrate(
+        home_path, kept, _whole_number(calibrate_every, CALIBRATE_EVERY_ENV), model
+    )
     app.add_middleware(RequestGate, limits=limits, api_key=app.state.api_key)
     _add_cors(app, cors_origins)
     install_error_handlers(app)
@@ -103,15 +113,15 @@ def _engine_opener(model: str | None, vector_store: str | None) -> Callable[[Pat
     return opener
 
 
-def _keep_photos(keep_photos: int | None) -> int:
-    """How many searched photos to keep: the argument, else $LOOKALIKE_KEEP_PHOTOS, else 0."""
-    if keep_photos is not None:
-        return keep_photos
-    raw = os.environ.get(KEEP_PHOTOS_ENV, "").strip()
+def _whole_number(value: int | None, env: str) -> int:
+    """`value`, else the whole number in $`env`, else 0."""
+    if value is not None:
+        return value
+    raw = os.environ.get(env, "").strip()
     try:
         return int(raw) if raw else 0
     except ValueError:
-        raise UsageError(f"{KEEP_PHOTOS_ENV} must be a whole number, not {raw!r}") from None
+        raise UsageError(f"{env} must be a whole number, not {raw!r}") from None
 
 
 def _add_cors(app: FastAPI, cors_origins: Iterable[str] | None) -> None:

@@ -96,6 +96,7 @@ def serve(
     log_level: str = "info",
     access_log: bool = True,
     keep_photos: int | None = None,
+    calibrate_every: int | None = None,
 ) -> None:
     """Run the API and page under uvicorn until interrupted. `api_key` defaults to
     $LOOKALIKE_API_KEY (writes are refused without one); limits default to the
@@ -110,6 +111,7 @@ def serve(
         model=model,
         vector_store=vector_store,
         keep_photos=keep_photos,
+        calibrate_every=calibrate_every,
     )
     uvicorn.run(
         app,
@@ -117,5 +119,18 @@ def serve(
         port=port,
         log_level=log_level,
         access_log=access_log,
+        log_config=log_config(),
         **uvicorn_options(limits),
     )
+
+
+def log_config() -> dict[str, Any]:
+    """uvicorn's logging, with lookalike's own messages (`lookalike.*` loggers: the
+    engine opening, automatic calibrations) at INFO on the same stream and format."""
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["loggers"]["lookalike"] = {"handlers": ["default"], "level": "INFO", "propagate": False}
+    return config

@@ -18,6 +18,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be 1-65535, not {args.port}")
     if args.keep_photos is not None and args.keep_photos < 0:
         raise UsageError(f"--keep-photos must be >= 0, not {args.keep_photos}")
+    if args.calibrate_every is not None and args.calibrate_every < 0:
+        raise UsageError(f"--calibrate-every must be >= 0, not {args.calibrate_every}")
     _check_listen(args.host, args.port)
     with open_engine(args, create=True):
         pass  # the home, its catalog and the store's URI are usable: fail here, not later
@@ -34,6 +36,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         vector_store=args.vector_store,
         keep_photos=args.keep_photos,
+        calibrate_every=args.calibrate_every,
     )
     return 0
 
@@ -64,5 +67,12 @@ def add_commands(sub: Any) -> None:
         metavar="N",
         help="keep up to N searched photos (the newest) in HOME/query-photos, to tune on"
         " later with `tune --photos HOME/query-photos` (default $LOOKALIKE_KEEP_PHOTOS or 0)",
+    )
+    p.add_argument(
+        "--calibrate-every",
+        type=int,
+        metavar="M",
+        help="with --keep-photos: calibrate the home on the kept photos every M new ones, once"
+        " 100 are kept (default $LOOKALIKE_CALIBRATE_EVERY or 0: never)",
     )
     p.set_defaults(func=cmd_serve)

@@ -124,7 +124,7 @@ def make_router(limits: Limits) -> APIRouter:
         report, img = await cpu.run(work)
         kept = request.app.state.kept_photos
         if kept.limit:  # after the answer is sent: keeping a photo never slows a search
-            background.add_task(_keep, kept, engine, img, data, box)
+            background.add_task(_keep, request.app.state, engine, img, data, box)
         return _response(report, urls, started)
 
     @router.get(
@@ -192,10 +192,12 @@ def _response(report: SearchReport, urls: UrlMaker, started: float) -> SearchRes
     )
 
 
-def _keep(kept: Any, engine: Any, img: Any, data: bytes, box: Any) -> None:
+def _keep(state: Any, engine: Any, img: Any, data: bytes, box: Any) -> None:
     """Keep a searched photo for `tune --photos` (`serve --keep-photos`), unless its bytes
-    are a catalog image's own: those are the catalog, not a shopper's photo."""
+    are a catalog image's own: those are the catalog, not a shopper's photo; then maybe
+    calibrate on the kept photos (`serve --calibrate-every`)."""
     sha = hashlib.sha256(data).hexdigest()
     if engine.catalog.has_sha(sha):
         return
-    kept.keep(img, hashlib.sha256(f"{sha} {box}".encode()).hexdigest())
+    if state.kept_photos.keep(img, hashlib.sha256(f"{sha} {box}".encode()).hexdigest()):
+        state.auto_calibrate.photo_kept()
