@@ -8,6 +8,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import shutil
 import time
 from datetime import UTC, datetime, timedelta
@@ -234,3 +235,26 @@ def _all_photos() -> list[Path]:
     grocery = require_data("grocery")
     with open(grocery / "train.csv", newline="") as fh:
         return [grocery / r["image"] for r in csv.DictReader(fh)][::3]
+
+
+def test_the_calibration_child_runs_at_low_priority_and_stops_with_the_server(indexed, tmp_path):
+    from lookalike.api.autocalibrate import MIN_PHOTOS, NICE, AutoCalibrate
+    from lookalike.query import CENTRE_FILE
+
+    home = _fresh_home(indexed, tmp_path)
+    kept = KeptPhotos.of_home(home, MIN_PHOTOS)
+    for i, photo in enumerate(_all_photos()[:MIN_PHOTOS]):
+        assert kept.keep(Image.open(photo), _key(i))
+    calibrating = AutoCalibrate(home, kept, every=2)
+    calibrating.photo_kept()
+    assert calibrating._proc is None  # one new photo of two
+    calibrating.photo_kept()
+    proc = calibrating._proc
+    assert proc is not None and proc.poll() is None
+    assert os.getpriority(os.PRIO_PROCESS, proc.pid) == NICE
+    calibrating.photo_kept()
+    calibrating.photo_kept()
+    assert calibrating._proc is proc  # one at a time
+    calibrating.close()  # the server stops: the child is stopped, writes no centre
+    assert proc.poll() is not None and not (home / CENTRE_FILE).exists()
+    assert calibrating.runs == 1 and calibrating.last is None

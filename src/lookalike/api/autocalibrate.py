@@ -10,6 +10,7 @@ failed one is logged and the next is tried after M more photos."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -76,15 +77,15 @@ class AutoCalibrate:
         command += ["calibrate", str(self.kept.folder), "--json"]
         try:
             self._proc = subprocess.Popen(
-                command,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                preexec_fn=lambda: os.nice(self.nice),
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
             )
         except OSError as exc:
             log.warning("could not start a calibration: %s", exc)
             return
+        # lowered at once, before the child has loaded its model and started the threads
+        # that inherit it (no preexec_fn: it is unsafe in a threaded server)
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, self._proc.pid, self.nice)
         log.info("calibrating on the %s kept photos", self.kept.count())
         self._waiter = threading.Thread(
             target=self._wait, args=(self._proc,), name="lookalike-calibrate", daemon=True
