@@ -319,7 +319,7 @@ def test_photos_reads_no_labels(grocery, tmp_path_factory):
 
 def test_photos_with_the_finetune_method(grocery, tmp_path_factory):
     home = _home(tmp_path_factory, grocery["catalog"], "photos-finetune")
-    settings = TuneSettings(method="finetune", epochs=2, views=1, catalog_views=2, seed=0,
+    settings = TuneSettings(method="finetune", epochs=2, views=1, catalog_augment_views=2, seed=0,
                             pseudo_rounds=1)  # fmt: skip
     with Engine(home) as engine:
         report = train_tuned_model(engine, photos=[grocery["photos_bare"]],
