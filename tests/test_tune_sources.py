@@ -29,6 +29,7 @@ from lookalike.images import load_image
 from lookalike.models import active_version, base_of, describe_active, tuned_root
 from lookalike.query import query_pipeline
 from lookalike.tuning import TuneSettings, train_tuned_model, use_model
+from lookalike.tuning.augment import SESSION_VIEWS
 from lookalike.tuning.head import fit_head
 from lookalike.tuning.pseudo import (
     LABEL_CROPS,
@@ -117,6 +118,7 @@ def test_photos_alone_train_a_model_that_finds_held_out_bursts_better(photos_hom
     info = _model_json(photos_home["home"], report.version)
     assert info["sources"]["used"] == ["photos"] and info["labels"] is None
     assert report.settings["keep_base"] == PHOTOS_KEEP_BASE == 1.25  # photos alone: kept
+    assert report.settings["session_views"] == SESSION_VIEWS == 2  # the photos' session views
     # search uses it at once, and it finds photos of other bursts better than the base
     assert photos_home["tuned_r1"] > photos_home["base_r1"], photos_home
 
@@ -302,6 +304,7 @@ def test_photos_head_trains_on_crops_and_is_queried_with_its_centre(grocery, pho
 
 
 SESSION = replace(HEAD, session_views=2)  # the photos' session views as samples (augment)
+NO_SESSION = replace(HEAD, session_views=0)
 
 
 def _trained_digests(tmp_path_factory, grocery, key: str, settings: TuneSettings):
@@ -327,7 +330,7 @@ def test_photos_reads_no_labels(grocery, tmp_path_factory, session_home):
     """A model trained from a CSV with wrong labels is bit-identical to one trained from
     the same CSV without its label column (with session views, whose randomness is
     seeded by each photo's content, and without)."""
-    digests = [_trained_digests(tmp_path_factory, grocery, key, HEAD)[2]
+    digests = [_trained_digests(tmp_path_factory, grocery, key, NO_SESSION)[2]
                for key in ("photos_wrong", "photos_bare")]  # fmt: skip
     assert digests[0] == digests[1]
     wrong = _trained_digests(tmp_path_factory, grocery, "photos_wrong", SESSION)[2]
