@@ -2,7 +2,8 @@
 catalog metadata (`--field category`) on fashion-footwear; the figures of docs/quality.md.
 
     .venv/bin/python benchmarks/bench_tune_sources.py
-        [--part all|photos|field] [--selection [--split-salt S]] [--method auto|finetune|head]
+        [--part all|photos|field] [--selection [--split burst|block] [--split-salt S]]
+        [--method auto|finetune|head] [--session-views N]
         [--queries 60] [--workdir DIR] [--json FILE]
 
 photos: a home indexed with the grocery catalog is tuned with `photos=[train.csv]` (only
@@ -12,7 +13,10 @@ With `--selection` the photos are instead split by burst (a burst is ten consecu
 file numbers of one product; a quarter of the bursts, by a hash of the burst id, are
 held out): tuned on the other bursts' images, scored on the held-out bursts; val.csv is
 not read. That is the split the method was chosen on; `--split-salt b2` hashes "b2" +
-the burst id instead: a second, fresh split to confirm a choice on.
+the burst id instead: a second, fresh split to confirm a choice on. `--split block`
+holds out, for each product, the last 30 % of its file numbers instead (820 photos): a
+later stretch of the capture, the nearest thing train.csv has to another session.
+`--session-views N` overrides the tune's `session_views` (lookalike.tuning.augment).
 
 field: fashion-footwear's products are split product-disjointly (a fifth of them, by a
 hash of the id, held out). A home indexed with the other 80 % is tuned with
@@ -46,6 +50,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,16 +99,39 @@ def burst_split(rows: list[dict[str, str]], salt: str = "") -> tuple[list[dict],
     them (by a hash of `salt` + the burst id) held out."""
     kept, held = [], []
     for r in rows:
-        n = int(re.search(r"_(\d+)\.\w+$", r["image"]).group(1))
-        burst = f"{r['product_id']}/{(n - 1) // 10}"
+        burst = f"{r['product_id']}/{(_file_number(r['image']) - 1) // 10}"
         hashed = int(hashlib.md5((salt + burst).encode()).hexdigest(), 16)
         (held if hashed % 4 == 0 else kept).append(r)
     return kept, held
 
 
+def block_split(
+    rows: list[dict[str, str]], held_share: float = 0.3
+) -> tuple[list[dict], list[dict]]:
+    """(kept, held): for each product, its photos in order of file number; the last
+    `held_share` of them held out (the first int((1 - held_share) n) kept)."""
+    by_product: dict[str, list[dict[str, str]]] = {}
+    for r in rows:
+        by_product.setdefault(r["product_id"], []).append(r)
+    kept, held = [], []
+    for group in by_product.values():
+        group = sorted(group, key=lambda r: _file_number(r["image"]))
+        cut = int((1 - held_share) * len(group))
+        kept += group[:cut]
+        held += group[cut:]
+    return kept, held
+
+
+def _file_number(image: str) -> int:
+    return int(re.search(r"_(\d+)\.\w+$", image).group(1))
+
+
 def bench_photos(work: Path, args: argparse.Namespace) -> dict:
     train = [{**r, "image": str(GROCERY / r["image"])} for r in _rows(GROCERY / "train.csv")]
-    if args.selection:
+    if args.selection and args.split == "block":
+        photos, queries = block_split(train)
+        scored_on = f"each product's last 30 % of train.csv ({len(queries)} photos)"
+    elif args.selection:
         photos, queries = burst_split(train, args.split_salt)
         salted = f", salt {args.split_salt!r}" if args.split_salt else ""
         scored_on = f"held-out bursts of train.csv{salted} ({len(queries)} photos)"
@@ -118,6 +146,8 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
             engine.index([], metadata=GROCERY / "catalog.csv", progress=False)
         before = recall(engines["base"], queries)
         settings = TuneSettings(method=args.method, seed=0)
+        if args.session_views is not None:
+            settings = replace(settings, session_views=args.session_views)
         t0 = time.perf_counter()
         report = train_tuned_model(engines["tuned"], photos=[photo_list], progress=True,
                                    settings=settings, log=print)  # fmt: skip
@@ -307,6 +337,15 @@ def main() -> int:
         help="photos: the burst split of train.csv instead of val.csv",
     )
     ap.add_argument("--split-salt", default="", help="--selection: salt of the burst hash")
+    ap.add_argument(
+        "--split",
+        default="burst",
+        choices=["burst", "block"],
+        help="--selection: held-out bursts, or each product's last 30 %% of file numbers",
+    )
+    ap.add_argument(
+        "--session-views", type=int, help="photos: the tune's session_views (default: its own)"
+    )
     ap.add_argument(
         "--method",
         default="auto",

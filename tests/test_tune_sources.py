@@ -29,6 +29,7 @@ from lookalike.images import load_image
 from lookalike.models import active_version, base_of, describe_active, tuned_root
 from lookalike.query import query_pipeline
 from lookalike.tuning import TuneSettings, train_tuned_model, use_model
+from lookalike.tuning.augment import SESSION_VIEWS
 from lookalike.tuning.head import fit_head
 from lookalike.tuning.pseudo import (
     LABEL_CROPS,
@@ -117,6 +118,7 @@ def test_photos_alone_train_a_model_that_finds_held_out_bursts_better(photos_hom
     info = _model_json(photos_home["home"], report.version)
     assert info["sources"]["used"] == ["photos"] and info["labels"] is None
     assert report.settings["keep_base"] == PHOTOS_KEEP_BASE == 1.25  # photos alone: kept
+    assert report.settings["session_views"] == SESSION_VIEWS == 2  # the photos' session views
     # search uses it at once, and it finds photos of other bursts better than the base
     assert photos_home["tuned_r1"] > photos_home["base_r1"], photos_home
 
@@ -301,20 +303,103 @@ def test_photos_head_trains_on_crops_and_is_queried_with_its_centre(grocery, pho
         assert np.allclose(a, b, atol=1e-4) and not np.allclose(a, c, atol=1e-3)
 
 
-def test_photos_reads_no_labels(grocery, tmp_path_factory):
+SESSION = replace(HEAD, session_views=2)  # the photos' session views as samples (augment)
+NO_SESSION = replace(HEAD, session_views=0)
+
+
+def _trained_digests(tmp_path_factory, grocery, key: str, settings: TuneSettings):
+    """(home, report, the trained model's digests) of a `--photos grocery[key]` run."""
+    home = _home(tmp_path_factory, grocery["catalog"], f"nolabels-{key}")
+    with Engine(home) as engine:
+        report = train_tuned_model(engine, photos=[grocery[key]], progress=False,
+                                   settings=settings, activate=False)  # fmt: skip
+    info = _model_json(home, report.version)
+    blob = (tuned_root(home) / report.version / "head.npz").read_bytes()
+    return home, report, (info["head_sha256"], report.stamp, hashlib.sha256(blob).hexdigest(),
+                          info["sources"]["photos"]["photos_sha256"])  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def session_home(grocery, tmp_path_factory):
+    """A `--photos` run (the CSV without labels) with session views of the photos."""
+    home, report, digests = _trained_digests(tmp_path_factory, grocery, "photos_bare", SESSION)
+    return {"home": home, "report": report, "digests": digests}
+
+
+def test_photos_reads_no_labels(grocery, tmp_path_factory, session_home):
     """A model trained from a CSV with wrong labels is bit-identical to one trained from
-    the same CSV without its label column."""
-    digests = []
-    for key in ("photos_wrong", "photos_bare"):
-        home = _home(tmp_path_factory, grocery["catalog"], f"nolabels-{key}")
-        with Engine(home) as engine:
-            report = train_tuned_model(engine, photos=[grocery[key]], progress=False,
-                                       settings=HEAD, activate=False)  # fmt: skip
-        info = _model_json(home, report.version)
-        blob = (tuned_root(home) / report.version / "head.npz").read_bytes()
-        digests.append((info["head_sha256"], report.stamp, hashlib.sha256(blob).hexdigest(),
-                        info["sources"]["photos"]["photos_sha256"]))  # fmt: skip
+    the same CSV without its label column (with session views, whose randomness is
+    seeded by each photo's content, and without)."""
+    digests = [_trained_digests(tmp_path_factory, grocery, key, NO_SESSION)[2]
+               for key in ("photos_wrong", "photos_bare")]  # fmt: skip
     assert digests[0] == digests[1]
+    wrong = _trained_digests(tmp_path_factory, grocery, "photos_wrong", SESSION)[2]
+    assert wrong == session_home["digests"] and wrong[0] != digests[0]
+
+
+def test_session_views_are_cached_and_trained_with_their_photos_target(grocery, session_home):
+    """The run cached SESSION.session_views session views of every photo (the base
+    encoder's embedding of augment.session_view of it, seeded by its content), and the
+    head trained on them as more samples, each with its own photo's soft target."""
+    from lookalike.fsutil import sha256_of
+    from lookalike.tuning import FeatureCache
+    from lookalike.tuning.augment import session_view, view_seed
+    from lookalike.tuning.data import cached_features, gather_arrays, pseudo_label
+    from lookalike.tuning.features import ImageRef
+    from lookalike.tuning.sources import read_inputs
+    from lookalike.tuning.train import crop_samples
+
+    home, views = session_home["home"], SESSION.session_views
+    info = _model_json(home, session_home["report"].version)
+    assert info["settings"]["session_views"] == views and "2 session views" in info["input"]
+    with Engine(home) as engine:
+        base = base_of(engine.encoder)
+        settings = SESSION.resolved(base, labelled=False, photos=True)
+        inputs = read_inputs(engine.catalog, None, None, [grocery["photos_bare"]])
+        features = cached_features(base, home, settings, inputs, False)
+    crops = FeatureCache.open(home, base, "crops")
+    shas = sorted({sha256_of(Path(r["image"])) for r in _rows(grocery["photos_bare"])})
+    keys = [[ImageRef(Path(), sha, session=k).key for sha in shas] for k in (1, 2)]
+    assert all(key in crops for row in keys for key in row)
+    assert len({*keys[0], *keys[1]}) == 2 * len(shas)
+    first = inputs.unlabelled[0][0]
+    draft = int(getattr(base, "draft_size", 2 * int(base.input_size)))
+    img = session_view(load_image(first, draft_size=draft), view_seed(shas[0], 2))
+    cached = crops.embeddings[crops.rows([keys[1][0]])][0]
+    assert np.allclose(cached, base.embed(base.prepare(img)[None])[0], atol=1e-4)
+    full = features.cache.embeddings[features.cache.rows(shas[:1])][0]
+    assert float(cached @ full) < 0.98  # not the photo itself
+
+    data = gather_arrays(features, inputs, settings)
+    pseudo_label(settings, data, lambda _: None)
+    x, t = crop_samples(data, data.photo_targets)
+    n = data.n_photos
+    assert x.shape == ((len(LABEL_CROPS) + views) * n, base.dim) and t.shape[0] == len(x)
+    session_rows = crops.rows(keys[0])  # the first session view of each photo, in run order
+    block = x[len(LABEL_CROPS) * n : (len(LABEL_CROPS) + 1) * n]
+    assert np.allclose(block, crops.embeddings[session_rows], atol=1e-6)
+    for k in range(len(LABEL_CROPS) + views):
+        assert np.array_equal(t[k * n : (k + 1) * n], data.photo_targets)
+
+
+def test_session_views_are_seeded_changed_and_bounded():
+    """augment.session_view: the same seed gives the same pixels, another seed another
+    view; the view is a square of the photo's middle, its colours changed."""
+    from PIL import Image
+
+    from lookalike.tuning.augment import DEFAULT, session_view, view_seed
+
+    root = require_data("grocery")
+    photo = Image.open(root / _rows(root / "train.csv")[0]["image"]).convert("RGB")
+    a, b = (session_view(photo, view_seed("ab" * 32, 1)) for _ in range(2))
+    c = session_view(photo, view_seed("ab" * 32, 2))
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    side = min(photo.size)
+    for view in (a, c):
+        assert view.size[0] == view.size[1]
+        assert DEFAULT.side[0] * side - 1 <= view.size[0] <= DEFAULT.side[1] * side + 1
+    assert view_seed("ab" * 32, 1) != view_seed("cd" * 32, 1)
 
 
 def test_photos_with_the_finetune_method(grocery, tmp_path_factory):

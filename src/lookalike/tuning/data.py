@@ -24,6 +24,8 @@ from .features import (
     crop_embeddings,
     featurizer,
     probe_maps,
+    session_embeddings,
+    session_images,
     shopper_embeddings,
     shopper_images,
 )
@@ -104,6 +106,11 @@ def cached_features(
                                                                  if i.sha256 in cache]),
                          featurize=featurizer(base, False), progress=progress,
                          desc="shopper views")  # fmt: skip
+        if settings.session_views and not finetuning:  # more samples for the head (augment)
+            photos = [i for i in [*photo_images, *unl_images] if i.sha256 in cache]
+            compute_features(base, crops, session_images(photos, settings.session_views),
+                             featurize=featurizer(base, False), progress=progress,
+                             desc="session views")  # fmt: skip
     return Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images,
                      crops)  # fmt: skip
 
@@ -141,7 +148,8 @@ class Data:
     # --photos: what photos are labelled with (pseudo.label_views), and the head's targets
     label_emb: dict[str, np.ndarray] = field(default_factory=dict)  # "cat", "photo", "unl"
     photo_targets: np.ndarray | None = None  # (n_photos, P) soft targets, or None: photo_y
-    # ... and the embeddings of the photos' central crops (LABEL_CROPS), "photo", "unl"
+    # ... and the embeddings of the photos' central crops (LABEL_CROPS), "cat", "photo",
+    # "unl", then (photos only) of their session views (settings.session_views, augment)
     crop_emb: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
 
@@ -199,6 +207,9 @@ def gather_arrays(features: Features, inputs: Inputs, settings: TuneSettings) ->
             views = crop_embeddings(cache, features.crops, images, LABEL_CROPS)
             data.label_emb[name] = label_views(views)
             data.crop_emb[name] = views[1:]
+            if name != "cat" and settings.session_views and not finetuning:
+                data.crop_emb[name] += session_embeddings(cache, features.crops, images,
+                                                          settings.session_views)  # fmt: skip
         shopper, have = shopper_embeddings(features.crops, shopper_images(kept_cat, unl),
                                            len(kept_cat))  # fmt: skip
         data.label_emb["cat"] = mix_shopper_views(data.label_emb["cat"], shopper, have)

@@ -25,6 +25,7 @@ from ..errors import LookalikeError
 from ..fsutil import atomic_write
 from ..images import load_image
 from ..query import centre_square
+from . import augment
 from .finetune import VIEW_RECIPE, random_view
 from .shopper import Background, pick_background, shopper_view, view_seed, views_per_image
 
@@ -194,6 +195,7 @@ class ImageRef:
     crop: float = 0.0  # > 0: the central square of this fraction of the shorter side
     shopper: int = 0  # > 0: a synthetic shopper view of the image on `background` (shopper)
     background: Background | None = None
+    session: int = 0  # > 0: a session view of the photo (augment.session_view)
 
     @property
     def key(self) -> str:
@@ -202,6 +204,8 @@ class ImageRef:
             return f"{self.sha256}#shopper{self.shopper}.{self.background.sha256[:16]}"
         if self.crop:
             return f"{self.sha256}#centre{round(self.crop * 100)}"
+        if self.session:
+            return f"{self.sha256}#{augment.RECIPE}.{self.session}"
         if not self.view:
             return self.sha256
         return f"{self.sha256}#{VIEW_RECIPE}.{self.view}"
@@ -242,6 +246,8 @@ def compute_features(
                 img = random_view(img, image.sha256, image.view)
             if image.crop:
                 img = centre_square(img, image.crop)
+            if image.session:
+                img = augment.session_view(img, augment.view_seed(image.sha256, image.session))
             if image.shopper and image.background is not None:
                 bg = load_image(image.background.path, draft_size=draft)
                 img = shopper_view(img, bg, view_seed(image.sha256, image.shopper))
@@ -318,6 +324,21 @@ def compute_crops(base: Any, crops: FeatureCache, images: Sequence[ImageRef],
                             progress=progress, desc="central crops")  # fmt: skip
 
 
+def session_images(images: Sequence[ImageRef], views: int) -> list[ImageRef]:
+    """The first `views` session views (lookalike.tuning.augment) of each of `images`,
+    view by view."""
+    return [ImageRef(i.path, i.sha256, session=k) for k in range(1, views + 1) for i in images]
+
+
+def session_embeddings(cache: FeatureCache, crops: FeatureCache, images: Sequence[ImageRef],
+                       views: int) -> list[np.ndarray]:  # fmt: skip
+    """[view 1, ...] embeddings of the session views of cached `images` (a view missing
+    from `crops` stands in as the image's own embedding, as in crop_embeddings)."""
+    full = cache.embeddings[cache.rows([img.sha256 for img in images])]
+    return [_or_own(full, crops, [ImageRef(img.path, img.sha256, session=k).key
+                                  for img in images]) for k in range(1, views + 1)]  # fmt: skip
+
+
 def shopper_images(catalog: Sequence[ImageRef], photos: Sequence[ImageRef],
                    views: int | None = None) -> list[ImageRef]:  # fmt: skip
     """The synthetic shopper views (lookalike.tuning.shopper) of each `catalog` image
@@ -350,12 +371,15 @@ def crop_embeddings(cache: FeatureCache, crops: FeatureCache, images: Sequence[I
     """[full, crop 1, ...] embeddings of cached `images` (a crop missing from `crops`
     stands in as the image's own embedding)."""
     full = cache.embeddings[cache.rows([img.sha256 for img in images])]
-    views = [full]
-    for c in fractions:
-        keys = [ImageRef(img.path, img.sha256, crop=c).key for img in images]
-        have = np.array([k in crops for k in keys], dtype=bool)
-        view = full.copy()
-        if have.any():
-            view[have] = crops.embeddings[crops.rows([k for k in keys if k in crops])]
-        views.append(view)
-    return views
+    return [full, *(_or_own(full, crops, [ImageRef(img.path, img.sha256, crop=c).key
+                                          for img in images]) for c in fractions)]  # fmt: skip
+
+
+def _or_own(full: np.ndarray, crops: FeatureCache, keys: Sequence[str]) -> np.ndarray:
+    """The embeddings `crops` holds under `keys`, one an image; an image whose key it does
+    not hold keeps its own (`full`'s row)."""
+    view = full.copy()
+    have = np.array([k in crops for k in keys], dtype=bool)
+    if have.any():
+        view[have] = crops.embeddings[crops.rows([k for k in keys if k in crops])]
+    return view

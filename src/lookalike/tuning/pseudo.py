@@ -32,7 +32,9 @@ most likely shows, and the run then trains exactly as if a person had labelled i
    0.82 -> 0.88 on grocery's burst split). The finetune method trains on the argmax.
 6. **Crops as samples.** The head also trains on the central crops (LABEL_CROPS) of
    every photo, each with its photo's target, and the model records its query view
-   (PHOTOS_QUERY_VIEWS): queried with the central 60 % square, as it was trained.
+   (PHOTOS_QUERY_VIEWS): queried with the central 60 % square, as it was trained. Two
+   session views of each photo (another light, white balance, camera and framing;
+   lookalike.tuning.augment, settings.session_views) are samples with its target too.
 
 Photos with true labels (`--labels` in the same run) take part as fixed labels.
 The measurements behind each step and setting are in docs/quality.md.

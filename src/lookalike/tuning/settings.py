@@ -6,6 +6,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import UsageError
+from .augment import SESSION_VIEWS
 from .finetune import supports
 
 METHOD_DEFAULTS: dict[str, dict[str, int]] = {
@@ -46,6 +47,8 @@ class TuneSettings:
     class_weight: float = 1.0  # --field, head method: the field classifier's posterior
     colour_weight: float = 0.7  # --field, head method: the colour descriptor
     pseudo_rounds: int = 0  # --photos: rounds of a head trained on the labels, then relabel
+    # --photos, head method: session views of each photo as more samples (augment.py)
+    session_views: int = SESSION_VIEWS
 
     def resolved(
         self, base: Any, field: bool = False, labelled: bool = True, photos: bool = False
