@@ -212,17 +212,19 @@ def test_serve_calibrates_again_on_the_photos_it_keeps(indexed, tmp_path):
             assert r.status_code == 200, r.text
             return [x["product_id"] for x in r.json()["results"]]
 
+        assert client.get(server.url + "/readyz").json()["calibrated_on"] is None
         for photo in photos[: MIN_PHOTOS - 1]:
             search(photo)
         time.sleep(1.0)
         assert not (home / CENTRE_FILE).exists()  # intervals passed, but too few photos
         before = search(photos[MIN_PHOTOS - 1])  # the MIN_PHOTOS-th kept: a calibration starts
         deadline = time.monotonic() + 240  # the child process has exited and been heard
-        while "calibrated:" not in server.output() and time.monotonic() < deadline:
+        while "calibrated on" not in server.output() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert (home / CENTRE_FILE).exists(), server.output()
         centre = QueryCentre.load(home / CENTRE_FILE)
         assert centre.photos == MIN_PHOTOS and centre.hub_r is not None
+        assert client.get(server.url + "/readyz").json()["calibrated_on"] == MIN_PHOTOS
         after = search(photos[MIN_PHOTOS - 1])  # kept already: no new count
         assert after != before  # the server scores with the new centre (and hub correction)
     with pytest.raises(Exception, match=f"at least {MIN_PHOTOS}"):

@@ -102,7 +102,14 @@ class AutoCalibrate:
                     self.last = json.loads(out)
                 except ValueError:
                     self.last = None
-                log.info("calibrated: %s", (out or "").strip().replace("\n", " ")[:300])
+                summary = self.last or {}
+                hub = summary.get("hub_correction") or {}
+                log.info(
+                    "calibrated on %s photos%s: %s",
+                    summary.get("photos", "?"),
+                    f", hub scores of {hub['images']} catalog images" if hub else "",
+                    summary.get("path", "?"),
+                )
             elif proc.returncode > 0:  # < 0: stopped by close()
                 log.warning("calibration failed (exit %s): %s", proc.returncode, err.strip()[-500:])
 

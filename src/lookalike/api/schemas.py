@@ -103,6 +103,7 @@ class Readiness(BaseModel):
     model: str | None = None
     tuned: str | None = None  # the active tuned version (`lookalike tune`), if any
     tuned_on: str | None = None  # what it learned from, e.g. "category"
+    calibrated_on: int | None = None  # photos of the query centre in use (`calibrate`)
     detail: str | None = None
 
 

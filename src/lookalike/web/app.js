@@ -65,7 +65,11 @@ async function loadStatus(attempt = 0) {
     if (response.ok) {
       const products = Number(body.products || 0).toLocaleString();
       const tuned = body.tuned ? `, tuned on ${body.tuned_on || body.tuned}` : "";
-      els.status.textContent = `${products} products · ${body.model || "model ready"}${tuned}`;
+      const calibrated = body.calibrated_on
+        ? `, calibrated on ${Number(body.calibrated_on).toLocaleString()} photos`
+        : "";
+      els.status.textContent =
+        `${products} products · ${body.model || "model ready"}${tuned}${calibrated}`;
       await loadCategories();
       return;
     }

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from ...query import describe, query_pipeline
 from ..adapters import engine_info
 from ..schemas import Health, Readiness
 
@@ -63,7 +64,18 @@ def readyz(request: Request) -> Any:
         model=info.get("model"),
         tuned=info.get("tuned"),
         tuned_on=tuned_on(holder.engine.encoder) if info.get("tuned") else None,
+        calibrated_on=calibrated_on(holder.engine),
     )
+
+
+def calibrated_on(engine: Any) -> int | None:
+    """How many photos the query centre in use was calibrated on (`calibrate`, or
+    `serve --calibrate-every`), or None when searches are not calibrated."""
+    try:
+        centre = describe(query_pipeline(engine.home, engine.encoder))["query_centre"]
+    except Exception:  # a broken centre file: searches report it, readiness does not
+        return None
+    return centre["photos"] if centre else None
 
 
 @router.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
