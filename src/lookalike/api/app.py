@@ -12,14 +12,13 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from ..errors import UsageError
 from ..keptphotos import KeptPhotos
 from .auth import API_KEY_ENV
 from .autocalibrate import AutoCalibrate
 from .deps import CpuSlots
 from .errors import install_error_handlers
 from .holder import EngineHolder, default_home
-from .limits import Limits, RequestGate
+from .limits import Limits, RequestGate, env_whole_number
 from .routes import catalog, catalog_writes, duplicates, images, meta, search
 from .thumbnails import ThumbnailCache
 
@@ -117,11 +116,8 @@ def _whole_number(value: int | None, env: str) -> int:
     """`value`, else the whole number in $`env`, else 0."""
     if value is not None:
         return value
-    raw = os.environ.get(env, "").strip()
-    try:
-        return int(raw) if raw else 0
-    except ValueError:
-        raise UsageError(f"{env} must be a whole number, not {raw!r}") from None
+    from_env = env_whole_number(env)
+    return 0 if from_env is None else from_env
 
 
 def _add_cors(app: FastAPI, cors_origins: Iterable[str] | None) -> None:

@@ -16,6 +16,18 @@ from .auth import is_write, key_problem
 from .errors import AuthError, error_body
 
 
+def env_whole_number(name: str, environ: Any = None) -> int | None:
+    """The whole number in environment variable `name` (of `environ`, default os.environ),
+    None when it is unset or blank; UsageError when it is not a whole number."""
+    raw = (os.environ if environ is None else environ).get(name)
+    if raw is None or not raw.strip():
+        return None
+    try:
+        return int(raw)
+    except ValueError:
+        raise UsageError(f"{name} must be a whole number, not {raw!r}") from None
+
+
 def _cores() -> int:
     try:
         return max(1, len(os.sched_getaffinity(0)))
@@ -63,15 +75,9 @@ class Limits:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
-            raw = env.get(f"LOOKALIKE_{f.name.upper()}")
-            if raw is None or not raw.strip():
-                continue
-            try:
-                values[f.name] = int(raw)
-            except ValueError:
-                raise UsageError(
-                    f"LOOKALIKE_{f.name.upper()} must be a whole number, not {raw!r}"
-                ) from None
+            value = env_whole_number(f"LOOKALIKE_{f.name.upper()}", env)
+            if value is not None:
+                values[f.name] = value
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
