@@ -13,11 +13,12 @@ from typing import Any
 import numpy as np
 
 from .catalog import Catalog
+from .encoders.runtime import l2_normalise
 from .errors import ImageError, UsageError
 from .hubness import HUB_K, catalog_hub_scores
 from .images import load_image
 from .models import is_tuned
-from .query import CENTRE_FILE, QueryCentre, QueryPipeline, load_settings, photo_paths, unit_vectors
+from .query import CENTRE_FILE, QueryCentre, QueryPipeline, load_settings, photo_paths
 
 
 def calibrate(
@@ -71,7 +72,7 @@ def calibrate_queries(
     mean = (flat.astype(np.float64).sum(axis=0) / len(flat)).astype(np.float32)
     centre = QueryCentre(mean, encoder.stamp, len(views), encoder.views)
     # centred as embed_queries centres them
-    queries = unit_vectors(unit_vectors(views - mean[None, None, :]).sum(axis=1))
+    queries = l2_normalise(l2_normalise(views - mean[None, None, :]).sum(axis=1))
     return centre, failed, queries
 
 

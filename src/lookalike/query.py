@@ -52,6 +52,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
+from .encoders.runtime import l2_normalise
 from .errors import InputPathError, MetadataError, UsageError
 from .framing import letterbox_product
 from .fsutil import sha256_of
@@ -377,8 +378,8 @@ class QueryPipeline:
         """Shopper photos (decoded RGB images) -> float32 (N, dim), L2-normalised."""
         views = self.raw_query_views(images)
         if self.settings.centre and self.centre is not None:
-            views = unit_vectors(views - self.centre.mean[None, None, :])
-        return unit_vectors(views.sum(axis=1))
+            views = l2_normalise(views - self.centre.mean[None, None, :])
+        return l2_normalise(views.sum(axis=1))
 
 
 def tag_content(img: Image.Image, data: bytes) -> Image.Image:
@@ -440,12 +441,6 @@ def embed_sources(
         ]
         out[todo] = pipeline.embed_queries(images)
     return out
-
-
-def unit_vectors(x: np.ndarray) -> np.ndarray:
-    """`x` scaled to unit L2 norm along its last axis (rows, or each view of each photo)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
 def _mtime(path: Path) -> float | None:

@@ -124,8 +124,10 @@ class InputSpec:
 
 
 def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """`x` as float32 scaled to unit L2 norm along its last axis (rows of (N, D), or each
+    view of each photo of (N, V, D))."""
     x = np.asarray(x, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
