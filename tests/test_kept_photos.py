@@ -196,7 +196,7 @@ def test_serve_calibrates_again_on_the_photos_it_keeps(indexed, tmp_path):
     then one in a child process, whose centre the server's next searches use."""
     from live_server import LiveServer
 
-    from lookalike.api.autocalibrate import MIN_PHOTOS
+    from lookalike.keptphotos import MIN_TO_CALIBRATE as MIN_PHOTOS
     from lookalike.query import CENTRE_FILE, QueryCentre
 
     home = _fresh_home(indexed, tmp_path)
@@ -240,14 +240,15 @@ def _all_photos() -> list[Path]:
 
 
 def test_the_calibration_child_runs_at_low_priority_and_stops_with_the_server(indexed, tmp_path):
-    from lookalike.api.autocalibrate import MIN_PHOTOS, NICE, AutoCalibrate
+    from lookalike.api.autolearn import NICE, AutoLearn
+    from lookalike.keptphotos import MIN_TO_CALIBRATE as MIN_PHOTOS
     from lookalike.query import CENTRE_FILE
 
     home = _fresh_home(indexed, tmp_path)
     kept = KeptPhotos.of_home(home, MIN_PHOTOS)
     for i, photo in enumerate(_all_photos()[:MIN_PHOTOS]):
         assert kept.keep(Image.open(photo), _key(i))
-    calibrating = AutoCalibrate(home, kept, every=2)
+    calibrating = AutoLearn(home, kept, calibrate_every=2)
     calibrating.photo_kept()
     assert calibrating._proc is None  # one new photo of two
     calibrating.photo_kept()
@@ -259,4 +260,4 @@ def test_the_calibration_child_runs_at_low_priority_and_stops_with_the_server(in
     assert calibrating._proc is proc  # one at a time
     calibrating.close()  # the server stops: the child is stopped, writes no centre
     assert proc.poll() is not None and not (home / CENTRE_FILE).exists()
-    assert calibrating.runs == 1 and calibrating.last is None
+    assert calibrating.runs["calibrate"] == 1 and calibrating.last["calibrate"] is None

@@ -26,6 +26,13 @@ KEPT_DIR = "query-photos"
 MAX_SIDE = 1024
 JPEG_QUALITY = 90
 KEY_CHARS = 16
+MIN_TO_CALIBRATE = 100
+"""`serve --calibrate-every` calibrates on no fewer kept photos: on both burst splits of
+train.csv, calibrating on 100 or more is not below uncalibrated, on 32 or 64 it is
+(docs/api.md, `benchmarks/bench_calibrate_size.py`)."""
+MIN_TO_TUNE = 1000
+"""`serve --tune-every` tunes on no fewer kept photos (docs/api.md,
+`benchmarks/bench_tune_size.py`)."""
 
 log = logging.getLogger(__name__)
 
