@@ -74,6 +74,20 @@ def test_keeps_newest_once_each_without_metadata(tmp_path):
     assert photo_paths([kept.folder]) == paths[2:]
 
 
+def test_two_servers_on_one_home_keep_the_limit_between_them(tmp_path):
+    """Two processes serving one home (two KeptPhotos on one folder): the newest `limit`
+    photos between them, each upload once, and both count what is on disk."""
+    first, second = KeptPhotos(tmp_path / "kept", limit=3), KeptPhotos(tmp_path / "kept", limit=3)
+    start = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    photos, paths = _photos(5), []
+    for i, photo in enumerate(photos):
+        server = first if i % 2 == 0 else second
+        paths.append(server.keep(Image.open(photo), _key(i), now=start + timedelta(seconds=i)))
+    assert sorted(first.folder.rglob("*.jpg")) == paths[2:]
+    assert first.count() == second.count() == 3
+    assert second.keep(Image.open(photos[4]), _key(4)) is None  # the first kept it already
+
+
 def test_large_photos_shrink_and_zero_keeps_none(tmp_path):
     big = Image.open(_photos(1)[0]).convert("RGB").resize((3000, 2000))
     path = KeptPhotos(tmp_path / "k", 5).keep(big, "a" * 64)

