@@ -34,7 +34,9 @@ from ..keptphotos import MIN_TO_CALIBRATE, MIN_TO_TUNE, KeptPhotos
 from ..models import active_version, model_info
 
 CALIBRATE_TUNED = False
-"""Whether a home with a tuned model active is calibrated automatically (docs/api.md)."""
+"""A home with a tuned model active is not calibrated automatically: on both burst splits of
+train.csv, a tuned model's centre adds Recall@1 and costs Recall@5 (-0.7 to -1.0 points at
+1,000 photos; docs/quality.md, `benchmarks/bench_tune_size.py`)."""
 NICE = 10
 
 log = logging.getLogger("lookalike.api")
