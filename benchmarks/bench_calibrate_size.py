@@ -1,5 +1,5 @@
 """How many unlabelled photos `calibrate` needs before it pays: the floor of
-`serve --calibrate-every` (`lookalike.api.autocalibrate.MIN_PHOTOS`).
+`serve --calibrate-every` (`lookalike.keptphotos.MIN_TO_CALIBRATE`).
 
 On the two burst splits of grocery train.csv (salt "" and "b2"; val.csv is not read): a
 new home on the default base pipeline, calibrated the way `lookalike calibrate` does it
@@ -8,7 +8,7 @@ at random from the split's kept bursts, three draws each, then its held-out burs
 searched through `Engine.search`. Recall@1 / @5 per burst (the mean over bursts of each
 burst's share), against the same home uncalibrated. train.csv's labels only score.
 
-Rule fixed before the run: MIN_PHOTOS is the smallest n from which on (that n and every
+Rule fixed before the run: the floor is the smallest n from which on (that n and every
 larger one measured) the mean over the draws is not below the uncalibrated home in
 Recall@1 or Recall@5 per burst on either split.
 

@@ -32,7 +32,7 @@ GROCERY = ROOT / "../shared/data/grocery"
 
 from live_server import LiveServer  # noqa: E402
 
-from lookalike.api.autocalibrate import NICE, AutoCalibrate  # noqa: E402
+from lookalike.api.autolearn import NICE, AutoLearn  # noqa: E402
 from lookalike.engine import Engine  # noqa: E402
 from lookalike.keptphotos import KEPT_DIR, KeptPhotos  # noqa: E402
 
@@ -76,12 +76,12 @@ def main() -> int:
                     assert r.status_code == 200, r.text
             time.sleep(1.0)  # the last background keep
             # searches while `--calibrate-every` calibrates in its child process (nice 10,
-            # as AutoCalibrate starts it) and, for comparison, at normal priority
+            # as AutoLearn starts it) and, for comparison, at normal priority
             during = {}
             for nice in (NICE, 0):
                 kept_there = KeptPhotos(homes["keep"] / KEPT_DIR, 10**6)
-                calibrating = AutoCalibrate(base, kept_there, 1, nice=nice)
-                calibrating.photo_kept()  # >= MIN_PHOTOS kept there: it starts
+                calibrating = AutoLearn(base, kept_there, calibrate_every=1, nice=nice)
+                calibrating.photo_kept()  # >= MIN_TO_CALIBRATE kept there: it starts
                 during[nice] = []
                 i = 0
                 while calibrating._proc is not None:
@@ -93,7 +93,7 @@ def main() -> int:
                     during[nice].append((time.perf_counter() - started) * 1000)
                     i += 1
                 calibrating.close()
-                assert calibrating.last, "the calibration failed"
+                assert calibrating.last["calibrate"], "the calibration failed"
         kept = sorted((homes["keep"] / KEPT_DIR).rglob("*.jpg"))
         disk = sum(p.stat().st_size for p in kept)
         # the keep itself, in this process: decode is the server's, so time only the keep

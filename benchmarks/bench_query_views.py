@@ -121,9 +121,9 @@ def l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def embed_views(base, paths: list[Path], views: list[str], catalog_side: int) -> np.ndarray:
+def embed_views(base, paths: list[Path], views: list[str], catalog_side: int = 0) -> np.ndarray:
     """(N, V, dim) raw view vectors, decoded a chunk at a time (2,640 photos at 2x the
-    input would not fit in memory at once)."""
+    input would not fit in memory at once). `catalog_side` is read by `@cat` views only."""
     pipes = [ResPipeline(base, v, catalog_side) for v in views]
     out = []
     t0 = time.time()

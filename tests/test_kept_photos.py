@@ -74,6 +74,20 @@ def test_keeps_newest_once_each_without_metadata(tmp_path):
     assert photo_paths([kept.folder]) == paths[2:]
 
 
+def test_two_servers_on_one_home_keep_the_limit_between_them(tmp_path):
+    """Two processes serving one home (two KeptPhotos on one folder): the newest `limit`
+    photos between them, each upload once, and both count what is on disk."""
+    first, second = KeptPhotos(tmp_path / "kept", limit=3), KeptPhotos(tmp_path / "kept", limit=3)
+    start = datetime(2026, 12, 2, 9, 0, tzinfo=UTC)
+    photos, paths = _photos(5), []
+    for i, photo in enumerate(photos):
+        server = first if i % 2 == 0 else second
+        paths.append(server.keep(Image.open(photo), _key(i), now=start + timedelta(seconds=i)))
+    assert sorted(first.folder.rglob("*.jpg")) == paths[2:]
+    assert first.count() == second.count() == 3
+    assert second.keep(Image.open(photos[4]), _key(4)) is None  # the first kept it already
+
+
 def test_large_photos_shrink_and_zero_keeps_none(tmp_path):
     big = Image.open(_photos(1)[0]).convert("RGB").resize((3000, 2000))
     path = KeptPhotos(tmp_path / "k", 5).keep(big, "a" * 64)
@@ -196,7 +210,7 @@ def test_serve_calibrates_again_on_the_photos_it_keeps(indexed, tmp_path):
     then one in a child process, whose centre the server's next searches use."""
     from live_server import LiveServer
 
-    from lookalike.api.autocalibrate import MIN_PHOTOS
+    from lookalike.keptphotos import MIN_TO_CALIBRATE as MIN_PHOTOS
     from lookalike.query import CENTRE_FILE, QueryCentre
 
     home = _fresh_home(indexed, tmp_path)
@@ -240,14 +254,15 @@ def _all_photos() -> list[Path]:
 
 
 def test_the_calibration_child_runs_at_low_priority_and_stops_with_the_server(indexed, tmp_path):
-    from lookalike.api.autocalibrate import MIN_PHOTOS, NICE, AutoCalibrate
+    from lookalike.api.autolearn import NICE, AutoLearn
+    from lookalike.keptphotos import MIN_TO_CALIBRATE as MIN_PHOTOS
     from lookalike.query import CENTRE_FILE
 
     home = _fresh_home(indexed, tmp_path)
     kept = KeptPhotos.of_home(home, MIN_PHOTOS)
     for i, photo in enumerate(_all_photos()[:MIN_PHOTOS]):
         assert kept.keep(Image.open(photo), _key(i))
-    calibrating = AutoCalibrate(home, kept, every=2)
+    calibrating = AutoLearn(home, kept, calibrate_every=2)
     calibrating.photo_kept()
     assert calibrating._proc is None  # one new photo of two
     calibrating.photo_kept()
@@ -259,4 +274,4 @@ def test_the_calibration_child_runs_at_low_priority_and_stops_with_the_server(in
     assert calibrating._proc is proc  # one at a time
     calibrating.close()  # the server stops: the child is stopped, writes no centre
     assert proc.poll() is not None and not (home / CENTRE_FILE).exists()
-    assert calibrating.runs == 1 and calibrating.last is None
+    assert calibrating.runs["calibrate"] == 1 and calibrating.last["calibrate"] is None

@@ -11,9 +11,10 @@ an unwritable folder is logged once and the search answers as before."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
-from collections import deque
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -26,13 +27,22 @@ KEPT_DIR = "query-photos"
 MAX_SIDE = 1024
 JPEG_QUALITY = 90
 KEY_CHARS = 16
+MIN_TO_CALIBRATE = 100
+"""`serve --calibrate-every` calibrates on no fewer kept photos: on both burst splits of
+train.csv, calibrating on 100 or more is not below uncalibrated, on 32 or 64 it is
+(docs/api.md, `benchmarks/bench_calibrate_size.py`)."""
+MIN_TO_TUNE = 1000
+"""`serve --tune-every` tunes on no fewer kept photos: on both burst splits of train.csv, a
+tune on 1,000 or more beats the base calibrated on the same photos, on 300 it does not on
+one split, on 100 on neither (docs/api.md, `benchmarks/bench_tune_size.py`)."""
 
 log = logging.getLogger(__name__)
 
 
 class KeptPhotos:
-    """Keeps up to `limit` photos in `folder` (0: keeps none). Thread-safe; each process
-    counts what it finds on its first keep plus what it adds itself."""
+    """Keeps up to `limit` photos in `folder` (0: keeps none). Thread-safe, and shared:
+    each keep and count reads the folder again, so servers on one home keep `limit`
+    photos between them and the same upload once."""
 
     def __init__(self, folder: str | Path, limit: int):
         if limit < 0:
@@ -40,23 +50,27 @@ class KeptPhotos:
         self.folder = Path(folder)
         self.limit = limit
         self._lock = threading.Lock()
-        self._paths: deque[Path] | None = None  # oldest first; read on the first keep
-        self._keys: set[str] = set()
         self._failed = False
 
     @classmethod
     def of_home(cls, home: str | Path, limit: int) -> KeptPhotos:
         return cls(Path(home) / KEPT_DIR, limit)
 
-    def _scan(self) -> deque[Path]:
-        if self._paths is None:
-            found = sorted(self.folder.glob("*/*.jpg")) if self.folder.is_dir() else []
-            self._paths = deque(found)
-            self._keys = {_key_of(p) for p in found}
-        return self._paths
+    def _scan(self) -> list[Path]:
+        """The kept photos on disk now, oldest first (3-4 ms for 5,000)."""
+        found: list[Path] = []
+        try:
+            days = [d for d in os.scandir(self.folder) if d.is_dir()]
+        except OSError:
+            return found
+        for day in days:
+            with contextlib.suppress(OSError):  # a day folder another process just emptied
+                found += [Path(e.path) for e in os.scandir(day.path) if e.name.endswith(".jpg")]
+        found.sort()
+        return found
 
     def count(self) -> int:
-        """How many photos are kept now (as this process knows them)."""
+        """How many photos are kept now (by this process and any other on the home)."""
         with self._lock:
             return len(self._scan())
 
@@ -72,7 +86,7 @@ class KeptPhotos:
         small = _small_rgb(img)
         with self._lock:
             paths = self._scan()
-            if key in self._keys:
+            if any(_key_of(p) == key for p in paths):
                 return None
             try:
                 atomic_write(path, lambda fh: small.save(fh, "JPEG", quality=JPEG_QUALITY))
@@ -82,13 +96,11 @@ class KeptPhotos:
                     self._failed = True
                 return None
             paths.append(path)
-            self._keys.add(key)
-            while len(paths) > self.limit:
-                self._drop(paths.popleft())
+            for old in paths[: max(0, len(paths) - self.limit)]:
+                self._drop(old)
         return path
 
     def _drop(self, path: Path) -> None:
-        self._keys.discard(_key_of(path))
         try:
             path.unlink(missing_ok=True)
             if not any(path.parent.iterdir()):

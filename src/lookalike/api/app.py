@@ -14,7 +14,7 @@ from fastapi.staticfiles import StaticFiles
 from .. import __version__
 from ..keptphotos import KeptPhotos
 from .auth import API_KEY_ENV
-from .autocalibrate import AutoCalibrate
+from .autolearn import AutoLearn
 from .deps import CpuSlots
 from .errors import install_error_handlers
 from .holder import EngineHolder, default_home
@@ -25,6 +25,7 @@ from .thumbnails import ThumbnailCache
 CORS_ENV = "LOOKALIKE_CORS_ORIGINS"
 KEEP_PHOTOS_ENV = "LOOKALIKE_KEEP_PHOTOS"
 CALIBRATE_EVERY_ENV = "LOOKALIKE_CALIBRATE_EVERY"
+TUNE_EVERY_ENV = "LOOKALIKE_TUNE_EVERY"
 
 
 def create_app(
@@ -39,6 +40,7 @@ def create_app(
     cors_origins: Iterable[str] | None = None,
     keep_photos: int | None = None,
     calibrate_every: int | None = None,
+    tune_every: int | None = None,
 ) -> FastAPI:
     """The FastAPI app over `engine`, or over the catalog at `home` (opened in the
     background at startup; /readyz says when it is open). `api_key` defaults to
@@ -50,7 +52,8 @@ def create_app(
     $LOOKALIKE_KEEP_PHOTOS, else 0) keeps up to that many searched photos in
     `<home>/query-photos` for `tune --photos` (`lookalike.keptphotos`); `calibrate_every`
     (default $LOOKALIKE_CALIBRATE_EVERY, else 0) calibrates the home on them again every
-    that many new ones (`api.autocalibrate`)."""
+    that many new ones, and `tune_every` (default $LOOKALIKE_TUNE_EVERY, else 0) tunes it on
+    them (`tune --photos`) every that many (`api.autolearn`)."""
     limits = limits or Limits.from_env()
     if api_key is None:
         api_key = os.environ.get(API_KEY_ENV) or None
@@ -65,7 +68,7 @@ def create_app(
         try:
             yield
         finally:
-            app.state.auto_calibrate.close()
+            app.state.auto_learn.close()
             holder.close()
 
     app = FastAPI(
@@ -86,8 +89,12 @@ def create_app(
     app.state.thumbnails = ThumbnailCache(limits.thumbnail_cache_bytes)
     kept = KeptPhotos.of_home(home_path, _whole_number(keep_photos, KEEP_PHOTOS_ENV))
     app.state.kept_photos = kept
-    app.state.auto_calibrate = AutoCalibrate(
-        home_path, kept, _whole_number(calibrate_every, CALIBRATE_EVERY_ENV), model
+    app.state.auto_learn = AutoLearn(
+        home_path,
+        kept,
+        calibrate_every=_whole_number(calibrate_every, CALIBRATE_EVERY_ENV),
+        tune_every=_whole_number(tune_every, TUNE_EVERY_ENV),
+        model=model,
     )
     app.add_middleware(RequestGate, limits=limits, api_key=app.state.api_key)
     _add_cors(app, cors_origins)

@@ -97,6 +97,7 @@ def serve(
     access_log: bool = True,
     keep_photos: int | None = None,
     calibrate_every: int | None = None,
+    tune_every: int | None = None,
 ) -> None:
     """Run the API and page under uvicorn until interrupted. `api_key` defaults to
     $LOOKALIKE_API_KEY (writes are refused without one); limits default to the
@@ -112,6 +113,7 @@ def serve(
         vector_store=vector_store,
         keep_photos=keep_photos,
         calibrate_every=calibrate_every,
+        tune_every=tune_every,
     )
     uvicorn.run(
         app,

@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from ..errors import UsageError
+from ..keptphotos import MIN_TO_CALIBRATE, MIN_TO_TUNE
 from .common import open_engine
 
 
@@ -18,8 +19,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--port must be 1-65535, not {args.port}")
     if args.keep_photos is not None and args.keep_photos < 0:
         raise UsageError(f"--keep-photos must be >= 0, not {args.keep_photos}")
-    if args.calibrate_every is not None and args.calibrate_every < 0:
-        raise UsageError(f"--calibrate-every must be >= 0, not {args.calibrate_every}")
+    for flag in ("calibrate_every", "tune_every"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UsageError(f"--{flag.replace('_', '-')} must be >= 0, not {value}")
     _check_listen(args.host, args.port)
     with open_engine(args, create=True):
         pass  # the home, its catalog and the store's URI are usable: fail here, not later
@@ -37,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         vector_store=args.vector_store,
         keep_photos=args.keep_photos,
         calibrate_every=args.calibrate_every,
+        tune_every=args.tune_every,
     )
     return 0
 
@@ -73,6 +77,13 @@ def add_commands(sub: Any) -> None:
         type=int,
         metavar="M",
         help="with --keep-photos: calibrate the home on the kept photos every M new ones, once"
-        " 100 are kept (default $LOOKALIKE_CALIBRATE_EVERY or 0: never)",
+        f" {MIN_TO_CALIBRATE} are kept (default $LOOKALIKE_CALIBRATE_EVERY or 0: never)",
+    )
+    p.add_argument(
+        "--tune-every",
+        type=int,
+        metavar="T",
+        help="with --keep-photos: tune the model on the kept photos (tune --photos) every T new"
+        f" ones, once {MIN_TO_TUNE} are kept (default $LOOKALIKE_TUNE_EVERY or 0: never)",
     )
     p.set_defaults(func=cmd_serve)

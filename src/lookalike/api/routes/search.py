@@ -195,9 +195,9 @@ def _response(report: SearchReport, urls: UrlMaker, started: float) -> SearchRes
 def _keep(state: Any, engine: Any, img: Any, data: bytes, box: Any) -> None:
     """Keep a searched photo for `tune --photos` (`serve --keep-photos`), unless its bytes
     are a catalog image's own: those are the catalog, not a shopper's photo; then maybe
-    calibrate on the kept photos (`serve --calibrate-every`)."""
+    calibrate or tune on the kept photos (`serve --calibrate-every`, `--tune-every`)."""
     sha = hashlib.sha256(data).hexdigest()
     if engine.catalog.has_sha(sha):
         return
     if state.kept_photos.keep(img, hashlib.sha256(f"{sha} {box}".encode()).hexdigest()):
-        state.auto_calibrate.photo_kept()
+        state.auto_learn.photo_kept()
