@@ -87,10 +87,12 @@ def lowres(spec: str, catalog_side: int):
 class ResPipeline(QueryPipeline):
     """The shipped pipeline of one view, with a resolution step after the view."""
 
-    def __init__(self, base, view: str, catalog_side: int) -> None:
+    def __init__(self, base, view: str, catalog_side: int, step=None) -> None:
+        """`step`: an image -> image step to use instead of the view's `@spec` one
+        (bench_query_colour.py's colour steps)."""
         name, _, spec = view.partition("@")
         super().__init__(base, QualitySettings(query_views=(name,), centre=False))
-        self.step = lowres(spec, catalog_side) if spec else None
+        self.step = step or (lowres(spec, catalog_side) if spec else None)
 
     def _views(self, img):
         views = super()._views(img)
