@@ -337,6 +337,38 @@ def test_photos_reads_no_labels(grocery, tmp_path_factory, session_home):
     assert wrong == session_home["digests"] and wrong[0] != digests[0]
 
 
+def test_the_feature_cache_keeps_only_what_the_last_run_used(grocery, tmp_path_factory):
+    """A second `--photos` run on other photos (a server tuning itself on the photos it
+    keeps, the oldest gone) drops the first run's photos from the feature cache, keeps
+    the catalog's, and trains the same model as on a fresh cache."""
+    from lookalike.fsutil import sha256_of
+    from lookalike.tuning import FeatureCache
+
+    rows = _rows(grocery["photos_bare"])
+    first = _write_csv(tmp_path_factory.mktemp("first") / "p.csv", ["image"], rows[0::2])
+    second = _write_csv(tmp_path_factory.mktemp("second") / "p.csv", ["image"], rows[1::2])
+    home = _home(tmp_path_factory, grocery["catalog"], "pruned")
+    with Engine(home) as engine:
+        base = base_of(engine.encoder)
+        cat_shas = {r.sha256 for chunk in engine.catalog.iter_images() for r in chunk}
+        train_tuned_model(engine, photos=[first], progress=False, settings=NO_SESSION)
+        after_first = FeatureCache.open(home, base, "cells")
+        again = train_tuned_model(engine, photos=[second], progress=False, settings=NO_SESSION)
+    cells = FeatureCache.open(home, base, "cells")
+    crops = FeatureCache.open(home, base, "crops")
+    first_shas = {sha256_of(Path(r["image"])) for r in rows[0::2]}
+    second_shas = {sha256_of(Path(r["image"])) for r in rows[1::2]}
+    assert first_shas <= set(after_first.index) and cat_shas <= set(cells.index)
+    assert set(cells.index) == cat_shas | second_shas  # the first run's photos are gone
+    assert not any(key.split("#")[0] in first_shas - second_shas for key in crops.index)
+    assert len(cells.embeddings) == len(cells.index) == len(cells.spatial)
+    fresh = _home(tmp_path_factory, grocery["catalog"], "unpruned")
+    with Engine(fresh) as engine:
+        alone = train_tuned_model(engine, photos=[second], progress=False, settings=NO_SESSION)
+    pruned_head = _model_json(home, again.version)["head_sha256"]
+    assert pruned_head == _model_json(fresh, alone.version)["head_sha256"]
+
+
 def test_session_views_are_cached_and_trained_with_their_photos_target(grocery, session_home):
     """The run cached SESSION.session_views session views of every photo (the base
     encoder's embedding of augment.session_view of it, seeded by its content), and the

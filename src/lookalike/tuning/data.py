@@ -111,6 +111,9 @@ def cached_features(
             compute_features(base, crops, session_images(photos, settings.session_views),
                              featurize=featurizer(base, False), progress=progress,
                              desc="session views")  # fmt: skip
+    for used in (cache, crops):  # what earlier runs cached and this one did not use goes
+        if used is not None:
+            used.prune()
     return Features(cache, trunk, photo_images, cat_images, val_images, unreadable, unl_images,
                      crops)  # fmt: skip
 

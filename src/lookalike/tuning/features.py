@@ -44,7 +44,9 @@ class FeatureCache:
       (lookalike.tuning.finetune), about 34 KB an image for EfficientNet-Lite2.
 
     Lets tuning run again without re-running the network, and lets re-embedding after
-    `tune` or `tune --reset` skip it."""
+    `tune` or `tune --reset` skip it. A run keeps only what it used (`prune`): the images
+    of the last run, so a server tuning itself on the photos it keeps (`serve
+    --tune-every`) does not grow the cache by every photo it ever kept."""
 
     def __init__(self, path: Path, dim: int, stamp: str, kind: str = "cells"):
         self.path = path
@@ -55,6 +57,7 @@ class FeatureCache:
         self.embeddings = np.zeros((0, dim), dtype=np.float32)
         self.spatial: np.ndarray | None = None  # (N, G, G, C) cells or (N, C, h, w) maps
         self.colour: np.ndarray | None = None  # (N, 64) colour descriptors (encoders.colour)
+        self.used: set[str] = set()  # the keys this run asked for (compute_features)
         self._dirty = False
 
     @classmethod
@@ -121,6 +124,22 @@ class FeatureCache:
 
     def rows(self, shas: Sequence[str]) -> np.ndarray:
         return np.array([self.index[s] for s in shas], dtype=np.int64)
+
+    def prune(self) -> int:
+        """Drop every entry this run did not ask for, and save; returns how many went."""
+        keep = [s for s in sorted(self.index, key=self.index.get) if s in self.used]
+        dropped = len(self.index) - len(keep)
+        if dropped:
+            rows = self.rows(keep)
+            self.embeddings = self.embeddings[rows]
+            if self.spatial is not None:
+                self.spatial = self.spatial[rows]
+            if self.colour is not None:
+                self.colour = self.colour[rows]
+            self.index = {s: i for i, s in enumerate(keep)}
+            self._dirty = True
+            self.save()
+        return dropped
 
     def save(self) -> None:
         if not self._dirty:
@@ -230,6 +249,7 @@ def compute_features(
 
     todo: list[ImageRef] = []
     seen: set[str] = set()
+    cache.used.update(image.key for image in images)
     for image in images:
         if image.key not in cache and image.key not in seen:
             seen.add(image.key)
