@@ -17,6 +17,7 @@ from test_tune import _write_csv, grocery_products
 
 from lookalike.api import autolearn, create_app
 from lookalike.api.autolearn import NICE, AutoLearn
+from lookalike.api.routes.meta import tuned_on
 from lookalike.engine import Engine
 from lookalike.keptphotos import MIN_TO_TUNE, KeptPhotos
 from lookalike.models import active_version, is_tuned, model_info
@@ -104,7 +105,10 @@ def test_the_server_tunes_on_its_kept_photos_keeping_the_field_and_follows(
         assert sources["photos"]["photos"] == FLOOR
         assert sources["field"]["name"] == "category"
         assert f"tuned on {FLOOR} kept photos: model {version} is active" in caplog.text
-        # the running engine follows the switch at its next search
+        # /readyz names what the new model learned from before the server's engine has
+        # loaded it (it follows at its next search)
+        assert engine.encoder.version == field_model.version  # not followed yet
+        assert tuned_on(home, version) == "unlabelled photos + category"
         engine.search([photo], k=3)
         assert is_tuned(engine.encoder) and engine.encoder.version == version
 

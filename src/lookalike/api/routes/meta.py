@@ -7,6 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, JSONResponse
 
+from ...errors import ModelError
+from ...models import model_info
 from ...query import describe, query_pipeline
 from ..adapters import engine_info
 from ..schemas import Health, Readiness
@@ -28,10 +30,15 @@ router = APIRouter()
 SOURCE_WORDS = {"labels": "labelled photos", "photos": "unlabelled photos"}
 
 
-def tuned_on(encoder: Any) -> str | None:
-    """What the active tuned model learned from, in words ("category", "unlabelled
-    photos + category"), from its model.json's sources."""
-    sources = (getattr(encoder, "info", None) or {}).get("sources") or {}
+def tuned_on(home: Path, version: str) -> str | None:
+    """What tuned model `version` learned from, in words ("category", "unlabelled
+    photos + category"), from its model.json's sources. Read from the registry, not the
+    loaded encoder: a model another process (`tune`, `serve --tune-every`) just made
+    active is named before the first search loads it."""
+    try:
+        sources = model_info(home, version).get("sources") or {}
+    except ModelError:  # a version being removed or damaged: readiness does not fail on it
+        return None
     words = []
     for used in sources.get("used") or []:
         if used == "field":
@@ -63,7 +70,7 @@ def readyz(request: Request) -> Any:
         images=info.get("images"),
         model=info.get("model"),
         tuned=info.get("tuned"),
-        tuned_on=tuned_on(holder.engine.encoder) if info.get("tuned") else None,
+        tuned_on=tuned_on(holder.engine.home, info["tuned"]) if info.get("tuned") else None,
         calibrated_on=calibrated_on(holder.engine),
     )
 
