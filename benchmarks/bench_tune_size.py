@@ -68,15 +68,24 @@ def _calibrate(engine: Engine, listing: Path, photos: int) -> None:
         raise RuntimeError(f"the new centre is not what searches use: {used}")
 
 
-def run_draw(home: Path, tmp: Path, held: list[dict], pick: list[str]) -> dict:
-    """The three conditions on fresh copies of `home`, calibrated/tuned on `pick`."""
+def run_draw(
+    home: Path, tmp: Path, held: list[dict], pick: list[str], also: dict | None = None
+) -> dict:
+    """The three conditions on fresh copies of `home`, calibrated/tuned on `pick`, scored
+    on `held` (and on each of the held-out sets in `also`: out["also"][name][condition])."""
     listing = _write(tmp / "photos.csv", ["image"], [{"image": p} for p in pick])
-    out: dict = {}
+    out: dict = {"also": {name: {} for name in also or {}}}
+
+    def score(engine: Engine, condition: str) -> None:
+        out[condition] = per_burst(engine, held)
+        for name, rows in (also or {}).items():
+            out["also"][name][condition] = per_burst(engine, rows)
+
     work = tmp / "calibrated"
     shutil.copytree(home, work)
     with Engine(work) as engine:
         _calibrate(engine, listing, len(pick))
-        out["calibrated"] = per_burst(engine, held)
+        score(engine, "calibrated")
     shutil.rmtree(work)
     work = tmp / "tuned"
     shutil.copytree(home, work)
@@ -87,9 +96,9 @@ def run_draw(home: Path, tmp: Path, held: list[dict], pick: list[str]) -> dict:
         out["tune_seconds"] = round(time.perf_counter() - t0, 1)
         out["tune_parts"] = report.seconds
         out["photos_used"] = report.photos_used
-        out["tuned"] = per_burst(engine, held)
+        score(engine, "tuned")
         _calibrate(engine, listing, len(pick))
-        out["tuned+calibrated"] = per_burst(engine, held)
+        score(engine, "tuned+calibrated")
     shutil.rmtree(work)
     return out
 
