@@ -238,9 +238,10 @@ def cross_p10(q: np.ndarray, c: np.ndarray, fields: dict[str, np.ndarray]) -> di
             for f, v in fields.items()}  # fmt: skip
 
 
-def per_burst_hits(sims: np.ndarray, truth: np.ndarray, bidx: list) -> np.ndarray:
-    top1 = sims > sims[np.arange(len(sims)), truth][:, None]
-    hit = (top1.sum(axis=1) == 0).astype(np.float64)
+def burst_hits(sims: np.ndarray, truth: np.ndarray, bidx: list, k: int = 1) -> np.ndarray:
+    """Each burst's share of photos whose product is in the top k (for paired bootstraps)."""
+    rank = (sims > sims[np.arange(len(sims)), truth][:, None]).sum(axis=1) + 1
+    hit = (rank <= k).astype(np.float64)
     return np.array([hit[i].mean() for i in bidx])
 
 
@@ -333,14 +334,14 @@ def main() -> int:
                   "f": catalog_vectors(fmaps, pool), "s": query_vectors(smaps, pool)[0]}
            for name, pool in POOLS.items()}  # fmt: skip
     g = vec["gap"]
-    g_hits = per_burst_hits(g["q"] @ g["c"].T, truth, bidx)
+    g_hits = burst_hits(g["q"] @ g["c"].T, truth, bidx)
     rows: list[dict] = []
     for name in POOLS:
         for side in ("both", "query") if name != "gap" else ("both",):
             v = vec[name]
             cat, fcat = (v["c"], v["f"]) if side == "both" else (g["c"], g["f"])
             sims = v["q"] @ cat.T
-            diff = per_burst_hits(sims, truth, bidx) - g_hits
+            diff = burst_hits(sims, truth, bidx) - g_hits
             sample = diff[boot].mean(axis=1)
             top = np.argsort(-(fcat @ v["s"]))[:10]
             rows.append({

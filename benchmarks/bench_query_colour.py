@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_catalog_views import FASHION, leave_one_out_p10, scores_of  # noqa: E402
-from bench_pooling import EXPECTED_GAP, QUERY_VIEW  # noqa: E402
+from bench_pooling import EXPECTED_GAP, QUERY_VIEW, burst_hits  # noqa: E402
 from bench_query_views import GROCERY, STILETTO, ResPipeline, _rows, burst_of, l2  # noqa: E402
 from bench_tune_sources import block_split  # noqa: E402
 
@@ -185,12 +185,6 @@ def catalog_vectors(base, paths: list[Path], step: Step | None) -> dict:
 
 
 # -- scoring ----------------------------------------------------------------------------
-
-
-def burst_hits(sims: np.ndarray, truth: np.ndarray, bidx: list, k: int) -> np.ndarray:
-    rank = (sims > sims[np.arange(len(sims)), truth][:, None]).sum(axis=1) + 1
-    hit = (rank <= k).astype(np.float64)
-    return np.array([hit[i].mean() for i in bidx])
 
 
 def passes(r: dict, n: dict) -> bool:
