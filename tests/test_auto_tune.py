@@ -135,6 +135,28 @@ def test_a_model_tuned_on_labels_is_not_replaced_by_pseudo_labels(
     assert "was tuned on labelled photos; tune by hand with --labels" in caplog.text
 
 
+def test_two_servers_on_one_home_learn_one_at_a_time(shop, tmp_path, monkeypatch, caplog):
+    """Two servers on one home (two AutoLearn on one kept folder), both due: the child of
+    the first holds the home's learning lock, the second waits until it has exited."""
+    monkeypatch.setattr(autolearn, "MIN_TO_CALIBRATE", FLOOR)
+    home, kept = _home_with_kept(shop, tmp_path)
+    caplog.set_level(logging.INFO, logger="lookalike.api")
+    first = AutoLearn(home, kept, calibrate_every=1)
+    second = AutoLearn(home, KeptPhotos(kept.folder, FLOOR), calibrate_every=1)
+    first.photo_kept()
+    assert first._proc is not None
+    second.photo_kept()
+    second.photo_kept()
+    assert second._proc is None
+    assert caplog.text.count("another server on this home is calibrating or tuning") == 1
+    _finish(first)
+    assert first.runs["calibrate"] == 1 and first.last["calibrate"], caplog.text
+    second.photo_kept()  # the lock went with the first child
+    assert second._proc is not None
+    _finish(second)
+    assert second.last["calibrate"]["photos"] == FLOOR
+
+
 def test_a_failed_tune_is_logged_and_changes_nothing(shop, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(autolearn, "MIN_TO_TUNE", FLOOR)
     home, kept = _home_with_kept(shop, tmp_path)

@@ -236,6 +236,7 @@ def test_serve_calibrates_again_on_the_photos_it_keeps(indexed, tmp_path):
         while "calibrated on" not in server.output() and time.monotonic() < deadline:
             time.sleep(0.5)
         assert (home / CENTRE_FILE).exists(), server.output()
+        assert f"calibrated on {MIN_PHOTOS} photos, hub scores of" in server.output()
         centre = QueryCentre.load(home / CENTRE_FILE)
         assert centre.photos == MIN_PHOTOS and centre.hub_r is not None
         assert client.get(server.url + "/readyz").json()["calibrated_on"] == MIN_PHOTOS

@@ -14,13 +14,16 @@ searches keep the cores first and the server's own encoder is not shared.
   next search. A home whose model was tuned on labelled photos is not tuned again
   automatically: that would replace what the labels taught with pseudo-labels.
 
-One child at a time (a tune that is due goes before a calibration). A failed one is logged
-and tried again after M (or T) more photos; one under way when the server stops is stopped
-and writes nothing."""
+One child at a time in a home, whichever server started it: the child holds
+`HOME/learning.lock` (an flock it inherits, so it is held until the child exits even if
+its server dies), and a server that finds it held waits for the next photo. A tune that
+is due goes before a calibration. A failed one is logged and tried again after M (or T)
+more photos; one under way when the server stops is stopped and writes nothing."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -38,6 +41,7 @@ CALIBRATE_TUNED = False
 train.csv, a tuned model's centre adds Recall@1 and costs Recall@5 (-0.7 to -1.0 points at
 1,000 photos; docs/quality.md, `benchmarks/bench_tune_size.py`)."""
 NICE = 10
+LEARN_LOCK = "learning.lock"
 
 log = logging.getLogger("lookalike.api")
 
@@ -97,9 +101,29 @@ class AutoLearn:
                 args = self._tune_args() if job == "tune" else self._calibrate_args()
                 if args is None:
                     continue
+                slot = self._home_slot()
+                if slot is None:  # another server's child is at work: look again next photo
+                    return
                 self._since[job] = 0
-                self._start(job, args)
+                self._start(job, args, slot)
                 return
+
+    def _home_slot(self) -> int | None:
+        """An fd holding the home's learning lock for the child to inherit; -1 when the
+        lock file cannot be made (a read-only home: the child runs unlocked); None when
+        another process holds it."""
+        try:
+            fd = os.open(self.home / LEARN_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            self._skip_once(f"cannot make {self.home / LEARN_LOCK} ({exc}): learning unlocked")
+            return -1
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            self._skip_once("another server on this home is calibrating or tuning: waiting")
+            return None
+        return fd
 
     def _calibrate_args(self) -> list[str] | None:
         if not CALIBRATE_TUNED and active_version(self.home) is not None:
@@ -129,21 +153,31 @@ class AutoLearn:
 
     def _skip(self, job: str, reason: str) -> None:
         self._since[job] = 0  # looked at again after another interval
+        self._skip_once(reason)
+
+    def _skip_once(self, reason: str) -> None:
         if reason not in self._skipped:
             self._skipped.add(reason)
             log.info("%s", reason)
 
-    def _start(self, job: str, args: list[str]) -> None:
+    def _start(self, job: str, args: list[str], slot: int) -> None:
         command = [sys.executable, "-m", "lookalike", "--home", str(self.home), "-q"]
         if self.model:
             command += ["--model", self.model]
         try:
             self._proc = subprocess.Popen(
-                command + args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+                command + args,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                pass_fds=(slot,) if slot >= 0 else (),
             )
         except OSError as exc:
             log.warning("could not start a %s: %s", _NOUN[job], exc)
             return
+        finally:
+            if slot >= 0:
+                os.close(slot)  # the child's copy holds the lock until it exits
         # lowered at once, before the child has loaded its model and started the threads
         # that inherit it (no preexec_fn: it is unsafe in a threaded server)
         with contextlib.suppress(OSError):
@@ -166,10 +200,7 @@ class AutoLearn:
                     "%s failed (exit %s): %s", _NOUN[job], proc.returncode, err.strip()[-500:]
                 )
                 return
-            try:
-                summary = json.loads(out.strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                summary = {}
+            summary = _json_of(out)
             self.last[job] = summary or None
             log.info("%s", _done_line(job, summary))
 
@@ -185,6 +216,19 @@ class AutoLearn:
                 proc.kill()
         if waiter is not None:
             waiter.join(10)
+
+
+def _json_of(out: str) -> dict:
+    """The child's --json report: the whole output (calibrate prints it indented), else its
+    last line (anything printed before it); {} when there is none."""
+    for text in (out, (out.strip().splitlines() or [""])[-1]):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            continue
+        if isinstance(data, dict):
+            return data
+    return {}
 
 
 _NOUN = {"calibrate": "calibration", "tune": "tune"}
