@@ -108,7 +108,7 @@ def test_the_server_tunes_on_its_kept_photos_keeping_the_field_and_follows(
         # /readyz names what the new model learned from before the server's engine has
         # loaded it (it follows at its next search)
         assert engine.encoder.version == field_model.version  # not followed yet
-        assert tuned_on(home, version) == "unlabelled photos + category"
+        assert tuned_on(home, version) == f"{FLOOR} unlabelled photos + category"
         engine.search([photo], k=3)
         assert is_tuned(engine.encoder) and engine.encoder.version == version
 

@@ -31,7 +31,7 @@ SOURCE_WORDS = {"labels": "labelled photos", "photos": "unlabelled photos"}
 
 
 def tuned_on(home: Path, version: str) -> str | None:
-    """What tuned model `version` learned from, in words ("category", "unlabelled
+    """What tuned model `version` learned from, in words ("category", "1,000 unlabelled
     photos + category"), from its model.json's sources. Read from the registry, not the
     loaded encoder: a model another process (`tune`, `serve --tune-every`) just made
     active is named before the first search loads it."""
@@ -43,8 +43,10 @@ def tuned_on(home: Path, version: str) -> str | None:
     for used in sources.get("used") or []:
         if used == "field":
             words.append(str((sources.get("field") or {}).get("name", "a catalog field")))
-        else:
-            words.append(SOURCE_WORDS.get(used, str(used)))
+            continue
+        count = (sources.get(used) or {}).get("photos")  # how many it learned from
+        what = SOURCE_WORDS.get(used, str(used))
+        words.append(f"{count:,} {what}" if isinstance(count, int) else what)
     return " + ".join(words) or None
 
 
