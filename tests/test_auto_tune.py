@@ -19,8 +19,9 @@ from lookalike.api import autolearn, create_app
 from lookalike.api.autolearn import NICE, AutoLearn
 from lookalike.api.routes.meta import tuned_on
 from lookalike.engine import Engine
+from lookalike.errors import ModelError
 from lookalike.keptphotos import MIN_TO_TUNE, KeptPhotos
-from lookalike.models import active_version, is_tuned, model_info
+from lookalike.models import active_version, is_tuned, list_models, model_info, remove_model
 from lookalike.query import CENTRE_FILE
 from lookalike.tuning import TuneSettings, train_tuned_model
 
@@ -155,6 +156,31 @@ def test_two_servers_on_one_home_learn_one_at_a_time(shop, tmp_path, monkeypatch
     assert second._proc is not None
     _finish(second)
     assert second.last["calibrate"]["photos"] == FLOOR
+
+
+def test_automatic_tunes_keep_their_newest_versions(shop, tmp_path, monkeypatch, caplog):
+    """Each automatic tune saves a version; the older automatic ones go past
+    KEEP_VERSIONS, a version tuned by hand on other photos stays, the active one cannot
+    be removed."""
+    monkeypatch.setattr(autolearn, "MIN_TO_TUNE", FLOOR)
+    monkeypatch.setattr(autolearn, "KEEP_VERSIONS", 2)
+    home, kept = _home_with_kept(shop, tmp_path)
+    rows = [{"image": str(p)} for p in shop["photos"][::2]]
+    by_hand = _write_csv(tmp_path / "mine.csv", ["image"], rows)
+    with Engine(home) as engine:
+        hand = train_tuned_model(engine, photos=[by_hand], progress=False, settings=QUICK)
+    caplog.set_level(logging.INFO, logger="lookalike.api")
+    learning = AutoLearn(home, kept, tune_every=1)
+    made = []
+    for _ in range(3):
+        learning.photo_kept()
+        _finish(learning)
+        made.append(learning.last["tune"]["version"])
+    assert len(set(made)) == 3 and active_version(home) == made[-1]
+    assert [m["version"] for m in list_models(home)] == [hand.version, *made[1:]]
+    assert f"removed 1 older automatic tune(s): {made[0]}" in caplog.text
+    with pytest.raises(ModelError, match="is active"):
+        remove_model(home, made[-1])
 
 
 def test_a_failed_tune_is_logged_and_changes_nothing(shop, tmp_path, monkeypatch, caplog):

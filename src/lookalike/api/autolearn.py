@@ -32,9 +32,9 @@ import sys
 import threading
 from pathlib import Path
 
-from ..errors import UsageError
+from ..errors import ModelError, UsageError
 from ..keptphotos import MIN_TO_CALIBRATE, MIN_TO_TUNE, KeptPhotos
-from ..models import active_version, model_info
+from ..models import active_version, list_models, model_info, remove_model
 
 CALIBRATE_TUNED = False
 """A home with a tuned model active is not calibrated automatically: on both burst splits of
@@ -42,6 +42,9 @@ train.csv, a tuned model's centre adds Recall@1 and costs Recall@5 (-0.7 to -1.0
 1,000 photos; docs/quality.md, `benchmarks/bench_tune_size.py`)."""
 NICE = 10
 LEARN_LOCK = "learning.lock"
+KEEP_VERSIONS = 3
+"""Automatic tunes keep this many of their versions (the newest, active one included):
+each is a few MB (8.5 for grocery's head), and one is made every T kept photos."""
 
 log = logging.getLogger("lookalike.api")
 
@@ -203,6 +206,24 @@ class AutoLearn:
             summary = _json_of(out)
             self.last[job] = summary or None
             log.info("%s", _done_line(job, summary))
+            if job == "tune":
+                self._drop_old_versions()
+
+    def _drop_old_versions(self) -> None:
+        """Remove the automatic tunes' versions (tuned on the kept folder) older than the
+        newest KEEP_VERSIONS; a version tuned by hand on other photos is never touched."""
+        mine = [m["version"] for m in list_models(self.home)
+                if ((m.get("sources") or {}).get("photos") or {}).get("sources")
+                == [str(self.kept.folder)]]  # fmt: skip
+        active = active_version(self.home)
+        old = [v for v in mine[:-KEEP_VERSIONS] if v != active]
+        for version in old:
+            try:
+                remove_model(self.home, version)
+            except (ModelError, OSError) as exc:
+                log.warning("could not remove the old tuned model %s: %s", version, exc)
+        if old:
+            log.info("removed %s older automatic tune(s): %s", len(old), ", ".join(old))
 
     def close(self) -> None:
         """Stop a child under way (the server is stopping): it writes nothing."""

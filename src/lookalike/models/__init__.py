@@ -15,6 +15,7 @@ from .registry import (
     list_models,
     load_tuned,
     model_info,
+    remove_model,
     set_active,
     tuned_root,
 )
@@ -67,6 +68,7 @@ __all__ = [
     "describe_active",
     "is_tuned",
     "list_models",
+    "remove_model",
     "load_tuned",
     "model_info",
     "open_tuned",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,20 @@ def list_models(home: str | os.PathLike) -> list[dict[str, Any]]:
             except ModelError:
                 continue
     return out
+
+
+def remove_model(home: str | os.PathLike, version: str) -> None:
+    """Delete the saved tuned model `version` (not the active one: ModelError)."""
+    if version == active_version(home):
+        raise ModelError(f"tuned model {version} is active: `tune --use` another or --reset first")
+    folder = tuned_root(home) / version
+    if not (folder / "model.json").is_file():
+        raise ModelError(f"no tuned model {version} in {tuned_root(home)}")
+    shutil.rmtree(folder)
+    resolved = str(Path(home).resolve())
+    with _LOADED_LOCK:
+        for key in [k for k in _LOADED if k[:2] == (resolved, version)]:
+            del _LOADED[key]
 
 
 _LOADED: dict[tuple[str, str, str], Any] = {}
