@@ -11,8 +11,9 @@ searches keep the cores first and the server's own encoder is not shared.
   that catalog field, so what the shop taught it is kept); fewer photos tune a model that
   is no better than the calibrated base (`benchmarks/bench_tune_size.py`). The tune saves
   a new version in the registry and makes it active; the server follows the switch at its
-  next search. A home whose model was tuned on labelled photos is not tuned again
-  automatically: that would replace what the labels taught with pseudo-labels.
+  next search, and removes the older automatic tunes' versions past KEEP_VERSIONS. A
+  home whose model was tuned on labelled photos is not tuned again automatically: that
+  would replace what the labels taught with pseudo-labels.
 
 One child at a time in a home, whichever server started it: the child holds
 `HOME/learning.lock` (an flock it inherits, so it is held until the child exits even if
