@@ -98,9 +98,13 @@ class AutoLearn:
                 self._since[job] += 1
             if self._proc is not None:
                 return
+            kept: int | None = None  # the folder is read once, and only when a job is due
             for job, floor in (("tune", MIN_TO_TUNE), ("calibrate", MIN_TO_CALIBRATE)):
                 every = self.every[job]
-                if not every or self._since[job] < every or self.kept.count() < floor:
+                if not every or self._since[job] < every:
+                    continue
+                kept = self.kept.count() if kept is None else kept
+                if kept < floor:
                     continue
                 args = self._tune_args() if job == "tune" else self._calibrate_args()
                 if args is None:
@@ -109,7 +113,7 @@ class AutoLearn:
                 if slot is None:  # another server's child is at work: look again next photo
                     return
                 self._since[job] = 0
-                self._start(job, args, slot)
+                self._start(job, args, slot, kept)
                 return
 
     def _home_slot(self) -> int | None:
@@ -164,7 +168,7 @@ class AutoLearn:
             self._skipped.add(reason)
             log.info("%s", reason)
 
-    def _start(self, job: str, args: list[str], slot: int) -> None:
+    def _start(self, job: str, args: list[str], slot: int, kept: int) -> None:
         command = [sys.executable, "-m", "lookalike", "--home", str(self.home), "-q"]
         if self.model:
             command += ["--model", self.model]
@@ -186,7 +190,7 @@ class AutoLearn:
         # that inherit it (no preexec_fn: it is unsafe in a threaded server)
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, self._proc.pid, self.nice)
-        log.info("%s on the %s kept photos", _VERB[job], self.kept.count())
+        log.info("%s on the %s kept photos", _VERB[job], kept)
         self._waiter = threading.Thread(
             target=self._wait, args=(job, self._proc), name=f"lookalike-{job}", daemon=True
         )

@@ -68,10 +68,10 @@ __all__ = [
     "describe_active",
     "is_tuned",
     "list_models",
-    "remove_model",
     "load_tuned",
     "model_info",
     "open_tuned",
+    "remove_model",
     "set_active",
     "tuned_root",
 ]
