@@ -31,10 +31,10 @@ MIN_TO_CALIBRATE = 100
 """`serve --calibrate-every` calibrates on no fewer kept photos: on both burst splits of
 train.csv, calibrating on 100 or more is not below uncalibrated, on 32 or 64 it is
 (docs/api.md, `benchmarks/bench_calibrate_size.py`)."""
-MIN_TO_TUNE = 1000
+MIN_TO_TUNE = 700
 """`serve --tune-every` tunes on no fewer kept photos: on both burst splits of train.csv, a
-tune on 1,000 or more beats the base calibrated on the same photos, on 300 it does not on
-one split, on 100 on neither (docs/api.md, `benchmarks/bench_tune_size.py`)."""
+tune on 700 or more beats the base calibrated on the same photos, on 500 and 300 it does
+not on one split, on 100 on neither (docs/api.md, `benchmarks/bench_tune_size.py`)."""
 
 log = logging.getLogger(__name__)
 

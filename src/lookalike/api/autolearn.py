@@ -39,8 +39,8 @@ from ..models import active_version, list_models, model_info, remove_model
 
 CALIBRATE_TUNED = False
 """A home with a tuned model active is not calibrated automatically: on both burst splits of
-train.csv, a tuned model's centre adds Recall@1 and costs Recall@5 (-0.7 to -1.0 points at
-1,000 photos; docs/quality.md, `benchmarks/bench_tune_size.py`)."""
+train.csv, a tuned model's centre adds Recall@1 and costs Recall@5 (up to 1.0 point at
+700 and 1,000 photos; docs/quality.md, `benchmarks/bench_tune_size.py`)."""
 NICE = 10
 LEARN_LOCK = "learning.lock"
 KEEP_VERSIONS = 3
