@@ -104,6 +104,42 @@ def test_second_run_encodes_nothing_and_changes_are_picked_up(tmp_path: Path, sh
     engine.close()
 
 
+def test_reencode_redoes_vectors_an_unchanged_run_keeps(tmp_path: Path, shop: Path) -> None:
+    """`index --reencode`: a home whose vectors were computed wrongly under the right
+    stamp (INT8 on a CPU without VNNI before sessions asked for exact arithmetic) gets
+    them made again; a plain re-run keeps them, since nothing it can see changed."""
+    home = tmp_path / "home"
+    engine = Engine(home)
+    engine.index([shop], progress=False)
+    rows = [row for batch in engine.catalog.iter_images() for row in batch]
+    ids = np.array([row.image_id for row in rows], dtype=np.int64)
+    good = engine.catalog.vectors(ids.tolist())
+    rng = np.random.default_rng(0)
+    drifted = good + 0.3 * rng.standard_normal(good.shape).astype(np.float32)
+    drifted /= np.linalg.norm(drifted, axis=1, keepdims=True)
+    for row, vec in zip(rows, drifted, strict=True):
+        engine.catalog.put_image(row.product_id, row.source, row.sha256, vec, row.stamp)
+    engine._store.add(ids, drifted)
+    query = next((shop / "heels").iterdir())
+
+    plain = engine.index([shop], progress=False)
+    assert (plain.unchanged, plain.encoded) == (24, 0)
+    assert (engine.catalog.vectors(ids.tolist()) * good).sum(axis=1).max() < 0.99
+    assert (engine._store.get(ids) * good).sum(axis=1).max() < 0.99
+    engine.close()
+
+    assert cli_main(["--home", str(home), "-q", "index", str(shop), "--reencode"]) == 0
+    engine = Engine(home)
+    assert np.allclose(engine.catalog.vectors(ids.tolist()), good, atol=1e-5)
+    top = engine.search([query], k=1)[0][0]
+    assert top.product_id == query.stem and top.score == pytest.approx(1.0, abs=1e-4)
+    assert np.allclose(engine._store.get(ids), good, atol=1e-5)  # opened by the search
+    again = engine.index([shop], progress=False, reencode=True)
+    assert (again.updated, again.encoded, again.added, again.unchanged) == (24, 24, 0, 0)
+    assert engine.info()["vector_store"]["vectors"] == 24
+    engine.close()
+
+
 def test_bad_files_are_reported_and_skipped(tmp_path: Path, shop: Path) -> None:
     bad = shop / "bad"
     bad.mkdir()

@@ -186,9 +186,12 @@ def ingest(
     prune: bool = True,
     on_batch: Callable[[int], None] | None = None,
     writing: Writing = contextlib.nullcontext,
+    reencode: bool = False,
 ) -> IngestReport:
     """Bring the catalog in line with the given folders/files and metadata file.
-    Unchanged images are not re-encoded; images gone from a folder or metadata file that
+    Unchanged images are not re-encoded, unless `reencode` (every given image is encoded
+    again, for vectors made by a runtime that computed them wrongly: docs/models.md,
+    "INT8 on CPUs without VNNI"); images gone from a folder or metadata file that
     was indexed before are removed (`prune`), unless that source had errors this run."""
     started = time.perf_counter()
     report = IngestReport()
@@ -224,7 +227,8 @@ def ingest(
                 failed_sources.add(str(item.path))
                 continue
             row = catalog.image_by_source(str(item.path))
-            if row is not None and row.sha256 == item.sha256 and row.stamp == stamp:
+            unchanged = row is not None and row.sha256 == item.sha256 and row.stamp == stamp
+            if unchanged and not reencode:
                 report.unchanged += 1
                 _ensure_product(catalog, item.product_id, meta_products, meta, report)
                 if row.product_id != item.product_id:
@@ -232,7 +236,7 @@ def ingest(
                     report.changed_products.append(item.product_id)
                 continue
             item.image_id = None if row is None else row.image_id
-            reused = catalog.vector_by_sha(item.sha256, stamp)
+            reused = None if reencode else catalog.vector_by_sha(item.sha256, stamp)
             if reused is not None:
                 _ensure_product(catalog, item.product_id, meta_products, meta, report)
                 image_id, created = catalog.put_image(

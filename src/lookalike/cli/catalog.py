@@ -22,6 +22,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             prune=not args.no_prune,
             workers=args.workers,
             reject_duplicates=args.reject_duplicates,
+            reencode=args.reencode,
         )
         if args.json:
             print(json.dumps(report.to_dict()))
@@ -63,6 +64,12 @@ def add_commands(sub: Any) -> None:
         action="store_true",
         help="take new images that are the same photo as another product's out again"
         " (they are reported either way)",
+    )
+    p.add_argument(
+        "--reencode",
+        action="store_true",
+        help="encode every given image again, even unchanged ones (a home indexed on a CPU"
+        " without VNNI before INT8 was made exact there: docs/models.md)",
     )
     p.set_defaults(func=cmd_index)
 

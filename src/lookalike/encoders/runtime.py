@@ -17,6 +17,15 @@ from lookalike.images import FIT_MODES, fit_square
 
 DEFAULT_FIT = "crop"
 """Chosen by benchmarks/bench_preprocess_fit.py (see docs/preprocessing.md)."""
+X64_QUANT_PRECISION = True
+"""Ask ONNX Runtime for exact INT8 arithmetic on x86 CPUs without VNNI (AVX2, or AVX-512
+without VNNI). There its fast u8s8 kernels add pairs of uint8 x int8 products in 16-bit
+lanes, which saturate for weights outside [-64, 63]: on such a CPU the INT8 Lite2's
+embeddings fell to cosine 0.91 on average (0.67 at worst) to float32 on fashion-footwear
+images, and grocery Recall@1 per burst from 0.43 to 0.36. Session option
+`session.x64quantprecision` makes ORT run those weights as u8u8 instead; on a CPU with
+VNNI it changes nothing. Cost on the AVX2 machine: 21 -> 25 ms a Lite2-INT8 pass at batch
+1, against 29 ms for float32 (docs/models.md, benchmarks/bench_int8_precision.py)."""
 
 
 def cpu_count() -> int:
@@ -77,6 +86,8 @@ def make_session(
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if X64_QUANT_PRECISION:
+        opts.add_session_config_entry("session.x64quantprecision", "1")
     try:
         model = path if isinstance(path, bytes) else str(path)
         return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
