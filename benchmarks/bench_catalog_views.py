@@ -156,9 +156,12 @@ def fashion_two_pass(base) -> list[dict]:
     return out
 
 
-def leave_one_out_p10(v: np.ndarray, fields: dict[str, np.ndarray]) -> dict[str, float]:
-    """Precision@10 per field of each vector's nearest others (one image per product)."""
-    sims = v @ v.T
+def leave_one_out_p10(
+    v: np.ndarray, fields: dict[str, np.ndarray], against: np.ndarray | None = None
+) -> dict[str, float]:
+    """Precision@10 per field of each vector's nearest others (one image per product);
+    `against`: the other images' vectors made another way (row i the same image as v's)."""
+    sims = v @ (v if against is None else against).T
     np.fill_diagonal(sims, -np.inf)  # one image per product: leave-one-out
     top = np.argsort(-sims, axis=1)[:, :10]
     out = {}

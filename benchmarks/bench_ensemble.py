@@ -17,9 +17,10 @@ queries `QueryPipeline(CatalogViewEncoder(base, DEFAULT_CATALOG_VIEWS, DEFAULT_P
   alike, w = 0.3, 0.5, 0.7 (the cosine is (cos2 + w^2 cos0) / (1 + w^2));
 - `lite0-int8` alone, for the record (not a candidate).
 
-Multi-scale input (the same views at 320 / 380 px through lite2) is not measured: the
-exported graphs have static spatial input dims (`pixels` is (batch, 260, 260, 3) for
-lite2; ONNX Runtime refuses another size), which `check_input_dims` prints.
+Multi-scale input is not measured here: the shipped graphs have static spatial input
+dims (`pixels` is (batch, 260, 260, 3) for lite2; ONNX Runtime refuses another size),
+which `check_input_dims` prints. benchmarks/bench_multiscale.py measures it with
+exports of its own.
 
 One decode of each photo serves both models (grocery photos are 348 px, below either
 model's draft size, so neither decodes them reduced). Grocery: every train.csv photo
@@ -183,7 +184,12 @@ def costs(names: list[str], img) -> dict[str, dict[str, float]]:
     pass at batch 1, and its whole query path on a decoded photo."""
     models = os.environ.get("LOOKALIKE_MODELS") or os.environ.get("LOOKALIKE_TEST_MODELS")
     cache = Path(models or Path(tempfile.gettempdir()) / "lk-models")
-    encs = {n: load_encoder(n, cache, threads=1) for n in names}
+    return encoder_costs({n: load_encoder(n, cache, threads=1) for n in names}, img)
+
+
+def encoder_costs(encs: dict, img) -> dict[str, dict[str, float]]:
+    """`costs` for encoders already loaded (each on one ORT thread)."""
+    names = list(encs)
     pipes = {n: pipelines(e)[0] for n, e in encs.items()}
     arrays = {n: e.prepare(pipes[n]._views(img)[0])[None] for n, e in encs.items()}
     times = {n: {"pass": [], "path": []} for n in names}
