@@ -211,6 +211,32 @@ def encoder_costs(encs: dict, img) -> dict[str, dict[str, float]]:
             for n, t in times.items()}  # fmt: skip
 
 
+def bench_data(limit: int | None):
+    """train.csv rows (labels only to score and find bursts), the grocery catalog's ids,
+    the fashion rows, and the paths of (train photos, grocery catalog, fashion catalog);
+    with `limit` (a smoke run) the first photos, their products and a few others."""
+    train = _rows(GROCERY / "train.csv")[:limit]
+    cat_rows = _rows(GROCERY / "catalog.csv")
+    if limit:
+        wanted = {r["product_id"] for r in train}
+        cat_rows = [r for i, r in enumerate(cat_rows) if i < 4 or r["product_id"] in wanted]
+    frows = _rows(FASHION / "catalog.csv")[:limit]
+    paths = ([GROCERY / r["image"] for r in train], [GROCERY / r["image"] for r in cat_rows],
+             [FASHION / r["image"] for r in frows])  # fmt: skip
+    return train, [r["product_id"] for r in cat_rows], frows, paths
+
+
+def burst_groups(train) -> tuple[dict, dict]:
+    """The bursts of all of train.csv and of each split's held-out side, and each
+    burst's row indices."""
+    bursts = np.array([burst_of(r) for r in train])
+    groups = {"all": sorted(set(bursts))}
+    for label, salt in SPLITS:
+        groups[label] = sorted({burst_of(r) for r in burst_split(train, salt)[1]})
+    bidx = {g: [np.flatnonzero(bursts == b) for b in ids] for g, ids in groups.items()}
+    return groups, bidx
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True, help="vector cache")
@@ -224,15 +250,7 @@ def main() -> int:
     w.mkdir(parents=True, exist_ok=True)
     tag = f"-{args.limit}" if args.limit else ""
 
-    train = _rows(GROCERY / "train.csv")[: args.limit]  # labels only to score, find bursts
-    cat_rows = _rows(GROCERY / "catalog.csv")
-    if args.limit:  # a smoke run: the photos' products and a few others
-        wanted = {r["product_id"] for r in train}
-        cat_rows = [r for i, r in enumerate(cat_rows) if i < 4 or r["product_id"] in wanted]
-    cat_ids = [r["product_id"] for r in cat_rows]
-    frows = _rows(FASHION / "catalog.csv")[: args.limit]
-    paths = ([GROCERY / r["image"] for r in train], [GROCERY / r["image"] for r in cat_rows],
-             [FASHION / r["image"] for r in frows])  # fmt: skip
+    train, cat_ids, frows, paths = bench_data(args.limit)
     n = tuple(len(p) for p in paths)
     vec = {}
     for name, base in bases.items():
@@ -246,12 +264,7 @@ def main() -> int:
     variants["lite0-int8 alone (record)"] = vec[LITE0]
 
     truth = np.array([cat_ids.index(r["product_id"]) for r in train])
-    bursts = np.array([burst_of(r) for r in train])
-    groups = {"all": sorted(set(bursts))}
-    for label, salt in SPLITS:
-        held = {burst_of(r) for r in burst_split(train, salt)[1]}
-        groups[label] = sorted(held)
-    bidx = {g: [np.flatnonzero(bursts == b) for b in ids] for g, ids in groups.items()}
+    groups, bidx = burst_groups(train)
     fields = {f: np.array([r[f] for r in frows]) for f in ("category", "colour")}
 
     img = load_image(GROCERY / train[0]["image"], draft_size=bases[LITE2].draft_size)
@@ -295,6 +308,28 @@ def _ci(s: dict, k: int) -> str:
     return f"{s[f'r{k}']:.3f} ({s[f'r{k}_ci'][0]:.2f}–{s[f'r{k}_ci'][1]:.2f})"
 
 
+def print_tables(rows) -> None:
+    """The two result tables (Recall per split; fashion, stiletto, cost, rule), rows[0]
+    the baseline."""
+    print("\n| variant | split | R@1 per burst (95 % CI) | ΔR@1 vs baseline, points (paired"
+          " 95 % CI) | R@5 per burst (95 % CI) | ΔR@5, points (95 % CI) |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        for g in ("split 1", "b2", "all"):
+            s = r[g]
+            print(f"| {r['variant']} | {g} | {_ci(s, 1)} | {_delta(s, 1)} | {_ci(s, 5)}"
+                  f" | {_delta(s, 5)} |")  # fmt: skip
+    print("\n| variant | fashion P@10 category / colour | stiletto Heels / Red | forward pass ms"
+          " / query | query path ms | passes |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        ok = "yes" if r.get("passes") else ("no" if "passes" in r else "")
+        heels, red = r["stiletto"]
+        ratio = "" if r is rows[0] else f" ({r['pass_ms'] / rows[0]['pass_ms']:.2f}x)"
+        print(f"| {r['variant']} | {r['p10_category']:.4f} / {r['p10_colour']:.4f} | {heels}"
+              f" / {red} | {r['pass_ms']:.2f}{ratio} | {r['path_ms']:.2f} | {ok} |")  # fmt: skip
+
+
 def report(args, rows, groups, dims, cost) -> None:
     b = rows[0]
     counts = ", ".join(f"{g} {len(v)}" for g, v in groups.items())
@@ -310,22 +345,7 @@ def report(args, rows, groups, dims, cost) -> None:
                if not np.allclose(got[k], e, atol=6e-4)}  # fmt: skip
         print(f"baseline DOES NOT reproduce the expected figures (got, expected): {off}"
               if off else "baseline reproduces the expected figures")  # fmt: skip
-    print("\n| variant | split | R@1 per burst (95 % CI) | ΔR@1 vs baseline, points (paired"
-          " 95 % CI) | R@5 per burst (95 % CI) | ΔR@5, points (95 % CI) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        for g in ("split 1", "b2", "all"):
-            s = r[g]
-            print(f"| {r['variant']} | {g} | {_ci(s, 1)} | {_delta(s, 1)} | {_ci(s, 5)}"
-                  f" | {_delta(s, 5)} |")  # fmt: skip
-    print("\n| variant | fashion P@10 category / colour | stiletto Heels / Red | forward pass ms"
-          " / query | query path ms | passes |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        ok = "yes" if r.get("passes") else ("no" if "passes" in r else "")
-        heels, red = r["stiletto"]
-        print(f"| {r['variant']} | {r['p10_category']:.4f} / {r['p10_colour']:.4f} | {heels}"
-              f" / {red} | {r['pass_ms']:.2f} | {r['path_ms']:.2f} | {ok} |")  # fmt: skip
+    print_tables(rows)
     each = "; ".join(f"{m}: pass {c['pass']}, path {c['path']}" for m, c in cost.items())
     print(f"\ncost, ms, batch 1, one ORT thread (median of 9 interleaved rounds of 10): {each}")
 

@@ -39,10 +39,9 @@ sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_catalog_views import FASHION, leave_one_out_p10  # noqa: E402
-from bench_ensemble import SPLITS, cached_vectors, model_vectors  # noqa: E402
+from bench_ensemble import bench_data, burst_groups, cached_vectors, model_vectors  # noqa: E402
 from bench_pooling import burst_hits  # noqa: E402
-from bench_query_views import GROCERY, _rows, burst_of  # noqa: E402
-from bench_tune_sources import burst_split  # noqa: E402
+from bench_query_views import GROCERY, _rows  # noqa: E402
 
 from lookalike.encoders import load_encoder, runtime  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
@@ -95,27 +94,15 @@ def pass_ms(encs: dict, batch) -> dict[str, float]:
 
 def quality(base, workdir: Path, tag: str, limit: int | None) -> dict:
     """A new home's plain pipeline on grocery train.csv per burst and fashion."""
-    train = _rows(GROCERY / "train.csv")[:limit]  # labels only to score, find bursts
-    cat_rows = _rows(GROCERY / "catalog.csv")
-    if limit:
-        wanted = {r["product_id"] for r in train}
-        cat_rows = [r for i, r in enumerate(cat_rows) if i < 4 or r["product_id"] in wanted]
-    frows = _rows(FASHION / "catalog.csv")[:limit]
-    paths = ([GROCERY / r["image"] for r in train], [GROCERY / r["image"] for r in cat_rows],
-             [FASHION / r["image"] for r in frows])  # fmt: skip
+    train, cat_ids, frows, paths = bench_data(limit)
     n = tuple(len(p) for p in paths)
     v = cached_vectors(workdir / f"{base.name}-{tag}{'-' + str(limit) if limit else ''}.npz",
                        f"{base.stamp}|{tag}", n, lambda: model_vectors(base, *paths))  # fmt: skip
-    cat_ids = [r["product_id"] for r in cat_rows]
     truth = np.array([cat_ids.index(r["product_id"]) for r in train])
-    bursts = np.array([burst_of(r) for r in train])
-    groups = {"all": sorted(set(bursts))}
-    for label, salt in SPLITS:
-        groups[label] = sorted({burst_of(r) for r in burst_split(train, salt)[1]})
+    groups, bidx = burst_groups(train)
     sims = v["q"] @ v["c"].T
     out = {}
-    for g, ids in groups.items():
-        ix = [np.flatnonzero(bursts == b) for b in ids]
+    for g, ix in bidx.items():
         out[g] = [round(float(burst_hits(sims, truth, ix, k).mean()), 4) for k in (1, 5)]
     fields = {f: np.array([r[f] for r in frows]) for f in ("category", "colour")}
     out.update(leave_one_out_p10(v["f"], fields))

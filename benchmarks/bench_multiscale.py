@@ -57,20 +57,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_catalog_views import FASHION, leave_one_out_p10  # noqa: E402
+from bench_catalog_views import leave_one_out_p10  # noqa: E402
 from bench_ensemble import (  # noqa: E402
     LITE2,
-    SPLITS,
-    _ci,
-    _delta,
+    bench_data,
+    burst_groups,
     burst_scores,
     cached_vectors,
     encoder_costs,
     model_vectors,
+    passes,
+    print_tables,
 )
 from bench_pooling import QUERY_VIEW, burst_hits  # noqa: E402
-from bench_query_views import GROCERY, _rows, burst_of, l2  # noqa: E402
-from bench_tune_sources import burst_split  # noqa: E402
+from bench_query_views import GROCERY, l2  # noqa: E402
 
 from lookalike.encoders import efficientnet as eff  # noqa: E402
 from lookalike.encoders import load_encoder  # noqa: E402
@@ -141,16 +141,6 @@ def combine(vec: dict, q_sides, c_sides) -> dict:
             "f": add(c_sides, "f"), "fq": add(q_sides, "f")}  # fmt: skip
 
 
-def passes(r: dict, b: dict) -> bool:
-    """The rule, fixed before the run (module docstring)."""
-    eps = 1e-9
-    ok = all(r[s]["r1"] - b[s]["r1"] >= 0.015 - eps for s, _ in SPLITS)
-    ok = ok and all(r[s]["r5"] >= b[s]["r5"] - 0.005 - eps for s, _ in SPLITS)
-    ok = ok and r["p10_category"] >= b["p10_category"] - 0.005 - eps
-    ok = ok and r["p10_colour"] >= b["p10_colour"] - 0.005 - eps
-    return bool(ok and r["pass_ms"] <= 2 * b["pass_ms"] + eps)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, required=True, help="exports and vectors")
@@ -173,15 +163,7 @@ def main() -> int:
     same_file = sha256(files[BASE_SIDE]) == sha256(shipped.model_path)
     bases = {s: shipped if s == BASE_SIDE else encoder_at(files[s], s) for s in SIDES}
 
-    train = _rows(GROCERY / "train.csv")[: args.limit]  # labels only to score, find bursts
-    cat_rows = _rows(GROCERY / "catalog.csv")
-    if args.limit:  # a smoke run: the photos' products and a few others
-        wanted = {r["product_id"] for r in train}
-        cat_rows = [r for i, r in enumerate(cat_rows) if i < 4 or r["product_id"] in wanted]
-    cat_ids = [r["product_id"] for r in cat_rows]
-    frows = _rows(FASHION / "catalog.csv")[: args.limit]
-    paths = ([GROCERY / r["image"] for r in train], [GROCERY / r["image"] for r in cat_rows],
-             [FASHION / r["image"] for r in frows])  # fmt: skip
+    train, cat_ids, frows, paths = bench_data(args.limit)
     n = tuple(len(p) for p in paths)
     vec = {}
     for side, base in bases.items():
@@ -193,11 +175,7 @@ def main() -> int:
     own_gap = float(np.abs(own.embed(probe) - shipped.embed(probe)).max())
 
     truth = np.array([cat_ids.index(r["product_id"]) for r in train])
-    bursts = np.array([burst_of(r) for r in train])
-    groups = {"all": sorted(set(bursts))}
-    for label, salt in SPLITS:
-        groups[label] = sorted({burst_of(r) for r in burst_split(train, salt)[1]})
-    bidx = {g: [np.flatnonzero(bursts == b) for b in ids] for g, ids in groups.items()}
+    groups, bidx = burst_groups(train)
     fields = {f: np.array([r[f] for r in frows]) for f in ("category", "colour")}
 
     img = load_image(GROCERY / train[0]["image"], draft_size=shipped.draft_size)
@@ -241,24 +219,7 @@ def report(rows, groups, cost, same_file, own_gap) -> None:
     print(f"queries {QUERY_VIEW}, catalog image + {views}, power {DEFAULT_POWER}; bursts: {counts}")
     print(f"own 260 px export: {'the same file as' if same_file else 'NOT the same file as'}"
           f" the shipped {LITE2}; largest vector difference on 8 photos {own_gap:.2e}")  # fmt: skip
-    print("\n| variant | split | R@1 per burst (95 % CI) | ΔR@1 vs baseline, points (paired"
-          " 95 % CI) | R@5 per burst (95 % CI) | ΔR@5, points (95 % CI) |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        for g in ("split 1", "b2", "all"):
-            s = r[g]
-            print(f"| {r['variant']} | {g} | {_ci(s, 1)} | {_delta(s, 1)} | {_ci(s, 5)}"
-                  f" | {_delta(s, 5)} |")  # fmt: skip
-    print("\n| variant | fashion P@10 category / colour | stiletto Heels / Red | forward pass ms"
-          " / query | query path ms | passes |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
-    b = rows[0]
-    for r in rows:
-        ok = "yes" if r.get("passes") else ("no" if "passes" in r else "")
-        heels, red = r["stiletto"]
-        ratio = "" if r is b else f" ({r['pass_ms'] / b['pass_ms']:.2f}x)"
-        print(f"| {r['variant']} | {r['p10_category']:.4f} / {r['p10_colour']:.4f} | {heels}"
-              f" / {red} | {r['pass_ms']:.2f}{ratio} | {r['path_ms']:.2f} | {ok} |")  # fmt: skip
+    print_tables(rows)
     each = "; ".join(f"{s} px: pass {c['pass']}, path {c['path']}" for s, c in cost.items())
     print(f"\ncost, ms, batch 1, one ORT thread (median of 9 interleaved rounds of 10): {each}")
 
