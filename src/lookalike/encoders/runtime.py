@@ -24,8 +24,8 @@ lanes, which saturate for weights outside [-64, 63]: on such a CPU the INT8 Lite
 embeddings fell to cosine 0.91 on average (0.67 at worst) to float32 on fashion-footwear
 images, and grocery Recall@1 per burst from 0.43 to 0.36. Session option
 `session.x64quantprecision` makes ORT run those weights as u8u8 instead; on a CPU with
-VNNI it changes nothing. Cost on the AVX2 machine: 21 -> 25 ms a Lite2-INT8 pass at batch
-1, against 29 ms for float32 (docs/models.md, benchmarks/bench_int8_precision.py)."""
+VNNI it changes nothing. Cost on the AVX2 machine: 20.9 -> 27.3 ms a Lite2-INT8 pass at
+batch 1, against 31.0 ms for float32 (docs/models.md, benchmarks/bench_int8_precision.py)."""
 
 
 def cpu_count() -> int:
