@@ -38,8 +38,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_catalog_views import FASHION, leave_one_out_p10  # noqa: E402
-from bench_ensemble import bench_data, burst_groups, cached_vectors, model_vectors  # noqa: E402
+from bench_catalog_views import FASHION  # noqa: E402
+from bench_ensemble import (  # noqa: E402
+    bench_data,
+    burst_groups,
+    cached_vectors,
+    fashion_scores,
+    model_vectors,
+)
 from bench_pooling import burst_hits  # noqa: E402
 from bench_query_views import GROCERY, _rows  # noqa: E402
 
@@ -65,11 +71,12 @@ def cpu_flags() -> str:
 
 
 def load(name: str, cache: Path, precise: bool, threads: int | None = None):
-    runtime.X64_QUANT_PRECISION = precise
+    """`name`'s encoder with its sessions opened at this precision setting."""
+    before, runtime.X64_QUANT_PRECISION = runtime.X64_QUANT_PRECISION, precise
     try:
         return load_encoder(name, cache, threads=threads)
     finally:
-        runtime.X64_QUANT_PRECISION = True
+        runtime.X64_QUANT_PRECISION = before
 
 
 def agreement(enc, ref, batch) -> tuple[float, float]:
@@ -104,11 +111,7 @@ def quality(base, workdir: Path, tag: str, limit: int | None) -> dict:
     out = {}
     for g, ix in bidx.items():
         out[g] = [round(float(burst_hits(sims, truth, ix, k).mean()), 4) for k in (1, 5)]
-    fields = {f: np.array([r[f] for r in frows]) for f in ("category", "colour")}
-    out.update(leave_one_out_p10(v["f"], fields))
-    top = np.argsort(-(v["f"] @ v["s"]))[:10]
-    out["stiletto"] = [int(sum(frows[i]["category"] == "Heels" for i in top)),
-                       int(sum(frows[i]["colour"] == "Red" for i in top))]  # fmt: skip
+    out.update(fashion_scores(frows, v["f"], v["s"]))
     return out
 
 
@@ -121,10 +124,11 @@ def main() -> int:
     models = os.environ.get("LOOKALIKE_MODELS") or os.environ.get("LOOKALIKE_TEST_MODELS")
     cache = Path(models or Path(tempfile.gettempdir()) / "lk-models")
     args.workdir.mkdir(parents=True, exist_ok=True)
-    print(f"CPU: {cpu_flags()}")
+    cpu = cpu_flags()
+    print(f"CPU: {cpu}")
     g = [GROCERY / r["image"] for r in _rows(GROCERY / "train.csv")[::20]][: args.limit]
     f = [FASHION / r["image"] for r in _rows(FASHION / "catalog.csv")[::20]][: args.limit]
-    result = {"cpu": cpu_flags(), "models": {}}
+    result = {"cpu": cpu, "models": {}}
     for int8, f32 in MODELS:
         ref = load_encoder(f32, cache)
         batches = {}

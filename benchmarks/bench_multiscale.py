@@ -41,7 +41,6 @@ lower, and a query forward cost at most twice the baseline's.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -57,7 +56,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_catalog_views import leave_one_out_p10  # noqa: E402
 from bench_ensemble import (  # noqa: E402
     LITE2,
     bench_data,
@@ -65,6 +63,7 @@ from bench_ensemble import (  # noqa: E402
     burst_scores,
     cached_vectors,
     encoder_costs,
+    fashion_scores,
     model_vectors,
     passes,
     print_tables,
@@ -75,7 +74,7 @@ from bench_query_views import GROCERY, l2  # noqa: E402
 from lookalike.encoders import efficientnet as eff  # noqa: E402
 from lookalike.encoders import load_encoder  # noqa: E402
 from lookalike.encoders.quantize import quantize_int8  # noqa: E402
-from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec  # noqa: E402
+from lookalike.encoders.runtime import DEFAULT_FIT, InputSpec, file_sha256  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
 from lookalike.models.views import DEFAULT_CATALOG_VIEWS, DEFAULT_POWER  # noqa: E402
 
@@ -93,10 +92,6 @@ VARIANTS = (  # label, query sides, catalog sides; the first is the baseline
     ("260+320 both", (260, 320), (260, 320)),
     ("260+320+380 both", (260, 320, 380), (260, 320, 380)),
 )
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def export_at(side: int, folder: Path) -> Path:
@@ -125,7 +120,7 @@ def export_at(side: int, folder: Path) -> Path:
 
 def encoder_at(path: Path, side: int, threads: int | None = None):
     return eff.EfficientNetLiteEncoder(
-        name=f"lite2-int8@{side}", stamp=f"lite2-int8@{side}:{sha256(path)[:16]}",
+        name=f"lite2-int8@{side}", stamp=f"lite2-int8@{side}:{file_sha256(path, None)[:16]}",
         model_path=path, input_spec=InputSpec(size=side, raw_uint8=True), fit=DEFAULT_FIT,
         output="embedding", threads=threads)  # fmt: skip
 
@@ -160,7 +155,7 @@ def main() -> int:
         files[side] = export_at(side, w)
         print(f"lite2 at {side} px: {files[side].name}, {time.time() - started:.0f} s",
               file=sys.stderr)  # fmt: skip
-    same_file = sha256(files[BASE_SIDE]) == sha256(shipped.model_path)
+    same_file = file_sha256(files[BASE_SIDE], None) == file_sha256(shipped.model_path, None)
     bases = {s: shipped if s == BASE_SIDE else encoder_at(files[s], s) for s in SIDES}
 
     train, cat_ids, frows, paths = bench_data(args.limit)
@@ -176,27 +171,24 @@ def main() -> int:
 
     truth = np.array([cat_ids.index(r["product_id"]) for r in train])
     groups, bidx = burst_groups(train)
-    fields = {f: np.array([r[f] for r in frows]) for f in ("category", "colour")}
 
     img = load_image(GROCERY / train[0]["image"], draft_size=shipped.draft_size)
     timed = {s: (load_encoder(LITE2, cache, threads=1) if s == BASE_SIDE
                  else encoder_at(files[s], s, threads=1)) for s in SIDES}  # fmt: skip
     cost = encoder_costs(timed, img)
-    rows, base_hits = [], None
+    base = combine(vec, *VARIANTS[0][1:])
+    base_sims = base["q"] @ base["c"].T
+    base_hits = {g: {k: burst_hits(base_sims, truth, ix, k) for k in (1, 5)}
+                 for g, ix in bidx.items()}  # fmt: skip
+    rows = []
     for label, q_sides, c_sides in VARIANTS:
         v = combine(vec, q_sides, c_sides)
         sims = v["q"] @ v["c"].T
         row = {"variant": label, "query_sides": list(q_sides), "catalog_sides": list(c_sides)}
         for g, ix in bidx.items():
-            row[g] = burst_scores(sims, truth, ix, base_hits and base_hits[g],
+            row[g] = burst_scores(sims, truth, ix, base_hits[g] if rows else None,
                                   np.random.default_rng(1))  # fmt: skip
-        if base_hits is None:
-            base_hits = {g: {k: burst_hits(sims, truth, ix, k) for k in (1, 5)}
-                         for g, ix in bidx.items()}  # fmt: skip
-        row.update(leave_one_out_p10(v["fq"], fields, against=v["f"]))
-        top = np.argsort(-(v["f"] @ v["s"]))[:10]
-        row["stiletto"] = [int(sum(frows[i]["category"] == "Heels" for i in top)),
-                           int(sum(frows[i]["colour"] == "Red" for i in top))]  # fmt: skip
+        row.update(fashion_scores(frows, v["f"], v["s"], queries=v["fq"]))
         row["pass_ms"] = round(sum(cost[s]["pass"] for s in q_sides), 2)
         row["path_ms"] = round(sum(cost[s]["path"] for s in q_sides), 2)
         rows.append(row)
