@@ -119,13 +119,13 @@ def test_reencode_redoes_vectors_an_unchanged_run_keeps(tmp_path: Path, shop: Pa
     drifted /= np.linalg.norm(drifted, axis=1, keepdims=True)
     for row, vec in zip(rows, drifted, strict=True):
         engine.catalog.put_image(row.product_id, row.source, row.sha256, vec, row.stamp)
-    engine._store.add(ids, drifted)
+    engine.store.add(ids, drifted)
     query = next((shop / "heels").iterdir())
 
     plain = engine.index([shop], progress=False)
     assert (plain.unchanged, plain.encoded) == (24, 0)
     assert (engine.catalog.vectors(ids.tolist()) * good).sum(axis=1).max() < 0.99
-    assert (engine._store.get(ids) * good).sum(axis=1).max() < 0.99
+    assert (engine.store.get(ids) * good).sum(axis=1).max() < 0.99
     engine.close()
 
     assert cli_main(["--home", str(home), "-q", "index", str(shop), "--reencode"]) == 0
@@ -133,7 +133,7 @@ def test_reencode_redoes_vectors_an_unchanged_run_keeps(tmp_path: Path, shop: Pa
     assert np.allclose(engine.catalog.vectors(ids.tolist()), good, atol=1e-5)
     top = engine.search([query], k=1)[0][0]
     assert top.product_id == query.stem and top.score == pytest.approx(1.0, abs=1e-4)
-    assert np.allclose(engine._store.get(ids), good, atol=1e-5)  # opened by the search
+    assert np.allclose(engine.store.get(ids), good, atol=1e-5)
     again = engine.index([shop], progress=False, reencode=True)
     assert (again.updated, again.encoded, again.added, again.unchanged) == (24, 24, 0, 0)
     assert engine.info()["vector_store"]["vectors"] == 24
