@@ -3,7 +3,7 @@ catalog metadata (`--field category`) on fashion-footwear; the figures of docs/q
 
     .venv/bin/python benchmarks/bench_tune_sources.py
         [--part all|photos|field] [--selection [--split burst|block] [--split-salt S]]
-        [--method auto|finetune|head] [--session-views N]
+        [--method auto|finetune|head] [--session-views N] [--photos-field NAME]
         [--queries 60] [--workdir DIR] [--json FILE]
 
 photos: a home indexed with the grocery catalog is tuned with `photos=[train.csv]` (only
@@ -17,6 +17,8 @@ the burst id instead: a second, fresh split to confirm a choice on. `--split blo
 holds out, for each product, the last 30 % of its file numbers instead (820 photos): a
 later stretch of the capture, the nearest thing train.csv has to another session.
 `--session-views N` overrides the tune's `session_views` (lookalike.tuning.augment).
+`--photos-field category` tunes on the photos and the catalog's `category` column in one
+run, as `tune --photos ... --field category` does.
 
 field: fashion-footwear's products are split product-disjointly (a fifth of them, by a
 hash of the id, held out). A home indexed with the other 80 % is tuned with
@@ -150,7 +152,8 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
             settings = replace(settings, session_views=args.session_views)
         t0 = time.perf_counter()
         report = train_tuned_model(engines["tuned"], photos=[photo_list], progress=True,
-                                   settings=settings, log=print)  # fmt: skip
+                                   field=args.photos_field, settings=settings,
+                                   log=print)  # fmt: skip
         seconds = time.perf_counter() - t0
         after = recall(engines["tuned"], queries)
         lat = latency(engines, [q["image"] for q in queries[: args.queries]])
@@ -158,6 +161,7 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
         for engine in engines.values():
             engine.close()
     return {"scored_on": scored_on, "unlabelled_photos": report.photos_used,
+            "field": args.photos_field,
             "method": report.settings["method"], "base": before, "tuned": after,
             "tune_seconds": round(seconds, 1), "tune_seconds_parts": report.seconds,
             "pseudo_labels": report.sources.get("photos"), "latency": lat}  # fmt: skip
@@ -347,6 +351,10 @@ def main() -> int:
         "--session-views", type=int, help="photos: the tune's session_views (default: its own)"
     )
     ap.add_argument(
+        "--photos-field",
+        help="photos: tune with this catalog field too (--photos --field NAME in one run)",
+    )
+    ap.add_argument(
         "--method",
         default="auto",
         choices=["auto", "finetune", "head"],
@@ -388,7 +396,8 @@ def _print(f: dict) -> None:
     print()
     p = f.get("photos")
     if p:
-        print(f"--photos ({p['unlabelled_photos']} unlabelled photos, {p['method']});"
+        with_field = f", --field {p['field']}" if p.get("field") else ""
+        print(f"--photos ({p['unlabelled_photos']} unlabelled photos{with_field}, {p['method']});"
               f" scored on {p['scored_on']}")  # fmt: skip
         print(
             f"  Recall@1 {p['base']['recall@1']:.3f} -> {p['tuned']['recall@1']:.3f},"

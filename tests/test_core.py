@@ -21,6 +21,7 @@ from PIL import Image
 
 from lookalike.catalog import Filters
 from lookalike.cli import main as cli_main
+from lookalike.encoders.runtime import int8_kernels
 from lookalike.engine import DEFAULT_MODEL, Engine
 from lookalike.errors import (
     CatalogMismatchError,
@@ -337,6 +338,9 @@ def test_cli_search_json_sheet_and_exit_statuses(tmp_path: Path, shop: Path, cap
     assert cli_main(["--home", home, "info", "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["products"] == 24 and info["images"] == 24
+    assert info["cpu"]["cores"] >= 1 and info["cpu"]["int8"] == int8_kernels()
+    assert cli_main(["--home", home, "info"]) == 0
+    assert f"cpu: cores={info['cpu']['cores']}, int8={int8_kernels()}" in capsys.readouterr().out
 
 
 def test_home_comes_from_environment(tmp_path: Path, shop: Path, monkeypatch, capsys) -> None:

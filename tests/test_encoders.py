@@ -183,6 +183,35 @@ def test_int8_agrees_with_float32_on_real_catalog_images(lite2, lite2_int8):
     assert options.get_session_config_entry("session.x64quantprecision") == "1"
 
 
+# the flags lines of two real /proc/cpuinfo files, shortened: an AMD EPYC with AVX2 alone
+# (this project's CI machine) and an Intel Xeon with AVX-512 VNNI
+AVX2_ONLY = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx f16c avx2 bmi2\n"
+AVX512_VNNI = "processor\t: 0\nflags\t\t: fpu avx avx2 avx512f avx512bw avx512_vnni\n"
+
+
+def test_int8_kernels_tells_a_cpu_without_vnni(monkeypatch):
+    """`lookalike info` says which INT8 arithmetic this CPU gets: INT8's speed edge over
+    float32 depends on it (docs/models.md)."""
+    from lookalike.encoders import runtime
+
+    assert runtime.int8_kernels(AVX2_ONLY, "x86_64") == "exact u8u8, no VNNI"
+    assert runtime.int8_kernels(AVX512_VNNI, "x86_64") == "vnni"
+    assert runtime.int8_kernels("flags : avx2 avx_vnni\n", "AMD64") == "vnni"  # Alder Lake
+    assert runtime.int8_kernels(AVX2_ONLY, "aarch64") == "not x86"
+    assert runtime.int8_kernels("processor : 0\n", "x86_64") == "unknown"
+    monkeypatch.setattr(runtime, "X64_QUANT_PRECISION", False)
+    assert runtime.int8_kernels(AVX2_ONLY, "x86_64") == "saturating u8s8, no VNNI"
+    monkeypatch.undo()
+    # this machine, read from /proc/cpuinfo, agrees with what numpy detected
+    from numpy._core._multiarray_umath import __cpu_features__ as numpy_cpu
+
+    here = runtime.int8_kernels()
+    if numpy_cpu.get("AVX512VNNI"):
+        assert here == "vnni"
+    elif numpy_cpu.get("AVX2"):
+        assert here in ("vnni", "exact u8u8, no VNNI")  # numpy does not list AVX-VNNI
+
+
 @needs_data
 def test_int8_imagenet_head_still_recognises_the_apple(lite2_int8):
     pixels = lite2_int8.prepare(load_image(grocery_catalog_image("Granny-Smith")))[None]

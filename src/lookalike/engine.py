@@ -25,6 +25,7 @@ from PIL import Image
 from . import duplicates
 from .catalog import Catalog, Filters, Product
 from .encoders import DEFAULT_MODEL
+from .encoders.runtime import cpu_count, int8_kernels
 from .errors import (
     CatalogMismatchError,
     InputPathError,
@@ -465,6 +466,8 @@ class Engine(ProductWrites, SharedHome):
             "stamp": self.catalog.get_meta("stamp"),
             "dim": int(self.catalog.get_meta("dim") or 0) or None,
             "categories": dict(self.catalog.categories()),
+            # an INT8 model's speed depends on it (docs/models.md, "INT8 on CPUs without VNNI")
+            "cpu": {"cores": cpu_count(), "int8": int8_kernels()},
         }
         tuned = self.catalog.get_meta("tuned")
         if tuned:
