@@ -4,6 +4,7 @@ catalog metadata (`--field category`) on fashion-footwear; the figures of docs/q
     .venv/bin/python benchmarks/bench_tune_sources.py
         [--part all|photos|field] [--selection [--split burst|block] [--split-salt S]]
         [--method auto|finetune|head] [--session-views N] [--photos-field NAME]
+        [--set NAME=VALUE ...] [--features-from DIR]
         [--queries 60] [--workdir DIR] [--json FILE]
 
 photos: a home indexed with the grocery catalog is tuned with `photos=[train.csv]` (only
@@ -18,7 +19,11 @@ holds out, for each product, the last 30 % of its file numbers instead (820 phot
 later stretch of the capture, the nearest thing train.csv has to another session.
 `--session-views N` overrides the tune's `session_views` (lookalike.tuning.augment).
 `--photos-field category` tunes on the photos and the catalog's `category` column in one
-run, as `tune --photos ... --field category` does.
+run, as `tune --photos ... --field category` does. `--set NAME=VALUE` sets a field of
+TuneSettings for the run (read as its default's type; a field whose default is None, as an
+int if VALUE is all digits, else a float);
+`--features-from DIR` starts the tuned home with the feature cache an earlier `--workdir
+DIR` run left (keyed by file content, so only the time changes).
 
 field: fashion-footwear's products are split product-disjointly (a fifth of them, by a
 hash of the id, held out). A home indexed with the other 80 % is tuned with
@@ -142,6 +147,10 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
                                   for r in _rows(GROCERY / "val.csv")]  # fmt: skip
         scored_on = f"val.csv ({len(queries)} photos)"
     photo_list = _write(work / "photos.csv", ["image"], photos)  # no label column at all
+    if args.features_from:  # the feature cache is keyed by file content: safe to share
+        shutil.copytree(Path(args.features_from) / "grocery-tuned" / "models" / "features",
+                        work / "grocery-tuned" / "models" / "features",
+                        dirs_exist_ok=True)  # fmt: skip
     engines = {name: Engine(work / f"grocery-{name}") for name in ("base", "tuned")}
     try:
         for engine in engines.values():
@@ -150,6 +159,7 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
         settings = TuneSettings(method=args.method, seed=0)
         if args.session_views is not None:
             settings = replace(settings, session_views=args.session_views)
+        settings = replace(settings, **_overrides(args.set))
         t0 = time.perf_counter()
         report = train_tuned_model(engines["tuned"], photos=[photo_list], progress=True,
                                    field=args.photos_field, settings=settings,
@@ -161,10 +171,24 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
         for engine in engines.values():
             engine.close()
     return {"scored_on": scored_on, "unlabelled_photos": report.photos_used,
-            "field": args.photos_field,
+            "field": args.photos_field, "overrides": _overrides(args.set),
             "method": report.settings["method"], "base": before, "tuned": after,
             "tune_seconds": round(seconds, 1), "tune_seconds_parts": report.seconds,
             "pseudo_labels": report.sources.get("photos"), "latency": lat}  # fmt: skip
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """--set NAME=VALUE pairs as TuneSettings fields, each VALUE read as its default's type."""
+    out: dict = {}
+    defaults = TuneSettings()
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not hasattr(defaults, name) or not value:
+            raise SystemExit(f"--set {pair!r}: give NAME=VALUE of a TuneSettings field")
+        default = getattr(defaults, name)
+        kind = (int if value.isdigit() else float) if default is None else type(default)
+        out[name] = value if kind is str else kind(float(value)) if kind is int else kind(value)
+    return out
 
 
 def _precision(engine: Engine, ids: set[str] | None) -> dict[str, float]:
@@ -353,6 +377,18 @@ def main() -> int:
     ap.add_argument(
         "--photos-field",
         help="photos: tune with this catalog field too (--photos --field NAME in one run)",
+    )
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="photos: a TuneSettings field for this run (e.g. colour_weight=0); repeatable",
+    )
+    ap.add_argument(
+        "--features-from",
+        metavar="DIR",
+        help="photos: start the tuned home with the feature cache of an earlier --workdir",
     )
     ap.add_argument(
         "--method",
