@@ -9,7 +9,8 @@ catalog metadata (`--field category`) on fashion-footwear; the figures of docs/q
 
 photos: a home indexed with the grocery catalog is tuned with `photos=[train.csv]` (only
 its image column is read) and scored once on val.csv through `Engine.search`, beside a
-base home; single-query latency of both is timed interleaved (base, tuned, base, ...).
+base home (Recall@1/@5 and category precision@5, the share of the top 5 in the query
+product's category); single-query latency of both is timed interleaved (base, tuned, base, ...).
 With `--selection` the photos are instead split by burst (a burst is ten consecutive
 file numbers of one product; a quarter of the bursts, by a hash of the burst id, are
 held out): tuned on the other bursts' images, scored on the held-out bursts; val.csv is
@@ -90,7 +91,11 @@ def _write(path: Path, fields: list[str], rows: list[dict[str, str]]) -> Path:
 
 
 def recall(engine: Engine, rows: list[dict[str, str]]) -> dict[str, float]:
-    hits1 = hits5 = 0
+    """Recall@1/@5 of each row's product, and category precision@5: the share of the top 5
+    whose catalog category is the row's product's (43 of grocery's categories hold one
+    product, the largest 10)."""
+    category = {r["product_id"]: r["category"] for r in _rows(GROCERY / "catalog.csv")}
+    hits1 = hits5 = same = 0
     for start in range(0, len(rows), 32):
         chunk = rows[start : start + 32]
         results = engine.search([r["image"] for r in chunk], k=5)
@@ -98,7 +103,10 @@ def recall(engine: Engine, rows: list[dict[str, str]]) -> dict[str, float]:
             ids = [r.product_id for r in res]
             hits1 += bool(ids) and ids[0] == row["product_id"]
             hits5 += row["product_id"] in ids
-    return {"recall@1": round(hits1 / len(rows), 4), "recall@5": round(hits5 / len(rows), 4)}
+            same += sum(category.get(i) == category[row["product_id"]] for i in ids)
+    n = len(rows)
+    return {"recall@1": round(hits1 / n, 4), "recall@5": round(hits5 / n, 4),
+            "category_precision@5": round(same / (5 * n), 4)}  # fmt: skip
 
 
 def burst_split(rows: list[dict[str, str]], salt: str = "") -> tuple[list[dict], list[dict]]:
@@ -173,6 +181,8 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
     return {"scored_on": scored_on, "unlabelled_photos": report.photos_used,
             "field": args.photos_field, "overrides": _overrides(args.set),
             "method": report.settings["method"], "base": before, "tuned": after,
+            "settings": {k: report.settings[k] for k in ("keep_base", "class_weight",
+                                                         "colour_weight", "field_weight")},
             "tune_seconds": round(seconds, 1), "tune_seconds_parts": report.seconds,
             "pseudo_labels": report.sources.get("photos"), "latency": lat}  # fmt: skip
 
@@ -437,7 +447,9 @@ def _print(f: dict) -> None:
               f" scored on {p['scored_on']}")  # fmt: skip
         print(
             f"  Recall@1 {p['base']['recall@1']:.3f} -> {p['tuned']['recall@1']:.3f},"
-            f" Recall@5 {p['base']['recall@5']:.3f} -> {p['tuned']['recall@5']:.3f}"
+            f" Recall@5 {p['base']['recall@5']:.3f} -> {p['tuned']['recall@5']:.3f},"
+            f" category precision@5 {p['base']['category_precision@5']:.3f}"
+            f" -> {p['tuned']['category_precision@5']:.3f}"
         )
         lat = p["latency"]
         print(

@@ -9,8 +9,10 @@ it places in one category come together) and the image's colour descriptor
 (lookalike.encoders.colour, scaled by `colour_weight`: two heels of different colours
 stay apart), normalised together. With photos in the same run, the MLP head they train
 comes first, and it also learns the field through a loss that pulls each catalog image
-towards one learned proxy per value (FieldTerm; the finetune method uses only this).
-docs/quality.md has the measurements behind each part.
+towards one learned proxy per value (FieldTerm; the finetune method uses only this);
+beside unlabelled photos the posterior is left out by default (`class_weight` 0: it
+pulled a category's products together and cost grocery 9-12 points of Recall@1 for no
+category precision). docs/quality.md has the measurements behind each part.
 """
 
 from __future__ import annotations
@@ -147,7 +149,9 @@ def field_head(
     """`head` (None: no MLP part) with the field's classifier and the colour part added
     (settings: keep_base, class_weight, colour_weight, seed)."""
     n_classes = int(cat_field.max()) + 1
-    w, b = fit_classifier(cat_emb, cat_field, n_classes, settings.seed, on_step=on_step)
+    w = b = None  # class_weight 0 (the default beside --photos): no posterior to fit
+    if settings.class_weight:
+        w, b = fit_classifier(cat_emb, cat_field, n_classes, settings.seed, on_step=on_step)
     if head is None:
         dim = int(cat_emb.shape[1])
         head = Head(mean=np.zeros(dim, dtype=np.float32), weights=[], biases=[])
