@@ -170,8 +170,9 @@ def test_int8_model_agrees_with_float32(lite2, lite2_int8, sample_batch):
 def test_int8_agrees_with_float32_on_real_catalog_images(lite2, lite2_int8):
     """On an x86 CPU without VNNI (AVX2 alone), ONNX Runtime's default u8s8 kernels
     saturate: there the INT8 Lite2 gave fashion-footwear embeddings at cosine 0.91 to
-    float32 on average, 0.67 at worst. Sessions ask for exact arithmetic
-    (runtime.X64_QUANT_PRECISION); on a VNNI CPU this holds either way."""
+    float32 on average, 0.67 at worst. Sessions there ask for exact arithmetic
+    (runtime.X64_QUANT_PRECISION); on a VNNI CPU the fast kernels are exact already, and
+    give the exact path's embeddings bit for bit."""
     fashion = DATA / "fashion-footwear"
     with (fashion / "catalog.csv").open(newline="") as fh:
         rows = list(csv.DictReader(fh))[::60]
@@ -179,8 +180,46 @@ def test_int8_agrees_with_float32_on_real_catalog_images(lite2, lite2_int8):
     batch = np.stack([lite2.prepare(img) for img in imgs])
     cos = (lite2_int8.embed(batch) * lite2.embed(batch)).sum(axis=1)
     assert len(cos) >= 40 and cos.mean() > 0.99 and cos.min() > 0.97, (cos.mean(), cos.min())
-    options = lite2_int8.session.get_session_options()
-    assert options.get_session_config_entry("session.x64quantprecision") == "1"
+    from lookalike.encoders import runtime
+
+    assert _exact_int8_asked(lite2_int8.session) == runtime.needs_exact_int8()
+    if not runtime.needs_exact_int8():  # VNNI: the option would only make it slower
+        fast, fast_session = lite2_int8.embed(batch), lite2_int8.session
+        try:
+            lite2_int8.session = _exact_session(lite2_int8.model_path)
+            assert np.array_equal(lite2_int8.embed(batch), fast)
+        finally:  # the fixture is the session's
+            lite2_int8.session = fast_session
+
+
+def _exact_int8_asked(session) -> bool:
+    options = session.get_session_options()
+    try:
+        return options.get_session_config_entry("session.x64quantprecision") == "1"
+    except Exception:  # ORT raises for a key that was never set
+        return False
+
+
+def _exact_session(path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.x64quantprecision", "1")
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def test_exact_int8_is_asked_for_only_where_the_fast_kernels_saturate(lite2_int8, monkeypatch):
+    from lookalike.encoders import runtime
+
+    assert runtime.needs_exact_int8(AVX2_ONLY, "x86_64")
+    assert runtime.needs_exact_int8("processor : 0\n", "x86_64")  # unknown: the safe side
+    assert not runtime.needs_exact_int8(AVX512_VNNI, "x86_64")
+    assert not runtime.needs_exact_int8(AVX2_ONLY, "aarch64")
+    for kind, asked in (("no vnni", True), ("unknown", True), ("vnni", False)):
+        monkeypatch.setattr(runtime, "_cpu_kind_here", lambda kind=kind: kind)
+        assert _exact_int8_asked(runtime.make_session(lite2_int8.model_path)) is asked, kind
+    monkeypatch.setattr(runtime, "X64_QUANT_PRECISION", False)
+    assert not runtime.needs_exact_int8()  # the switch turns it off everywhere
 
 
 # the flags lines of two real /proc/cpuinfo files, shortened: an AMD EPYC with AVX2 alone

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -24,9 +25,12 @@ without VNNI). There its fast u8s8 kernels add pairs of uint8 x int8 products in
 lanes, which saturate for weights outside [-64, 63]: on such a CPU the INT8 Lite2's
 embeddings fell to cosine 0.91 on average (0.67 at worst) to float32 on fashion-footwear
 images, and grocery Recall@1 per burst from 0.43 to 0.36. Session option
-`session.x64quantprecision` makes ORT run those weights as u8u8 instead; on a CPU with
-VNNI it changes nothing. Cost on the AVX2 machine: 20.9 -> 27.3 ms a Lite2-INT8 pass at
-batch 1, against 31.0 ms for float32 (docs/models.md, benchmarks/bench_int8_precision.py)."""
+`session.x64quantprecision` makes ORT run those weights as u8u8 instead. Cost on the AVX2
+machine: 20.9 -> 27.3 ms a Lite2-INT8 pass at batch 1, against 31.0 ms for float32
+(docs/models.md, benchmarks/bench_int8_precision.py). It is set only where it is needed
+(`needs_exact_int8`): on a CPU with VNNI the fast kernels are exact already, and the
+option would still take the u8u8 path, bit-identical and 2.6x slower (8.4 against 22.1 ms
+a pass on an AVX-512 VNNI Xeon)."""
 
 
 def cpu_count() -> int:
@@ -38,17 +42,14 @@ def cpu_count() -> int:
 
 
 _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
+_X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
-def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
-    """Which INT8 arithmetic ONNX Runtime's CPU kernels do here (`lookalike info`): "vnni"
-    (exact and fast), "exact u8u8, no VNNI" (the X64_QUANT_PRECISION path: exact, INT8
-    about 1.1x the float32 speed), "saturating u8s8, no VNNI" (that switch off),
-    "not x86" (ARM and others: ORT's kernels there do not saturate), or "unknown" (an
-    x86 CPU whose flags cannot be read: /proc/cpuinfo is Linux's). `cpuinfo` and
-    `machine` stand in for /proc/cpuinfo's text and platform.machine() (tests)."""
+def _cpu_kind(cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """The CPU as INT8 sees it: "vnni", "no vnni", "not x86" or "unknown" (an x86 CPU
+    whose flags cannot be read)."""
     machine = (machine if machine is not None else platform.machine()).lower()
-    if machine not in ("x86_64", "amd64", "i386", "i686", "x86"):
+    if machine not in _X86:
         return "not x86"
     if cpuinfo is None:
         try:
@@ -62,8 +63,33 @@ def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
             flags.update(value.split())
     if not flags:
         return "unknown"
-    if flags.intersection(_VNNI_FLAGS):
-        return "vnni"
+    return "vnni" if flags.intersection(_VNNI_FLAGS) else "no vnni"
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_kind_here() -> str:
+    return _cpu_kind()
+
+
+def needs_exact_int8(cpuinfo: str | None = None, machine: str | None = None) -> bool:
+    """Whether sessions here ask ORT for exact INT8 arithmetic (X64_QUANT_PRECISION): on an
+    x86 CPU without VNNI, or one whose flags cannot be read (exact is the safe side).
+    `cpuinfo` and `machine` stand in for /proc/cpuinfo's text and platform.machine()."""
+    here = cpuinfo is None and machine is None
+    kind = _cpu_kind_here() if here else _cpu_kind(cpuinfo, machine)
+    return X64_QUANT_PRECISION and kind in ("no vnni", "unknown")
+
+
+def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """Which INT8 arithmetic ONNX Runtime's CPU kernels do here (`lookalike info`): "vnni"
+    (exact and fast), "exact u8u8, no VNNI" (the X64_QUANT_PRECISION path: exact, INT8
+    about 1.1x the float32 speed), "saturating u8s8, no VNNI" (that switch off),
+    "not x86" (ARM and others: ORT's kernels there do not saturate), or "unknown" (an
+    x86 CPU whose flags cannot be read: /proc/cpuinfo is Linux's). `cpuinfo` and
+    `machine` stand in for /proc/cpuinfo's text and platform.machine() (tests)."""
+    kind = _cpu_kind(cpuinfo, machine)
+    if kind != "no vnni":
+        return kind
     return "exact u8u8, no VNNI" if X64_QUANT_PRECISION else "saturating u8s8, no VNNI"
 
 
@@ -117,7 +143,7 @@ def make_session(
     opts.log_severity_level = 3
     if not spinning:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    if X64_QUANT_PRECISION:
+    if needs_exact_int8():
         opts.add_session_config_entry("session.x64quantprecision", "1")
     try:
         model = path if isinstance(path, bytes) else str(path)
