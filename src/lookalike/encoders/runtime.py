@@ -29,8 +29,8 @@ images, and grocery Recall@1 per burst from 0.43 to 0.36. Session option
 machine: 20.9 -> 27.3 ms a Lite2-INT8 pass at batch 1, against 31.0 ms for float32
 (docs/models.md, benchmarks/bench_int8_precision.py). It is set only where it is needed
 (`needs_exact_int8`): on a CPU with VNNI the fast kernels are exact already, and the
-option would still take the u8u8 path, bit-identical and 2.6x slower (8.4 against 22.1 ms
-a pass on an AVX-512 VNNI Xeon)."""
+option would still take the u8u8 path, bit-identical and 2.6x slower (8.2 against 21.2 ms
+a pass on an AVX-512 VNNI Xeon, bench_int8_precision.py)."""
 
 
 def cpu_count() -> int:
