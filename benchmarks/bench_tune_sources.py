@@ -167,7 +167,8 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
         settings = TuneSettings(method=args.method, seed=0)
         if args.session_views is not None:
             settings = replace(settings, session_views=args.session_views)
-        settings = replace(settings, **_overrides(args.set))
+        overrides = _overrides(args.set)
+        settings = replace(settings, **overrides)
         t0 = time.perf_counter()
         report = train_tuned_model(engines["tuned"], photos=[photo_list], progress=True,
                                    field=args.photos_field, settings=settings,
@@ -179,7 +180,7 @@ def bench_photos(work: Path, args: argparse.Namespace) -> dict:
         for engine in engines.values():
             engine.close()
     return {"scored_on": scored_on, "unlabelled_photos": report.photos_used,
-            "field": args.photos_field, "overrides": _overrides(args.set),
+            "field": args.photos_field, "overrides": overrides,
             "method": report.settings["method"], "base": before, "tuned": after,
             "settings": {k: report.settings[k] for k in ("keep_base", "class_weight",
                                                          "colour_weight", "field_weight")},

@@ -45,9 +45,10 @@ _VNNI_FLAGS = ("avx512_vnni", "avx_vnni", "amx_int8")
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
 
 
+@functools.lru_cache(maxsize=8)
 def _cpu_kind(cpuinfo: str | None = None, machine: str | None = None) -> str:
     """The CPU as INT8 sees it: "vnni", "no vnni", "not x86" or "unknown" (an x86 CPU
-    whose flags cannot be read)."""
+    whose flags cannot be read). Cached: every session asks, /proc/cpuinfo is read once."""
     machine = (machine if machine is not None else platform.machine()).lower()
     if machine not in _X86:
         return "not x86"
@@ -66,18 +67,11 @@ def _cpu_kind(cpuinfo: str | None = None, machine: str | None = None) -> str:
     return "vnni" if flags.intersection(_VNNI_FLAGS) else "no vnni"
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_kind_here() -> str:
-    return _cpu_kind()
-
-
 def needs_exact_int8(cpuinfo: str | None = None, machine: str | None = None) -> bool:
     """Whether sessions here ask ORT for exact INT8 arithmetic (X64_QUANT_PRECISION): on an
     x86 CPU without VNNI, or one whose flags cannot be read (exact is the safe side).
     `cpuinfo` and `machine` stand in for /proc/cpuinfo's text and platform.machine()."""
-    here = cpuinfo is None and machine is None
-    kind = _cpu_kind_here() if here else _cpu_kind(cpuinfo, machine)
-    return X64_QUANT_PRECISION and kind in ("no vnni", "unknown")
+    return X64_QUANT_PRECISION and _cpu_kind(cpuinfo, machine) in ("no vnni", "unknown")
 
 
 def int8_kernels(cpuinfo: str | None = None, machine: str | None = None) -> str:
