@@ -14,10 +14,15 @@ each photo, each after its own base pass:
 - `blas`: numpy's `@` (OpenBLAS, its default threads);
 - `blas1`: `@` under threadpoolctl's one-thread limit for the call (only when
   threadpoolctl imports; it is not a dependency of lookalike);
-- `onnx`: the head as an ONNX graph (`write_head_graph`: what Head.apply computes, the
-  MLP, the kept base part, the normalisations) run by ONNX Runtime, one intra-op
-  thread, no spinning;
-- `onnx2`: the same with two intra-op threads.
+- `onnx`: the head as a float32 ONNX graph (lookalike.models.head_graph: what Head.apply
+  computes, the MLP, the kept base part, the posterior, the colour part, the
+  normalisations) run by ONNX Runtime, one intra-op thread, no spinning;
+- `onnx2`: the same with two intra-op threads;
+- `onnx-int8`: the graph with its products quantised to INT8 (what a model tuned since
+  head.onnx runs: `TunedEncoder` with a graph), one thread.
+
+A head with a colour part (`--photos --field`) is given each photo's colour descriptor,
+computed inside the timed call as in a query.
 
 Then, with threadpoolctl, BLAS held at one thread for the rest of the process (a limit a
 tuned model could set once when loaded): `einsum` and `blas` again. Also: the largest
@@ -37,17 +42,22 @@ import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from lookalike.encoders.colour import DIM as COLOUR_DIM  # noqa: E402
+from lookalike.encoders.colour import colour_descriptor  # noqa: E402
 from lookalike.encoders.runtime import make_session  # noqa: E402
 from lookalike.engine import Engine  # noqa: E402
 from lookalike.images import load_image  # noqa: E402
+from lookalike.models.head_graph import (  # noqa: E402
+    COLOUR_INPUT,
+    INPUT,
+    OUTPUT,
+    write_head_graph,
+)
 from lookalike.models.tuned import Head, TunedEncoder  # noqa: E402
 from lookalike.query import QUERY_VIEWS, default_views  # noqa: E402
 
@@ -60,82 +70,25 @@ except ImportError:  # not a dependency: the way is left out
 
 
 def _numpy(head: Head, few: bool, limit: bool):
-    def run(x: np.ndarray) -> np.ndarray:
+    def run(x: np.ndarray, colour: np.ndarray | None) -> np.ndarray:
         ctx = threadpool_limits(1, user_api="blas") if limit else nullcontext()
         with ctx:
-            return head.apply(x, few=few)
+            return head.apply(x, colour, few=few)
 
     return run
 
 
-def write_head_graph(head: Head, path: Path) -> None:
-    """Write `head` as an ONNX graph ("x" (N, D_in) [, "colour" (N, 64)] -> "embedding"
-    (N, dim)) that computes what `Head.apply` does, built node by node from its arrays
-    (the same head always gives the same bytes)."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    nodes: list[Any] = []
-    inits: list[Any] = []
-
-    def const(name: str, value: np.ndarray) -> str:
-        inits.append(numpy_helper.from_array(np.ascontiguousarray(value), name))
-        return name
-
-    def node(op: str, inputs: list[str], out: str, **attrs: Any) -> str:
-        nodes.append(helper.make_node(op, inputs, [out], name=out, **attrs))
-        return out
-
-    axes = const("axes1", np.array([1], dtype=np.int64))
-    eps = const("eps", np.array(1e-12, dtype=np.float32))
-
-    def normalise(x: str, out: str) -> str:
-        norm = node("ReduceL2", [x, axes], f"{out}_norm", keepdims=1)
-        return node("Div", [x, node("Max", [norm, eps], f"{out}_den")], out)
-
-    def scaled(x: str, weight: float, name: str) -> str:
-        return node("Mul", [x, const(f"{name}_w", np.array(weight, dtype=np.float32))], name)
-
-    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", head.in_dim])]
-    parts: list[str] = []
-    if head.weights:
-        y = node("Sub", ["x", const("mean", head.mean)], "centred")
-        for i, (w, b) in enumerate(zip(head.weights, head.biases, strict=True)):
-            if i:
-                y = node("Relu", [y], f"relu{i}")
-            y = node("MatMul", [y, const(f"w{i}", w)], f"matmul{i}")
-            y = node("Add", [y, const(f"b{i}", b)], f"layer{i}")
-        alone = head.dim == int(head.weights[-1].shape[1])  # no other part: Head.apply
-        parts.append(normalise(y, "embedding" if alone else "mlp"))
-    if head.keep_base:
-        parts.append(scaled("x", head.keep_base, "kept"))
-    if head.class_weight and head.classifier is not None:
-        logits = node("MatMul", ["x", const("classifier", head.classifier)], "logits0")
-        bias = np.asarray(head.classifier_bias, dtype=np.float32)
-        logits = node("Add", [logits, const("classifier_bias", bias)], "logits")
-        parts.append(scaled(node("Softmax", [logits], "posterior", axis=1), head.class_weight,
-                            "classes"))  # fmt: skip
-    if head.colour_weight:
-        inputs.append(helper.make_tensor_value_info("colour", TensorProto.FLOAT,
-                                                    ["batch", COLOUR_DIM]))  # fmt: skip
-        parts.append(scaled("colour", head.colour_weight, "colour_part"))
-    if parts != ["embedding"]:
-        normalise(node("Concat", parts, "joined", axis=1), "embedding")
-    output = helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", head.dim])
-    graph = helper.make_graph(nodes, "lookalike_head", inputs, [output], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)],
-                              producer_name="lookalike", ir_version=8)  # fmt: skip
-    onnx.checker.check_model(model)
-    data = model.SerializeToString()
-    path.write_bytes(data)
-
-
-def _onnx(head: Head, folder: Path, threads: int):
-    path = folder / "head.onnx"
+def _onnx(head: Head, folder: Path, threads: int, int8: bool = False):
+    path = folder / f"head{'-int8' if int8 else ''}.onnx"
     if not path.exists():
-        write_head_graph(head, path)
+        write_head_graph(head, path, int8=int8)
     session = make_session(path, threads=threads)
-    return lambda x: session.run(["embedding"], {"x": x})[0]
+
+    def run(x: np.ndarray, colour: np.ndarray | None) -> np.ndarray:
+        feeds = {INPUT: x} if colour is None else {INPUT: x, COLOUR_INPUT: colour}
+        return session.run([OUTPUT], feeds)[0]
+
+    return run
 
 
 def _big_products(limit: bool) -> float:
@@ -152,7 +105,7 @@ def _big_products(limit: bool) -> float:
     return round(statistics.median(ts), 2)
 
 
-def _time_ways(ways: dict, base, batches: list[np.ndarray]) -> tuple[dict, dict]:
+def _time_ways(ways: dict, base, head: Head, batches: list[np.ndarray]) -> tuple[dict, dict]:
     """ms of each way per photo, each right after its own base pass, in a rotating order;
     and the largest difference of each way's vectors from the first way's."""
     names = list(ways)
@@ -160,12 +113,15 @@ def _time_ways(ways: dict, base, batches: list[np.ndarray]) -> tuple[dict, dict]
     diff = dict.fromkeys(names, 0.0)
     for i, batch in enumerate([batches[0]] + batches):  # the first: warm-up
         x = base.embed(batch)
-        want = ways["einsum"](x)
+        colour = colour_descriptor(batch) if head.needs_colour else None
+        want = ways["einsum"](x, colour)
         for j in range(len(names)):
             name = names[(i + j) % len(names)]
             x = base.embed(batch)  # each way right after a base pass, as in a query
             t0 = time.perf_counter()
-            got = ways[name](x)
+            if head.needs_colour:  # as TunedEncoder.embed: the descriptor is the head's
+                colour = colour_descriptor(batch)
+            got = ways[name](x, colour)
             if i:
                 times[name].append(1000 * (time.perf_counter() - t0))
             diff[name] = max(diff[name], float(np.abs(got - want).max()))
@@ -194,10 +150,12 @@ def main() -> int:
         ways["blas1"] = _numpy(head, False, True)
     ways["onnx"] = _onnx(head, Path(tmp.name), 1)
     ways["onnx2"] = _onnx(head, Path(tmp.name), 2)
-    times, diff = _time_ways(ways, base, batches)
+    ways["onnx-int8"] = _onnx(head, Path(tmp.name), 1, int8=True)
+    times, diff = _time_ways(ways, base, head, batches)
     if threadpool_limits is not None:  # BLAS held to one thread for the rest of the process
         held = threadpool_limits(1, user_api="blas")
-        t1, d1 = _time_ways({"einsum": ways["einsum"], "blas": ways["blas"]}, base, batches)
+        kept = {"einsum": ways["einsum"], "blas": ways["blas"]}
+        t1, d1 = _time_ways(kept, base, head, batches)
         held.restore_original_limits()
         for name in t1:
             times[f"{name}, BLAS held at 1 thread"] = t1[name]

@@ -21,8 +21,8 @@ later stretch of the capture, the nearest thing train.csv has to another session
 `--session-views N` overrides the tune's `session_views` (lookalike.tuning.augment).
 `--photos-field category` tunes on the photos and the catalog's `category` column in one
 run, as `tune --photos ... --field category` does. `--set NAME=VALUE` sets a field of
-TuneSettings for the run (read as its default's type; a field whose default is None, as an
-int if VALUE is all digits, else a float);
+TuneSettings for the run (read as its default's type, true/false for a flag; a field whose
+default is None, as an int if VALUE is all digits, else a float);
 `--features-from DIR` starts the tuned home with the feature cache an earlier `--workdir
 DIR` run left (keyed by file content, so only the time changes).
 
@@ -198,6 +198,11 @@ def _overrides(pairs: list[str]) -> dict:
             raise SystemExit(f"--set {pair!r}: give NAME=VALUE of a TuneSettings field")
         default = getattr(defaults, name)
         kind = (int if value.isdigit() else float) if default is None else type(default)
+        if kind is bool:
+            if value.lower() not in ("true", "false"):
+                raise SystemExit(f"--set {pair!r}: {name} is true or false")
+            out[name] = value.lower() == "true"
+            continue
         out[name] = value if kind is str else kind(float(value)) if kind is int else kind(value)
     return out
 

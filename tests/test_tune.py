@@ -9,9 +9,11 @@ train.csv for the same products (val.csv is never touched here)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -304,6 +306,72 @@ def test_head_method_learns_and_serves(tuned_home, grocery_split):
             assert status["method"] == "head" and status["version"] == report.version
         finally:
             use_model(engine, tuned_home["report"].version, progress=False)
+
+
+def test_a_head_model_runs_its_int8_graph(tuned_home, grocery_split, tmp_path):
+    """A head model is saved with its INT8 graph (head.onnx, recorded in model.json) and
+    embeds every image through it: the vectors agree with the float head's (the same
+    neighbours), the stamp names the graph, a damaged graph is refused, a model saved
+    before head.onnx (no hash in model.json) still runs its numpy head, and
+    `head_int8=False` saves none."""
+    import shutil
+
+    from lookalike.errors import ModelError
+    from lookalike.images import load_image
+    from lookalike.models import TunedEncoder, open_tuned
+
+    home = tuned_home["home"]
+    settings = TuneSettings(method="head", epochs=2)
+    with Engine(home) as engine:
+        report = train_tuned_model(engine, grocery_split["train"], None, progress=False,
+                                   settings=settings, activate=False)  # fmt: skip
+        flat = train_tuned_model(engine, grocery_split["train"], None, progress=False,
+                                 settings=replace(settings, head_int8=False),
+                                 activate=False)  # fmt: skip
+        base = base_of(engine.encoder)
+    folder = tuned_root(home) / report.version
+    info = json.loads((folder / "model.json").read_text())
+    assert info["head_graph_sha256"] == hashlib.sha256((folder / "head.onnx").read_bytes()
+                                                      ).hexdigest()  # fmt: skip
+    assert "INT8" in info["head"]
+    tuned = open_tuned(base, folder, report.version, info)
+    assert isinstance(tuned, TunedEncoder) and tuned.stamp == report.stamp
+    assert tuned.stamp.endswith(info["head_graph_sha256"][:16])
+    # the float head (what the same head.npz ran before head.onnx): same head, own stamp
+    legacy_info = {k: v for k, v in info.items() if k != "head_graph_sha256"}
+    legacy = open_tuned(base, folder, report.version, legacy_info)
+    assert legacy.stamp != tuned.stamp and legacy.stamp.endswith(info["head_sha256"][:16])
+
+    rows = _rows(grocery_split["held"]) + _rows(grocery_split["catalog"])
+    batch = np.stack([base.prepare(load_image(r["image"])) for r in rows])
+    got, want = tuned.embed(batch), legacy.embed(batch)
+    np.testing.assert_array_equal(want, tuned.head.apply(base.embed(batch)))
+    assert got.shape == want.shape == (len(rows), tuned.dim)
+    assert np.allclose(np.linalg.norm(got, axis=1), 1, atol=1e-5)
+    assert float((got * want).sum(axis=1).min()) > 0.999  # quantised, not another model
+    assert not np.array_equal(got, want)
+    n = len(_rows(grocery_split["held"]))
+    top_got = np.argmax(got[:n] @ got[n:].T, axis=1)
+    top_want = np.argmax(want[:n] @ want[n:].T, axis=1)
+    assert float((top_got == top_want).mean()) >= 0.95
+    np.testing.assert_array_equal(tuned.from_base_vectors(base.embed(batch[:3])), got[:3])
+    assert tuned.from_base_vectors(np.zeros((0, base.dim), np.float32)).shape == (0, tuned.dim)
+
+    copy = tmp_path / report.version
+    shutil.copytree(folder, copy)
+    with (copy / "head.onnx").open("ab") as fh:
+        fh.write(b"\0")
+    with pytest.raises(ModelError, match="head.onnx does not match"):
+        open_tuned(base, copy, report.version, info)
+    (copy / "head.onnx").unlink()
+    with pytest.raises(ModelError, match="head.onnx does not match"):
+        open_tuned(base, copy, report.version, info)
+
+    flat_folder = tuned_root(home) / flat.version
+    flat_info = json.loads((flat_folder / "model.json").read_text())
+    assert not (flat_folder / "head.onnx").exists() and "head_graph_sha256" not in flat_info
+    assert flat_info["head_sha256"] == info["head_sha256"]  # the same training, not saved as INT8
+    assert flat.stamp == legacy.stamp
 
 
 def test_finetune_needs_a_bundled_model():

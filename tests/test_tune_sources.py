@@ -342,8 +342,11 @@ def _trained_digests(tmp_path_factory, grocery, key: str, settings: TuneSettings
         report = train_tuned_model(engine, photos=[grocery[key]], progress=False,
                                    settings=settings, activate=False)  # fmt: skip
     info = _model_json(home, report.version)
-    blob = (tuned_root(home) / report.version / "head.npz").read_bytes()
+    folder = tuned_root(home) / report.version
+    blob = (folder / "head.npz").read_bytes()
+    graph = (folder / "head.onnx").read_bytes()  # what search runs (models/head_graph.py)
     return home, report, (info["head_sha256"], report.stamp, hashlib.sha256(blob).hexdigest(),
+                          hashlib.sha256(graph).hexdigest(),
                           info["sources"]["photos"]["photos_sha256"])  # fmt: skip
 
 

@@ -2,8 +2,9 @@
 active one, and loading it.
 
 A tuned model lives in `<home>/models/tuned/<version>/` (`model.onnx` + `tail.onnx` for
-finetune, `head.npz` for head, and `model.json` with the base model stamp, the model's
-hash, the label file hash, the training settings and the validation figures);
+finetune, `head.npz` + its INT8 graph `head.onnx` for head, and `model.json` with the
+base model stamp, the model's hashes, the label file hash, the training settings and the
+validation figures);
 `<home>/models/tuned/active.json` names the active one. Writing versions is
 lookalike.tuning's job; the engine only asks `active_encoder`.
 """

@@ -2,8 +2,9 @@
 
 Two kinds (lookalike.tuning trains them; nothing here imports torch):
 
-- `TunedEncoder`: the base encoder followed by a learned `Head` (an MLP in numpy,
-  `head.npz`), the "head" method;
+- `TunedEncoder`: the base encoder followed by a learned `Head` (an MLP, `head.npz`),
+  the "head" method; run as its INT8 ONNX graph (`head.onnx`, lookalike.models.head_graph)
+  where the model has one, in numpy for models saved before it;
 - `FinetunedEncoder`: the base trunk graph followed by a fine-tuned tail, one ONNX graph
   (`model.onnx`), plus the tail alone (`tail.onnx`) to embed cached trunk maps, the
   "finetune" method.
@@ -26,6 +27,9 @@ from ..encoders.colour import colour_descriptor
 from ..encoders.runtime import OnnxEncoder, file_sha256, l2_normalise, make_session
 from ..errors import ModelError
 from ..fsutil import atomic_write
+from .head_graph import COLOUR_INPUT
+from .head_graph import INPUT as GRAPH_INPUT
+from .head_graph import OUTPUT as GRAPH_OUTPUT
 
 HEAD_FORMAT = 1
 """Format of head.npz and model.json (recorded in model.json, hashed into the head digest)."""
@@ -173,7 +177,14 @@ class TunedEncoder:
     """The base encoder followed by a learned head. Same input and preprocessing as the
     base; its own stamp, so its vectors are never compared with the base model's."""
 
-    def __init__(self, base: Any, head: Head, version: str, info: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        base: Any,
+        head: Head,
+        version: str,
+        info: dict[str, Any] | None = None,
+        graph: Path | None = None,
+    ):
         if head.in_dim != base.dim:
             raise ModelError(
                 f"tuned model {version} expects {head.in_dim}-d base vectors;"
@@ -184,7 +195,12 @@ class TunedEncoder:
         self.version = version
         self.info = info or {}
         self.name = f"{base.name}+tuned:{version}"
-        self.stamp = f"{base.stamp}+tuned:{head.digest()[:16]}"
+        # `graph`: the head as an INT8 ONNX graph (head.onnx), run in place of Head.apply
+        # for every image, catalog and query alike; its vectors differ from the numpy
+        # head's by about 1e-3, so the stamp names the graph
+        self._graph = None if graph is None else make_session(graph, threads=1)
+        digest = head.digest() if graph is None else file_sha256(graph, None)
+        self.stamp = f"{base.stamp}+tuned:{digest[:16]}"
         self.input_size = base.input_size
         self.dim = head.dim
         self.draft_size = getattr(base, "draft_size", 2 * int(base.input_size))
@@ -206,14 +222,27 @@ class TunedEncoder:
         if len(base) == 0:
             return np.zeros((0, self.dim), dtype=np.float32)
         colour = colour_descriptor(batch) if self.head.needs_colour else None
-        return self.head.apply(base, colour)
+        return self._apply(base, colour)
 
     def from_base_vectors(
         self, vectors: np.ndarray, colour: np.ndarray | None = None
     ) -> np.ndarray:
         """Tuned vectors from base embeddings (and colour descriptors) already computed
         (cached)."""
-        return self.head.apply(vectors, colour)
+        return self._apply(vectors, colour)
+
+    def _apply(self, x: np.ndarray, colour: np.ndarray | None) -> np.ndarray:
+        if self._graph is None:
+            return self.head.apply(x, colour)
+        if len(x) == 0:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        feeds = {GRAPH_INPUT: np.ascontiguousarray(x, dtype=np.float32)}
+        if self.head.needs_colour:
+            if colour is None or len(colour) != len(x):
+                raise ModelError("this tuned model needs each image's colour descriptor")
+            feeds[COLOUR_INPUT] = np.ascontiguousarray(colour, dtype=np.float32)
+        (out,) = self._graph.run([GRAPH_OUTPUT], feeds)
+        return out
 
 
 class FinetunedEncoder(OnnxEncoder):
@@ -259,7 +288,12 @@ def open_tuned(base: Any, folder: Path, version: str, info: dict[str, Any]) -> A
     head = Head.load(folder / "head.npz")
     if head.digest() != info.get("head_sha256"):
         raise ModelError(f"tuned model {version}: head.npz does not match model.json")
-    return TunedEncoder(base, head, version, info)
+    graph = None
+    if info.get("head_graph_sha256"):  # models saved before head.onnx run the numpy head
+        graph = folder / "head.onnx"
+        if not graph.is_file() or file_sha256(graph, None) != info["head_graph_sha256"]:
+            raise ModelError(f"tuned model {version}: head.onnx does not match model.json")
+    return TunedEncoder(base, head, version, info, graph)
 
 
 def is_tuned(encoder: Any) -> bool:

@@ -25,6 +25,7 @@ import numpy as np
 from ..encoders.runtime import file_sha256
 from ..fsutil import atomic_write, sha256_of
 from ..models import HEAD_FORMAT, CatalogViewEncoder, Head, base_of, open_tuned, tuned_root
+from ..models.head_graph import write_head_graph
 from .data import (
     Data,
     Features,
@@ -359,6 +360,10 @@ def _write_model(
     kind_info = {"kind": "head", "head_sha256": digest,
                  "input": f"{GRID}x{GRID} grid cells, random-rectangle crops"
                  if data.spatial else "embedding"}  # fmt: skip
+    if settings.head_int8:  # what search runs: the head as an INT8 graph (head_graph.py)
+        write_head_graph(head, folder / "head.onnx")
+        kind_info["head_graph_sha256"] = file_sha256(folder / "head.onnx", None)
+        described += "; run as an INT8 ONNX graph"
     if data.crop_emb:  # trained on the photos' central crops too: queried with one
         squares = " and ".join(f"{round(c * 100)} %" for c in LABEL_CROPS)
         kind_info["input"] += f"; the photos' central {squares} squares as more samples"
