@@ -600,3 +600,7 @@ def test_cli_sources_and_modes(grocery, tmp_path_factory, capsys):
     assert status["version"] == out["version"] and status["sources"]["used"] == ["photos", "field"]
     assert cli_main([*h, "tune", "--reset", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"] == "base"
+    # the photos alone, on a catalog with categories: a hint to add them
+    assert cli_main([*h, "tune", "--photos", str(grocery["photos_bare"]), "--epochs", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "hint: the catalog has a category column" in err and "--field category" in err

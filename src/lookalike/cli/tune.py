@@ -120,7 +120,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
             log=_stderr if progress else None,
         )
         print(json.dumps(report.to_dict()) if args.json else report.summary())
+        if progress and args.photos and not (args.labels or args.field):
+            _field_hint(engine)
         return 0
+
+
+def _field_hint(engine: Any) -> None:
+    """After `tune --photos` alone on a catalog with categories: say that the category
+    column can be learned from beside the photos (measured, README)."""
+    categories = engine.catalog.categories()
+    if len(categories) >= 2:
+        _stderr(
+            f"hint: the catalog has a category column ({len(categories)} categories);"
+            " `tune --photos ... --field category` learns from it beside the photos"
+            " (on grocery: val Recall@5 0.915 against 0.885 for the photos alone)"
+        )
 
 
 def _stderr(text: str) -> None:
