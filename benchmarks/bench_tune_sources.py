@@ -21,7 +21,7 @@ later stretch of the capture, the nearest thing train.csv has to another session
 `--session-views N` overrides the tune's `session_views` (lookalike.tuning.augment).
 `--photos-field category` tunes on the photos and the catalog's `category` column in one
 run, as `tune --photos ... --field category` does. `--set NAME=VALUE` sets a field of
-TuneSettings for the run (read as its default's type, true/false for a flag; a field whose
+TuneSettings for either part's run (read as its default's type, true/false for a flag; a field whose
 default is None, as an int if VALUE is all digits, else a float);
 `--features-from DIR` starts the tuned home with the feature cache an earlier `--workdir
 DIR` run left (keyed by file content, so only the time changes).
@@ -314,8 +314,11 @@ def bench_field(work: Path, args: argparse.Namespace) -> dict:
     held_csv = _write(work / "held.csv", fields, [r for r in rows if r["product_id"] in held])
     all_csv = _write(work / "catalog.csv", fields, rows)
     settings = TuneSettings(method="head" if args.method == "auto" else args.method, seed=0)
+    overrides = _overrides(args.set)  # --set applies to this part too
+    settings = replace(settings, **overrides)
     out: dict = {"learn_products": len(rows) - len(held), "held_products": len(held),
-                 "method": settings.method, "labels": label_ceiling(rows, held)}  # fmt: skip
+                 "method": settings.method, "overrides": overrides,
+                 "labels": label_ceiling(rows, held)}  # fmt: skip
     with Engine(work / "fashion-base") as base:
         base.index([], metadata=all_csv, progress=False)
         out["base_held"] = _precision(base, held)

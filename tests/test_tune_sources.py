@@ -146,8 +146,10 @@ def test_photos_with_a_field_keep_the_colour_and_leave_the_posterior_out(grocery
             use_model(engine, photos_home["report"].version, progress=False)
     assert report.sources["used"] == ["photos", "field"]
     assert report.settings["class_weight"] == 0.0 and report.settings["keep_base"] == 1.0
-    head = _model_json(home, report.version)["head"]
+    info = _model_json(home, report.version)
+    head = info["head"]
     assert "posterior" not in head and "colour descriptor" in head, head
+    assert info["head_graph_sha256"] and "INT8" in head  # an MLP beside the field: the graph
     assert tuned_r1 > photos_home["base_r1"], (tuned_r1, photos_home)
 
 
@@ -527,6 +529,9 @@ def test_field_learns_categories_of_unseen_products_and_keeps_colour(fashion, tm
     info = _model_json(home, report.version)
     assert info["settings"]["keep_base"] == 1.0 and info["sources"]["used"] == ["field"]
     assert "posterior" in info["head"] and "colour descriptor" in info["head"]
+    # no MLP, so nothing for an INT8 graph to save: the head stays in numpy
+    assert "head_graph_sha256" not in info
+    assert not (tuned_root(home) / report.version / "head.onnx").exists()
 
 
 def test_field_model_from_the_cache_equals_the_model_from_the_files(fashion, tmp_path_factory):

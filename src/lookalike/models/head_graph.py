@@ -1,6 +1,6 @@
 """A tuned `Head` as an ONNX graph, its matrix products in INT8: what a "head" model
-saved by `lookalike tune` runs for every image, catalog and query alike (`head.onnx`
-beside `head.npz`).
+with an MLP saved by `lookalike tune` runs for every image, catalog and query alike
+(`head.onnx` beside `head.npz`; a `--field` head alone has no MLP and stays in numpy).
 
 The float head's products read 8.7 MB of float32 weights right after the network's
 pass: the whole head took about 1 ms of a 9.5 ms query on a VNNI CPU. The INT8 graph

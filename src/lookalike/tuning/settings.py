@@ -52,8 +52,8 @@ class TuneSettings:
     pseudo_rounds: int = 0  # --photos: rounds of a head trained on the labels, then relabel
     # --photos, head method: session views of each photo as more samples (augment.py)
     session_views: int = SESSION_VIEWS
-    # head method: search runs the head as an INT8 ONNX graph (head.onnx), a third of the
-    # float head's time a query; False: the float32 head in numpy (docs/quality.md)
+    # head method with an MLP: search runs the head as an INT8 ONNX graph (head.onnx), a
+    # third of the float head's time a query; False: the float32 head in numpy
     head_int8: bool = True
 
     def resolved(

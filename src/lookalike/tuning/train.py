@@ -360,7 +360,10 @@ def _write_model(
     kind_info = {"kind": "head", "head_sha256": digest,
                  "input": f"{GRID}x{GRID} grid cells, random-rectangle crops"
                  if data.spatial else "embedding"}  # fmt: skip
-    if settings.head_int8:  # what search runs: the head as an INT8 graph (head_graph.py)
+    # what search runs: the head as an INT8 graph (head_graph.py), where it has an MLP,
+    # whose weights are what the graph saves reading; a --field head alone (the posterior,
+    # the colour, the base) has none, and stays in numpy (docs/quality.md)
+    if settings.head_int8 and head.weights:
         write_head_graph(head, folder / "head.onnx")
         kind_info["head_graph_sha256"] = file_sha256(folder / "head.onnx", None)
         described += "; run as an INT8 ONNX graph"
