@@ -3,11 +3,11 @@ with an MLP saved by `lookalike tune` runs for every image, catalog and query al
 (`head.onnx` beside `head.npz`; a `--field` head alone has no MLP and stays in numpy).
 
 The float head's products read 8.7 MB of float32 weights right after the network's
-pass: the whole head took about 1 ms of a 9.5 ms query on a VNNI CPU. The INT8 graph
-reads a quarter of those bytes on ORT's integer kernels, about half the time
-(docs/quality.md, "The head in INT8"; benchmarks/bench_head_apply.py). Weights are
-quantised per output column, symmetric; each row's input at run time by its own largest
-value, so a vector does not depend on the other rows of its batch (ORT's
+pass: the whole head took about 1 ms of a 10 ms query on a VNNI CPU. The INT8 graph
+reads a quarter of those bytes on ORT's integer kernels, in a third of the time (0.34
+against 1.00 ms; docs/quality.md, "The head in INT8"; benchmarks/bench_head_apply.py).
+Weights are quantised per output column, symmetric; each row's input at run time by its
+own largest value, so a vector does not depend on the other rows of its batch (ORT's
 DynamicQuantizeLinear scales a whole batch by one value), nothing is calibrated, and the
 same head always gives the same bytes. Nothing here imports torch.
 """
