@@ -402,7 +402,7 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="photos: a TuneSettings field for this run (e.g. colour_weight=0); repeatable",
+        help="a TuneSettings field for either part's run (e.g. colour_weight=0); repeatable",
     )
     ap.add_argument(
         "--features-from",

@@ -113,9 +113,7 @@ class Head:
             p = np.exp(logits)
             parts.append(self.class_weight * p / p.sum(axis=1, keepdims=True))
         if self.colour_weight:
-            if colour is None or len(colour) != len(x):
-                raise ModelError("this tuned model needs each image's colour descriptor")
-            parts.append(self.colour_weight * np.asarray(colour, dtype=np.float32))
+            parts.append(self.colour_weight * _colour_rows(colour, len(x)))
         return l2_normalise(np.concatenate(parts, axis=1))
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -169,6 +167,13 @@ def _scalar(z: Any, name: str) -> float:
     return float(z[name][0]) if name in z.files else 0.0
 
 
+def _colour_rows(colour: np.ndarray | None, n: int) -> np.ndarray:
+    """The n images' colour descriptors as float32, or a ModelError if they are missing."""
+    if colour is None or len(colour) != n:
+        raise ModelError("this tuned model needs each image's colour descriptor")
+    return np.asarray(colour, dtype=np.float32)
+
+
 def _matmul(a: np.ndarray, b: np.ndarray, few: bool) -> np.ndarray:
     return np.einsum("ij,jk->ik", a, b, optimize=False) if few else a @ b
 
@@ -195,11 +200,16 @@ class TunedEncoder:
         self.version = version
         self.info = info or {}
         self.name = f"{base.name}+tuned:{version}"
-        # `graph`: the head as an INT8 ONNX graph (head.onnx), run in place of Head.apply
-        # for every image, catalog and query alike; its vectors differ from the numpy
-        # head's by about 1e-3, so the stamp names the graph
-        self._graph = None if graph is None else make_session(graph, threads=1)
-        digest = head.digest() if graph is None else file_sha256(graph, None)
+        # `graph`: the head as an INT8 ONNX graph (head.onnx, checked against model.json's
+        # hash), run in place of Head.apply for every image, catalog and query alike; its
+        # vectors differ from the numpy head's by about 1e-3, so the stamp names the graph
+        self._graph = None
+        digest = head.digest()
+        if graph is not None:
+            digest = file_sha256(graph, None) if graph.is_file() else ""
+            if not digest or digest != self.info.get("head_graph_sha256"):
+                raise ModelError(f"tuned model {version}: head.onnx does not match model.json")
+            self._graph = make_session(graph, threads=1)
         self.stamp = f"{base.stamp}+tuned:{digest[:16]}"
         self.input_size = base.input_size
         self.dim = head.dim
@@ -238,9 +248,7 @@ class TunedEncoder:
             return np.zeros((0, self.dim), dtype=np.float32)
         feeds = {GRAPH_INPUT: np.ascontiguousarray(x, dtype=np.float32)}
         if self.head.needs_colour:
-            if colour is None or len(colour) != len(x):
-                raise ModelError("this tuned model needs each image's colour descriptor")
-            feeds[COLOUR_INPUT] = np.ascontiguousarray(colour, dtype=np.float32)
+            feeds[COLOUR_INPUT] = np.ascontiguousarray(_colour_rows(colour, len(x)))
         (out,) = self._graph.run([GRAPH_OUTPUT], feeds)
         return out
 
@@ -288,11 +296,8 @@ def open_tuned(base: Any, folder: Path, version: str, info: dict[str, Any]) -> A
     head = Head.load(folder / "head.npz")
     if head.digest() != info.get("head_sha256"):
         raise ModelError(f"tuned model {version}: head.npz does not match model.json")
-    graph = None
-    if info.get("head_graph_sha256"):  # models saved before head.onnx run the numpy head
-        graph = folder / "head.onnx"
-        if not graph.is_file() or file_sha256(graph, None) != info["head_graph_sha256"]:
-            raise ModelError(f"tuned model {version}: head.onnx does not match model.json")
+    # models saved before head.onnx (no hash in model.json) run the numpy head
+    graph = folder / "head.onnx" if info.get("head_graph_sha256") else None
     return TunedEncoder(base, head, version, info, graph)
 
 
