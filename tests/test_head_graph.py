@@ -6,14 +6,16 @@ the colour), random but of the shipped shapes' kind, run by ONNX Runtime against
 from __future__ import annotations
 
 import hashlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from lookalike.encoders.colour import DIM as COLOUR_DIM
-from lookalike.encoders.runtime import l2_normalise, make_session
+from lookalike.encoders.runtime import file_sha256, l2_normalise, make_session
+from lookalike.errors import ModelError
 from lookalike.models.head_graph import COLOUR_INPUT, INPUT, OUTPUT, write_head_graph
-from lookalike.models.tuned import Head
+from lookalike.models.tuned import Head, TunedEncoder
 
 D_IN, HIDDEN, D_OUT, CLASSES = 96, 64, 32, 7
 
@@ -91,3 +93,23 @@ def test_the_same_head_gives_the_same_graph(tmp_path):
     weights = (tmp_path / "a.onnx").stat().st_size
     write_head_graph(head, tmp_path / "f.onnx", int8=False)
     assert weights < 0.4 * (tmp_path / "f.onnx").stat().st_size  # a quarter of the bytes
+
+
+@pytest.mark.parametrize("graph", [False, True], ids=["numpy", "int8-graph"])
+def test_a_colour_head_without_colour_rows_is_a_clear_error(tmp_path, graph):
+    """A head that reads the colour descriptor, given none or the wrong number of rows,
+    says so (ModelError) on both paths, the numpy head and its INT8 graph, instead of an
+    ONNX Runtime shape error or vectors silently without their colour part."""
+    head = _head(**ALL_PARTS)
+    info, path = {}, None
+    if graph:
+        path = tmp_path / "head.onnx"
+        write_head_graph(head, path)
+        info = {"head_graph_sha256": file_sha256(path, None)}
+    base = SimpleNamespace(name="base", dim=D_IN, stamp="base", input_size=260)
+    enc = TunedEncoder(base, head, "v1", info=info, graph=path)
+    x, colour = _inputs(6)
+    assert enc.from_base_vectors(x, colour).shape == (6, head.dim)
+    for bad in (None, colour[:5]):
+        with pytest.raises(ModelError, match="colour descriptor"):
+            enc.from_base_vectors(x, bad)
