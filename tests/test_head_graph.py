@@ -99,7 +99,7 @@ def test_the_same_head_gives_the_same_graph(tmp_path):
 def test_a_colour_head_without_colour_rows_is_a_clear_error(tmp_path, graph):
     """A head that reads the colour descriptor, given none or the wrong number of rows,
     says so (ModelError) on both paths, the numpy head and its INT8 graph, instead of an
-    ONNX Runtime shape error or vectors silently without their colour part."""
+    ONNX Runtime shape error or a numpy one."""
     head = _head(**ALL_PARTS)
     info, path = {}, None
     if graph:
