@@ -11,6 +11,7 @@ runs the finetune method end to end."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -23,10 +24,18 @@ from test_tune import _rows, _write_csv, grocery_products  # the labelled tune's
 
 from lookalike.api import create_app
 from lookalike.cli import main as cli_main
+from lookalike.duplicates import DEFAULT_THRESHOLD
 from lookalike.engine import Engine
+from lookalike.errors import ModelError
 from lookalike.evaluate import run_leave_one_out
 from lookalike.images import load_image
-from lookalike.models import active_version, base_of, describe_active, tuned_root
+from lookalike.models import active_version, base_of, describe_active, open_tuned, tuned_root
+from lookalike.models.prototypes import (
+    COPY_SIMILARITY,
+    PROTOTYPES_FILE,
+    WEIGHT,
+    PhotoPrototypes,
+)
 from lookalike.query import query_pipeline
 from lookalike.tuning import TuneSettings, train_tuned_model, use_model
 from lookalike.tuning.augment import SESSION_VIEWS
@@ -333,6 +342,168 @@ def test_photos_head_trains_on_crops_and_is_queried_with_its_centre(grocery, pho
         assert np.allclose(a, b, atol=1e-4) and not np.allclose(a, c, atol=1e-3)
 
 
+def _plain_vectors(engine: Engine) -> tuple[list, np.ndarray, np.ndarray]:
+    """(catalog image rows, their stored vectors, the live model's own embeddings of their
+    files, before any photo prototype)."""
+    rows = [row for rows in engine.catalog.iter_images() for row in rows]
+    stored = engine.catalog.vectors([r.image_id for r in rows])
+    enc = engine.encoder
+    plain = enc.embed(np.stack([enc.prepare(load_image(r.source)) for r in rows]))
+    return rows, stored, plain
+
+
+def test_photos_move_the_catalog_towards_its_photo_prototypes(grocery, photos_home):
+    """A --photos head model stores each catalog image's vector moved towards the photos
+    the model itself gives it (lookalike.models.prototypes): model.json describes them, the
+    stamp names them, and every stored vector is its image's own embedding moved by them;
+    queries are not moved."""
+    home, report = photos_home["home"], photos_home["report"]
+    info = _model_json(home, report.version)
+    described = info["photo_prototypes"]
+    assert report.settings["photo_prototypes"] == WEIGHT == described["weight"] == 1.0
+    assert described["photos"] == N_PRODUCTS * PHOTOS_PER_PRODUCT
+    assert described["images"] == N_PRODUCTS and described["query_views"] == ["centre60"]
+    protos = PhotoPrototypes.load(tuned_root(home) / report.version / PROTOTYPES_FILE)
+    assert protos.digest() == described["digest"] and report.stamp.endswith(
+        f"+proto:{protos.digest()[:12]}"
+    )
+    with Engine(home) as engine:
+        assert describe_active(home, engine.encoder)["photo_prototypes"] == described
+        rows, stored, plain = _plain_vectors(engine)
+        moved = protos.apply(plain, [r.sha256 for r in rows])
+        assert np.allclose(stored, moved, atol=1e-4)
+        cos = np.sum(stored * plain, axis=1)
+        assert (cos < 0.99).all() and (cos > 0.5).all(), cos  # moved, not replaced
+        # each image moved towards the held-out photos of its own product (other bursts)
+        held = _rows(grocery["held"])
+        q = engine.embed_queries([r["image"] for r in held])
+        own = {r.product_id: i for i, r in enumerate(rows)}
+        at = np.array([own[r["product_id"]] for r in held])
+        assert np.mean(np.sum(q * stored[at], 1)) > np.mean(np.sum(q * plain[at], 1))
+        # a query is embedded as before: the same vector as the model's own view of it
+        assert q.shape[1] == engine.encoder.dim
+
+
+def test_photo_prototypes_follow_image_content_and_every_way_of_writing(grocery, tmp_path_factory):
+    """The prototypes are keyed by image content: re-embedding from the image files
+    (no feature cache) stores what re-embedding from the cache did; the same image bytes
+    added as another product get the same vector; a new image (no prototype) keeps its
+    plain vector; a run with photo_prototypes=0 has none; a changed prototypes file
+    is refused when the model loads."""
+    home = _home(tmp_path_factory, grocery["catalog"], "prototypes-home")
+    with Engine(home) as engine:
+        report = train_tuned_model(engine, photos=[grocery["photos_bare"]], progress=False,
+                                   settings=NO_SESSION)  # fmt: skip
+        rows, from_cache, plain = _plain_vectors(engine)
+        use_model(engine, None, progress=False)
+        for cache in (home / "models" / "features").glob("*.npz"):
+            cache.unlink()
+        assert use_model(engine, report.version, progress=False)["from_cache"] == 0
+        assert np.allclose(engine.catalog.vectors([r.image_id for r in rows]), from_cache,
+                           atol=1e-4)  # fmt: skip
+        # the same bytes as another product (the API): the image's own moved vector
+        first = rows[0]
+        engine.add_product({"product_id": "copy-of-first", "title": "copy"},
+                           [Path(first.source).read_bytes()])  # fmt: skip
+        # a photo no catalog image had: stored as the model embeds it
+        new_photo = Path(_rows(grocery["held"])[0]["image"])
+        engine.add_product({"product_id": "new-one", "title": "new"}, [new_photo])
+        images = {r.product_id: r for rs in engine.catalog.iter_images() for r in rs}
+        got = engine.catalog.vectors([images["copy-of-first"].image_id, images["new-one"].image_id])
+        assert np.allclose(got[0], from_cache[0], atol=1e-4)
+        enc = engine.encoder
+        own = enc.embed(enc.prepare(load_image(new_photo))[None])[0]
+        assert np.allclose(got[1], own, atol=1e-4)
+        assert not np.allclose(from_cache[0], plain[0], atol=1e-2)
+        # a re-encoded copy of a catalog image (other bytes) takes that image's prototype,
+        # so `lookalike duplicates` still finds the two
+        buf = io.BytesIO()
+        load_image(first.source).save(buf, format="JPEG", quality=90)
+        engine.add_product({"product_id": "re-encoded", "title": "copy"}, [buf.getvalue()])
+        images = {r.product_id: r for rs in engine.catalog.iter_images() for r in rs}
+        copy = engine.catalog.vectors([images["re-encoded"].image_id])[0]
+        assert images["re-encoded"].sha256 != first.sha256
+        assert float(copy @ from_cache[0]) >= DEFAULT_THRESHOLD
+        groups = [set(g.product_ids) for g in engine.duplicates().groups]
+        assert any({first.product_id, "re-encoded"} <= g for g in groups), groups
+        base = base_of(engine.encoder)
+    folder = tuned_root(home) / report.version
+    protos = PhotoPrototypes.load(folder / PROTOTYPES_FILE)
+    protos.vectors[0, 0] += 0.01
+    protos.save(folder / PROTOTYPES_FILE)
+    with pytest.raises(ModelError, match="prototypes.npz does not match model.json"):
+        open_tuned(base, folder, report.version, _model_json(home, report.version))
+    off = _home(tmp_path_factory, grocery["catalog"], "no-prototypes-home")
+    with Engine(off) as engine:
+        report = train_tuned_model(engine, photos=[grocery["photos_bare"]], progress=False,
+                                   settings=replace(NO_SESSION, photo_prototypes=0.0))  # fmt: skip
+        assert "photo_prototypes" not in _model_json(off, report.version)
+        assert "+proto:" not in report.stamp
+        assert not (tuned_root(off) / report.version / PROTOTYPES_FILE).exists()
+        rows, stored, plain = _plain_vectors(engine)
+        assert np.allclose(stored, plain, atol=1e-4)
+
+
+def test_only_unlabelled_photos_alone_make_prototypes(photos_home):
+    """Measured on --photos alone (docs/quality.md): beside --field they cost grocery
+    Recall@5, and with --labels they were not measured, so those runs have none unless
+    asked for."""
+    with Engine(photos_home["home"]) as engine:
+        enc = base_of(engine.encoder)
+    s = TuneSettings()
+    assert s.resolved(enc, photos=True, labelled=False).photo_prototypes == WEIGHT
+    assert s.resolved(enc, photos=True, labelled=False, field=True).photo_prototypes == 0.0
+    assert s.resolved(enc, field=True, labelled=False).photo_prototypes == 0.0
+    assert s.resolved(enc, labelled=True, photos=True).photo_prototypes == 0.0
+    head = replace(s, method="head")
+    assert head.resolved(enc, labelled=True, photos=True).photo_prototypes == 0.0
+    asked = replace(s, photo_prototypes=0.5)
+    assert asked.resolved(enc, photos=True, field=True, labelled=False).photo_prototypes == 0.5
+
+
+def test_photo_prototypes_are_share_weighted_means_of_the_photos():
+    """Each image's prototype is the normalised mean of the photos weighted by their
+    softmax shares over the images; an image with less than MIN_SHARE photos' worth of
+    shares has none; an image's bytes twice count once; apply moves only the images that
+    have one, or a copy of one (within COPY_SIMILARITY of its own vector)."""
+    rng = np.random.default_rng(0)
+    cat = np.eye(4, 8, dtype=np.float32)  # four images along four axes
+    photos = np.repeat(cat[:2], 5, axis=0) + 0.05 * rng.standard_normal((10, 8))
+    photos = photos / np.linalg.norm(photos, axis=1, keepdims=True)
+    shas = ["a", "b", "c", "a"]  # "a" twice: its bytes in two products
+    protos = PhotoPrototypes.build(np.vstack([cat[:3], cat[:1]]), shas, photos, weight=1.0,
+                                   temperature=0.05)  # fmt: skip
+    assert protos.sha256 == ["a", "b"]  # "c" has (almost) no photo's share
+    want = photos[:5].mean(axis=0)
+    assert np.allclose(protos.vectors[0], want / np.linalg.norm(want), atol=1e-3)
+    axis5 = np.eye(8, dtype=np.float32)[5]
+    copy = cat[0] + 0.1 * axis5  # cosine 0.995 with image "a"
+    far = cat[0] + 0.5 * axis5  # cosine 0.89: another image
+    batch = np.vstack([cat[0], cat[2], copy / np.linalg.norm(copy), far / np.linalg.norm(far)])
+    moved = protos.apply(batch, ["a", "c", "new-copy", "new-other"])
+    assert np.allclose(moved[1], batch[1]) and np.allclose(moved[3], batch[3])
+    expect = batch[0] + protos.vectors[0]
+    assert np.allclose(moved[0], expect / np.linalg.norm(expect), atol=1e-6)
+    expect = batch[2] + protos.vectors[0]
+    assert np.allclose(moved[2], expect / np.linalg.norm(expect), atol=1e-6)
+    assert np.float32(np.dot(moved[0], moved[2])) > np.float32(np.dot(batch[0], batch[2]))
+    assert COPY_SIMILARITY == DEFAULT_THRESHOLD  # what `lookalike duplicates` calls a copy
+    with pytest.raises(ModelError, match="temperature"):
+        PhotoPrototypes.build(cat, list("abcd"), photos, temperature=0)
+    with pytest.raises(ModelError, match="one image hash per vector"):
+        protos.apply(batch, ["a"])
+
+
+def test_photo_prototypes_file_round_trip_and_refuses_other_files(tmp_path):
+    protos = PhotoPrototypes(["a"], np.eye(1, 4, dtype=np.float32), np.eye(1, 4, 1), 1.0)
+    protos.save(tmp_path / PROTOTYPES_FILE)
+    again = PhotoPrototypes.load(tmp_path / PROTOTYPES_FILE)
+    assert again.digest() == protos.digest() and again.sha256 == ["a"]
+    np.savez(tmp_path / "other.npz", vectors=np.zeros((1, 4)))
+    with pytest.raises(ModelError, match="not a photo prototypes file"):
+        PhotoPrototypes.load(tmp_path / "other.npz")
+
+
 SESSION = replace(HEAD, session_views=2)  # the photos' session views as samples (augment)
 NO_SESSION = replace(HEAD, session_views=0)
 
@@ -347,8 +518,9 @@ def _trained_digests(tmp_path_factory, grocery, key: str, settings: TuneSettings
     folder = tuned_root(home) / report.version
     blob = (folder / "head.npz").read_bytes()
     graph = (folder / "head.onnx").read_bytes()  # what search runs (models/head_graph.py)
+    protos = (folder / PROTOTYPES_FILE).read_bytes()  # the catalog's photo prototypes
     return home, report, (info["head_sha256"], report.stamp, hashlib.sha256(blob).hexdigest(),
-                          hashlib.sha256(graph).hexdigest(),
+                          hashlib.sha256(graph).hexdigest(), hashlib.sha256(protos).hexdigest(),
                           info["sources"]["photos"]["photos_sha256"])  # fmt: skip
 
 

@@ -31,6 +31,7 @@ from .errors import InputPathError, LookalikeError
 from .fsutil import sha256_of
 from .images import load_image
 from .metadata import MetadataFile, read_metadata
+from .models import catalog_vectors
 from .vectors.base import VectorStore
 
 IMAGE_SUFFIXES = {
@@ -377,6 +378,7 @@ def _write_batch(
     slices: _Slices,
 ) -> None:
     vectors = encoder.embed(np.stack([array for _, array in batch]))
+    vectors = catalog_vectors(encoder, vectors, [item.sha256 for item, _ in batch])
     ids: list[int] = []
     slices.hold()
     with catalog.transaction():

@@ -19,6 +19,7 @@ from .catalog import Catalog, Product
 from .errors import DuplicateImageError, ImageInUseError, ProductExistsError, UsageError
 from .images import load_image, probe_image
 from .metadata import parse_bool, parse_price, product_from_fields
+from .models import catalog_vectors
 
 
 class ProductWrites:
@@ -64,14 +65,14 @@ class ProductWrites:
         self._refuse_shared(decoded)
         # encode outside the lock, so searches go on meanwhile
         encoder = self.encoder
-        vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil, _ in decoded]))
+        vectors = _catalog_side(encoder, decoded)
         with self.writing():
             self._switch_model_if_needed()
             self._refuse_existing(product.product_id)
             self._refuse_shared(decoded)
             if self.encoder.stamp != encoder.stamp:  # the model changed meanwhile (tune)
                 encoder = self.encoder
-                vectors = encoder.embed(np.stack([encoder.prepare(p) for _, p, _ in decoded]))
+                vectors = _catalog_side(encoder, decoded)
             thumbs = [duplicates.make_thumb(pil) for _, pil, _ in decoded]
             matches = duplicates.match_new(
                 self.catalog, self._store, vectors, thumbs, [product.product_id] * len(thumbs)
@@ -153,6 +154,13 @@ class ProductWrites:
                 store.remove(np.array(image_ids, dtype=np.int64))
             self._remove_unused_uploads(sources)
             return len(image_ids)
+
+
+def _catalog_side(encoder: Any, decoded: list[tuple[bytes, Any, Path]]) -> np.ndarray:
+    """The vectors to store for the decoded (bytes, image, path) uploads; a path's stem
+    is the sha256 of its bytes."""
+    vectors = encoder.embed(np.stack([encoder.prepare(pil) for _, pil, _ in decoded]))
+    return catalog_vectors(encoder, vectors, [path.stem for _, _, path in decoded])
 
 
 def _refusal(matches: list[tuple[int, int, float]], catalog: Catalog) -> str:

@@ -26,6 +26,7 @@ from .tuned import (
     Head,
     TunedEncoder,
     base_of,
+    catalog_vectors,
     is_tuned,
     open_tuned,
 )
@@ -61,6 +62,7 @@ __all__ = [
     "TUNED_DIR",
     "FinetunedEncoder",
     "Head",
+    "catalog_vectors",
     "TunedEncoder",
     "active_encoder",
     "active_version",

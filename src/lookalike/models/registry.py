@@ -141,6 +141,7 @@ def describe_active(home: str | os.PathLike, encoder: Any) -> dict[str, Any]:
             "base_stamp": encoder.base.stamp,
             "labels_sha256": info.get("labels_sha256"),
             "sources": info.get("sources"),
+            "photo_prototypes": info.get("photo_prototypes"),
             "validation": info.get("validation"),
         }
     return {"model": "base", "stamp": encoder.stamp, "tuned_versions": len(list_models(home))}

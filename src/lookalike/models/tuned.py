@@ -16,6 +16,7 @@ never compared with the base model's.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from ..fsutil import atomic_write
 from .head_graph import COLOUR_INPUT
 from .head_graph import INPUT as GRAPH_INPUT
 from .head_graph import OUTPUT as GRAPH_OUTPUT
+from .prototypes import PROTOTYPES_FILE, PhotoPrototypes
 
 HEAD_FORMAT = 1
 """Format of head.npz and model.json (recorded in model.json, hashed into the head digest)."""
@@ -189,6 +191,7 @@ class TunedEncoder:
         version: str,
         info: dict[str, Any] | None = None,
         graph: Path | None = None,
+        prototypes: PhotoPrototypes | None = None,
     ):
         if head.in_dim != base.dim:
             raise ModelError(
@@ -211,6 +214,13 @@ class TunedEncoder:
                 raise ModelError(f"tuned model {version}: head.onnx does not match model.json")
             self._graph = make_session(graph, threads=1)
         self.stamp = f"{base.stamp}+tuned:{digest[:16]}"
+        # `prototypes`: catalog images' vectors moved towards the shop photos the model
+        # gives them (lookalike.models.prototypes); they change the stored vectors only
+        self.prototypes = prototypes
+        if prototypes is not None:
+            if prototypes.dim != head.dim:
+                raise ModelError(f"tuned model {version}: photo prototypes not {head.dim}-d")
+            self.stamp += f"+proto:{prototypes.digest()[:12]}"
         self.input_size = base.input_size
         self.dim = head.dim
         self.draft_size = getattr(base, "draft_size", 2 * int(base.input_size))
@@ -240,6 +250,14 @@ class TunedEncoder:
         """Tuned vectors from base embeddings (and colour descriptors) already computed
         (cached)."""
         return self._apply(vectors, colour)
+
+    def catalog_vectors(self, vectors: np.ndarray, sha256: Sequence[str | None]) -> np.ndarray:
+        """The vectors to store for catalog images whose embeddings (this model's) are
+        `vectors` and whose content hashes are `sha256`: moved towards their photo
+        prototypes where the model has them (queries are never moved)."""
+        if self.prototypes is None:
+            return vectors
+        return self.prototypes.apply(vectors, sha256)
 
     def _apply(self, x: np.ndarray, colour: np.ndarray | None) -> np.ndarray:
         if self._graph is None:
@@ -298,7 +316,21 @@ def open_tuned(base: Any, folder: Path, version: str, info: dict[str, Any]) -> A
         raise ModelError(f"tuned model {version}: head.npz does not match model.json")
     # models saved before head.onnx (no hash in model.json) run the numpy head
     graph = folder / "head.onnx" if info.get("head_graph_sha256") else None
-    return TunedEncoder(base, head, version, info, graph)
+    prototypes = None
+    described = info.get("photo_prototypes")
+    if described:
+        prototypes = PhotoPrototypes.load(folder / PROTOTYPES_FILE)
+        if prototypes.digest() != described.get("digest"):
+            raise ModelError(f"tuned model {version}: {PROTOTYPES_FILE} does not match model.json")
+    return TunedEncoder(base, head, version, info, graph, prototypes)
+
+
+def catalog_vectors(encoder: Any, vectors: np.ndarray, sha256: Sequence[str | None]) -> np.ndarray:
+    """What to store for catalog images that `encoder` embedded as `vectors`: the
+    vectors themselves, or for a tuned model with photo prototypes, moved towards them
+    (TunedEncoder.catalog_vectors). Every writer of catalog vectors goes through this."""
+    move = getattr(encoder, "catalog_vectors", None)
+    return vectors if move is None else move(vectors, sha256)
 
 
 def is_tuned(encoder: Any) -> bool:

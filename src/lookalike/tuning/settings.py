@@ -6,6 +6,8 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import UsageError
+from ..models.prototypes import TEMPERATURE as PROTOTYPE_TEMPERATURE
+from ..models.prototypes import WEIGHT as PROTOTYPE_WEIGHT
 from .augment import SESSION_VIEWS
 from .finetune import supports
 
@@ -55,6 +57,11 @@ class TuneSettings:
     # head method with an MLP: search runs the head as an INT8 ONNX graph (head.onnx), a
     # third of the float head's time a query; False: the float32 head in numpy
     head_int8: bool = True
+    # --photos, head method: each catalog image's stored vector moved towards the photos
+    # the new model gives it (lookalike.models.prototypes), by this weight; None:
+    # PROTOTYPE_WEIGHT for unlabelled photos alone (no --labels, no --field), else 0 (none)
+    photo_prototypes: float | None = None
+    prototype_temperature: float = PROTOTYPE_TEMPERATURE
 
     def resolved(
         self, base: Any, field: bool = False, labelled: bool = True, photos: bool = False
@@ -81,6 +88,10 @@ class TuneSettings:
             out.batch_size = defaults["batch_size"]
         if out.class_weight is None:
             out.class_weight = 0.0 if photos else 1.0
+        if out.photo_prototypes is None:
+            # measured on --photos alone; beside a field it cost grocery Recall@5
+            alone = photos and not field and not labelled and method == "head"
+            out.photo_prototypes = PROTOTYPE_WEIGHT if alone else 0.0
         if out.keep_base is None:
             out.keep_base = (1.0 if field else PHOTOS_KEEP_BASE if photos and not labelled
                              else 0.0)  # fmt: skip

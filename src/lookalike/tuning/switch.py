@@ -15,6 +15,7 @@ from ..models import (
     CatalogViewEncoder,
     TunedEncoder,
     base_of,
+    catalog_vectors,
     is_tuned,
     load_tuned,
     set_active,
@@ -84,6 +85,7 @@ def _reembed_from_caches(home: Path, base: Any, encoder: Any, catalog: Any, stor
                 )
             else:
                 vectors = cache.embeddings[rows]
+            vectors = catalog_vectors(encoder, vectors, [c[3] for c in chunk])
             with catalog.transaction():
                 for (_, pid, src, sha), vector in zip(chunk, vectors, strict=True):
                     catalog.put_image(pid, src, sha, vector, encoder.stamp)

@@ -23,9 +23,22 @@ from typing import Any
 import numpy as np
 
 from ..encoders.runtime import file_sha256
+from ..errors import LookalikeError, UsageError
 from ..fsutil import atomic_write, sha256_of
-from ..models import HEAD_FORMAT, CatalogViewEncoder, Head, base_of, open_tuned, tuned_root
+from ..images import load_image
+from ..models import (
+    HEAD_FORMAT,
+    CatalogViewEncoder,
+    Head,
+    TunedEncoder,
+    base_of,
+    catalog_vectors,
+    open_tuned,
+    tuned_root,
+)
 from ..models.head_graph import write_head_graph
+from ..models.prototypes import PROTOTYPES_FILE, PhotoPrototypes
+from ..query import query_pipeline
 from .data import (
     Data,
     Features,
@@ -68,6 +81,7 @@ class TuneReport:
     reembedded: dict[str, int] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
     sources: dict[str, Any] = field(default_factory=dict)
+    photo_prototypes: dict[str, Any] | None = None  # model.json's entry, when it has them
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +99,12 @@ class TuneReport:
                 f"unlabelled photos: {pseudo['photos']} given pseudo-labels of"
                 f" {pseudo['products_assigned']} products (mean confidence"
                 f" {pseudo['mean_confidence']:.3f})"
+            )
+        protos = self.photo_prototypes
+        if protos:
+            lines.append(
+                f"photo prototypes: {protos['images']} catalog images moved towards the"
+                f" {protos['photos']} photos the model gives them (weight {protos['weight']:g})"
             )
         weak = self.sources.get("field")
         if weak:
@@ -114,6 +134,7 @@ class TuneReport:
         s = self.seconds
         lines.append(
             f"time: features {s.get('features', 0):.1f}s, training {s.get('training', 0):.1f}s,"
+            f" photo prototypes {s.get('prototypes', 0):.1f}s,"
             f" re-embedding {s.get('reembed', 0):.1f}s, total {s.get('total', 0):.1f}s"
         )
         return "\n".join(lines)
@@ -183,9 +204,10 @@ def train_tuned_model(
         seconds["training"] = time.perf_counter() - t1
         written = _write_model(trained, settings, data, features, folder)
         sources = sources_info(inputs, pseudo, data)
+        prototypes = _PrototypeInputs(home, features, progress)
         tuned, info = _save_version(base, settings, inputs, data, folder, written, epochs,
-                                    before, val_recall,
-                                    sources)  # fmt: skip
+                                    before, val_recall, sources,
+                                    prototypes)  # fmt: skip
         os.replace(folder, tuned_root(home) / tuned.version)
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -207,7 +229,10 @@ def train_tuned_model(
         validation=info["validation"],
         settings=asdict(settings),
         sources=sources,
+        photo_prototypes=info.get("photo_prototypes"),
     )
+    if info.get("photo_prototypes"):
+        seconds["prototypes"] = info["photo_prototypes"]["seconds"]
     if activate:
         t2 = time.perf_counter()
         report.reembedded = use_model(engine, tuned.version, progress=progress)
@@ -387,9 +412,11 @@ def _save_version(
     before: dict[str, float] | None,
     val_recall: Callable[[Any, np.ndarray], dict[str, float]] | None,
     sources: dict[str, Any],
+    prototypes: _PrototypeInputs | None = None,
 ) -> tuple[Any, dict[str, Any]]:
-    """Name the new version, check it loads, score it on the validation photos through
-    the saved model itself, and write its model.json. Returns (encoder, model.json)."""
+    """Name the new version, check it loads, give it its photo prototypes (`tune
+    --photos`, head method), score it on the validation photos through the saved model
+    itself, and write its model.json. Returns (encoder, model.json)."""
     labels_sha = None if inputs.labels_path is None else sha256_of(inputs.labels_path)
     version = _unused_version(
         folder.parent, time.strftime("%Y%m%d-%H%M%S", time.gmtime()) + "-" + written.digest[:8]
@@ -415,12 +442,21 @@ def _save_version(
         "epochs": epochs,
     }
     tuned = open_tuned(base, folder, version, info)
+    cat_sha = [] if prototypes is None else prototypes.catalog_sha256()
+    if (prototypes is not None and settings.photo_prototypes and isinstance(tuned, TunedEncoder)
+            and prototypes.features.unl_images and len(cat_sha) == len(data.cat_emb)):  # fmt: skip
+        cat_vectors = _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour)
+        info["photo_prototypes"] = prototypes.write(tuned, settings, cat_vectors, cat_sha, folder)
+        tuned = open_tuned(base, folder, version, info)
     info["stamp"] = tuned.stamp
     info["dim"] = tuned.dim
     validation = None
     if val_recall is not None and before is not None:
         # through the saved model itself and the query pipeline search will use
-        after = val_recall(tuned, _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour))
+        cat_vectors = _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour)
+        if cat_sha:
+            cat_vectors = catalog_vectors(tuned, cat_vectors, cat_sha)
+        after = val_recall(tuned, cat_vectors)
         validation = {
             "file": str(inputs.validate_csv),
             "file_sha256": sha256_of(Path(inputs.validate_csv).expanduser()),
@@ -432,6 +468,64 @@ def _save_version(
     info["validation"] = validation
     atomic_write(folder / "model.json", lambda fh: fh.write(json.dumps(info, indent=2).encode()))
     return tuned, info
+
+
+@dataclass
+class _PrototypeInputs:
+    """What a run's photo prototypes (lookalike.models.prototypes) are made from: the
+    run's unlabelled photos, embedded as queries of the new model."""
+
+    home: Path
+    features: Features
+    progress: bool
+
+    def catalog_sha256(self) -> list[str]:
+        """The content hashes of the catalog images in data.cat_emb's order."""
+        cache = self.features.cache
+        return [img.sha256 for img in self.features.cat_images if img.sha256 in cache]
+
+    def write(
+        self,
+        tuned: Any,
+        settings: TuneSettings,
+        cat_vectors: np.ndarray,
+        cat_sha256: list[str],
+        folder: Path,
+    ) -> dict[str, Any]:
+        """Embed the readable unlabelled photos through the query pipeline search will
+        use with `tuned` (its views; one pass each), build and save the prototypes into
+        `folder`; returns their model.json entry."""
+        from tqdm import tqdm
+
+        started = time.perf_counter()
+        pipeline = query_pipeline(self.home, tuned)
+        cache = self.features.cache
+        paths = [img.path for img in self.features.unl_images if img.sha256 in cache]
+        vectors: list[np.ndarray] = []
+        bar = tqdm(total=len(paths), desc="photo prototypes", unit="photo",
+                   disable=not self.progress, dynamic_ncols=True)  # fmt: skip
+        for start in range(0, len(paths), 32):
+            images = []
+            for path in paths[start : start + 32]:
+                try:
+                    images.append(load_image(path, draft_size=pipeline.draft_size).convert("RGB"))
+                except LookalikeError:
+                    pass  # changed since its features were cached: left out
+            if images:
+                vectors.append(pipeline.embed_queries(images))
+            bar.update(min(32, len(paths) - start))
+        bar.close()
+        photos = np.concatenate(vectors) if vectors else np.zeros((0, tuned.dim), np.float32)
+        if len(photos) == 0:
+            raise UsageError("--photos: none of the photos could be read")
+        built = PhotoPrototypes.build(cat_vectors, cat_sha256, photos,
+                                      settings.photo_prototypes,
+                                      settings.prototype_temperature)  # fmt: skip
+        built.save(folder / PROTOTYPES_FILE)
+        return {"file": PROTOTYPES_FILE, "digest": built.digest(), "weight": built.weight,
+                "temperature": settings.prototype_temperature, "photos": int(len(photos)),
+                "images": len(built.sha256), "query_views": list(pipeline.views),
+                "seconds": round(time.perf_counter() - started, 2)}  # fmt: skip
 
 
 def _validation_recall(
@@ -446,9 +540,6 @@ def _validation_recall(
     paths = [img.path for img in features.val_images if img.sha256 in features.cache]
 
     def recall(encoder: Any, cat_vectors: np.ndarray) -> dict[str, float]:
-        from ..images import load_image
-        from ..query import query_pipeline
-
         pipeline = query_pipeline(home, encoder)
         chunks = []
         for start in range(0, len(paths), 32):
