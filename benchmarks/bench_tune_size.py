@@ -69,10 +69,16 @@ def _calibrate(engine: Engine, listing: Path, photos: int) -> None:
 
 
 def run_draw(
-    home: Path, tmp: Path, held: list[dict], pick: list[str], also: dict | None = None
+    home: Path,
+    tmp: Path,
+    held: list[dict],
+    pick: list[str],
+    also: dict | None = None,
+    settings: TuneSettings | None = None,
 ) -> dict:
-    """The three conditions on fresh copies of `home`, calibrated/tuned on `pick`, scored
-    on `held` (and on each of the held-out sets in `also`: out["also"][name][condition])."""
+    """The three conditions on fresh copies of `home`, calibrated/tuned on `pick` (with
+    `settings`, by default TuneSettings(seed=0)), scored on `held` (and on each of the
+    held-out sets in `also`: out["also"][name][condition])."""
     listing = _write(tmp / "photos.csv", ["image"], [{"image": p} for p in pick])
     out: dict = {"also": {name: {} for name in also or {}}}
 
@@ -92,7 +98,7 @@ def run_draw(
     with Engine(work) as engine:
         t0 = time.perf_counter()
         report = train_tuned_model(engine, photos=[listing], progress=False,
-                                   settings=TuneSettings(seed=0))  # fmt: skip
+                                   settings=settings or TuneSettings(seed=0))  # fmt: skip
         out["tune_seconds"] = round(time.perf_counter() - t0, 1)
         out["tune_parts"] = report.seconds
         out["photos_used"] = report.photos_used

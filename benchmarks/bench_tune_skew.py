@@ -10,7 +10,11 @@ tuned on them, and tuned then calibrated, each scored separately on the held-out
 of the photographed products and of the others: Recall@1 / @5 per burst through
 `Engine.search`. train.csv's labels only pick the products and score.
 
-    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_tune_skew.py [--json FILE]
+    flock /tmp/lookalike-bench.lock .venv/bin/python benchmarks/bench_tune_skew.py \
+        [--set NAME=VALUE ...] [--json FILE]
+
+`--set` changes a TuneSettings field of the tune (as in bench_tune_sources.py), e.g.
+`--set photo_prototypes=0` for a tune without the catalog's photo prototypes.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -31,11 +36,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_calibrate_size import per_burst  # noqa: E402
 from bench_tune_size import CONDITIONS, run_draw  # noqa: E402
-from bench_tune_sources import GROCERY, _rows, burst_split  # noqa: E402
+from bench_tune_sources import GROCERY, _overrides, _rows, burst_split  # noqa: E402
 
 from lookalike.calibration import remove_centre  # noqa: E402
 from lookalike.engine import Engine  # noqa: E402
 from lookalike.keptphotos import MIN_TO_TUNE  # noqa: E402
+from lookalike.tuning import TuneSettings  # noqa: E402
 
 
 def photographed(product_id: str, salt: str) -> bool:
@@ -45,10 +51,13 @@ def photographed(product_id: str, salt: str) -> bool:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", help="also write the figures to this JSON file")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="a TuneSettings field of the tune (repeatable)")  # fmt: skip
     args = ap.parse_args()
+    settings = replace(TuneSettings(seed=0), **_overrides(args.set))
     train = [{**r, "image": str(GROCERY / r["image"])} for r in _rows(GROCERY / "train.csv")]
     started = time.time()
-    figures: dict = {}
+    figures: dict = {"overrides": _overrides(args.set)}
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         home = tmp / "home"
@@ -67,7 +76,7 @@ def main() -> int:
                 remove_centre(home)
                 plain = {"photographed": per_burst(engine, seen),
                          "others": per_burst(engine, unseen)}  # fmt: skip
-            out = run_draw(home, tmp, seen, pick, also={"others": unseen})
+            out = run_draw(home, tmp, seen, pick, also={"others": unseen}, settings=settings)
             rows = {"plain": plain}
             for c in CONDITIONS:
                 rows[c] = {"photographed": out[c], "others": out["also"]["others"][c]}
