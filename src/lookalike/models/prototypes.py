@@ -56,7 +56,7 @@ class PhotoPrototypes:
     vectors: np.ndarray  # (n, dim) float32, L2-normalised
     own: np.ndarray  # (n, dim) float32: each image's vector before the move
     weight: float = WEIGHT
-    _rows: dict[str, int] = field(default_factory=dict, repr=False)
+    _rows: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.vectors = np.asarray(self.vectors, dtype=np.float32)

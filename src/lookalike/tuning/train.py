@@ -443,6 +443,9 @@ def _save_version(
     }
     tuned = open_tuned(base, folder, version, info)
     cat_sha = [] if prototypes is None else prototypes.catalog_sha256()
+    # the catalog images' vectors before any prototype: the prototypes do not change them
+    # (only what is stored), so the reopened model's would be the same
+    cat_vectors = None
     if (prototypes is not None and settings.photo_prototypes and isinstance(tuned, TunedEncoder)
             and prototypes.features.unl_images and len(cat_sha) == len(data.cat_emb)):  # fmt: skip
         cat_vectors = _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour)
@@ -453,7 +456,8 @@ def _save_version(
     validation = None
     if val_recall is not None and before is not None:
         # through the saved model itself and the query pipeline search will use
-        cat_vectors = _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour)
+        if cat_vectors is None:
+            cat_vectors = _from_cache(tuned, data.cat_x, data.cat_emb, data.cat_colour)
         if cat_sha:
             cat_vectors = catalog_vectors(tuned, cat_vectors, cat_sha)
         after = val_recall(tuned, cat_vectors)
@@ -501,21 +505,11 @@ class _PrototypeInputs:
         pipeline = query_pipeline(self.home, tuned)
         cache = self.features.cache
         paths = [img.path for img in self.features.unl_images if img.sha256 in cache]
-        vectors: list[np.ndarray] = []
         bar = tqdm(total=len(paths), desc="photo prototypes", unit="photo",
                    disable=not self.progress, dynamic_ncols=True)  # fmt: skip
-        for start in range(0, len(paths), 32):
-            images = []
-            for path in paths[start : start + 32]:
-                try:
-                    images.append(load_image(path, draft_size=pipeline.draft_size).convert("RGB"))
-                except LookalikeError:
-                    pass  # changed since its features were cached: left out
-            if images:
-                vectors.append(pipeline.embed_queries(images))
-            bar.update(min(32, len(paths) - start))
+        # a photo changed since its features were cached is left out
+        photos = _embed_files(pipeline, paths, skip_unreadable=True, on_chunk=bar.update)
         bar.close()
-        photos = np.concatenate(vectors) if vectors else np.zeros((0, tuned.dim), np.float32)
         if len(photos) == 0:
             raise UsageError("--photos: none of the photos could be read")
         built = PhotoPrototypes.build(cat_vectors, cat_sha256, photos,
@@ -540,16 +534,36 @@ def _validation_recall(
     paths = [img.path for img in features.val_images if img.sha256 in features.cache]
 
     def recall(encoder: Any, cat_vectors: np.ndarray) -> dict[str, float]:
-        pipeline = query_pipeline(home, encoder)
-        chunks = []
-        for start in range(0, len(paths), 32):
-            images = [load_image(p, draft_size=encoder.draft_size).convert("RGB")
-                      for p in paths[start : start + 32]]  # fmt: skip
-            chunks.append(pipeline.embed_queries(images))
-        return product_recall(np.concatenate(chunks), val_y, cat_vectors, data.cat_y,
+        queries = _embed_files(query_pipeline(home, encoder), paths)
+        return product_recall(queries, val_y, cat_vectors, data.cat_y,
                               data.n_products)  # fmt: skip
 
     return recall
+
+
+def _embed_files(
+    pipeline: Any,
+    paths: Sequence[Path],
+    skip_unreadable: bool = False,
+    on_chunk: Callable[[int], Any] | None = None,
+) -> np.ndarray:
+    """Photo files -> their query vectors through `pipeline` (decoded from the files, 32
+    at a time; `on_chunk` gets each chunk's file count). An unreadable file raises, or
+    with `skip_unreadable` is left out of the result."""
+    chunks = [np.zeros((0, pipeline.dim), dtype=np.float32)]
+    for start in range(0, len(paths), 32):
+        images = []
+        for path in paths[start : start + 32]:
+            try:
+                images.append(load_image(path, draft_size=pipeline.draft_size).convert("RGB"))
+            except LookalikeError:
+                if not skip_unreadable:
+                    raise
+        if images:
+            chunks.append(pipeline.embed_queries(images))
+        if on_chunk is not None:
+            on_chunk(len(paths[start : start + 32]))
+    return np.concatenate(chunks)
 
 
 def _searched_catalog(
