@@ -293,6 +293,76 @@ def test_a_large_catalog_gets_fewer_shopper_views_an_image():
     assert len(views) == 2 * len(refs) <= BUDGET
 
 
+def _clustered(n_products: int, per_product: int, dim: int = 64, seed: int = 0):
+    """Synthetic unit vectors: one catalog vector per product, `per_product` photos near it."""
+    rng = np.random.default_rng(seed)
+    cat = rng.standard_normal((n_products, dim)).astype(np.float32)
+    cat /= np.linalg.norm(cat, axis=1, keepdims=True)
+    truth = np.repeat(np.arange(n_products), per_product)
+    return cat, _near(cat, truth, rng), truth
+
+
+def _near(cat: np.ndarray, truth: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    photos = cat[truth] + 0.08 * rng.standard_normal((len(truth), cat.shape[1])).astype(np.float32)
+    return photos / np.linalg.norm(photos, axis=1, keepdims=True)
+
+
+def test_labelling_a_large_catalog_is_done_in_blocks(monkeypatch):
+    """The photos x catalog scores and the propagation over the photos' graph are built a
+    block at a time (pseudo.CHUNK_ELEMENTS), with the same figures as in one block (the
+    propagation's to the bit): a large catalog's labelling is bounded in memory, a small
+    one's is what it was."""
+    from lookalike.tuning import pseudo
+
+    cat, photos, _ = _clustered(30, 6)
+    cat = np.concatenate([cat, cat[:10] + 0.05])  # products with two images
+    cat_y = np.concatenate([np.arange(30), np.arange(10)])
+    cat_y[cat_y == 29] = 30  # product 29 has no image; 31 products in all
+    n = 31
+    whole = pseudo.product_scores(photos, cat, cat_y, n)
+    q = photos - photos.mean(0)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    c = cat - cat.mean(0)
+    c /= np.linalg.norm(c, axis=1, keepdims=True)
+    sims = q @ c.T
+    for p in range(n):
+        want = sims[:, cat_y == p].max(axis=1) if (cat_y == p).any() else -1.0
+        assert np.allclose(whole[:, p], want, atol=1e-6), p
+    nbrs, weights = pseudo.neighbour_graph(photos)
+    f_whole = pseudo.propagate(whole, nbrs, weights, {0: 3})
+    monkeypatch.setattr(pseudo, "CHUNK_ELEMENTS", 50)  # a few photos a block
+    # a block's product differs from the whole one's in the last bit at most (BLAS)
+    assert np.allclose(pseudo.product_scores(photos, cat, cat_y, n), whole, atol=1e-6)
+    assert np.array_equal(pseudo.propagate(whole, nbrs, weights, {0: 3}), f_whole)
+
+
+def test_a_large_catalog_head_takes_a_sample_of_it_each_step():
+    """A head's training step embeds every catalog image of a catalog of at most
+    `head_catalog_per_step` images (the same head as before the bound) and a random
+    sample of a larger one, and still learns the products."""
+    from lookalike.tuning.head import catalog_batch
+
+    rng = np.random.default_rng(0)
+    assert catalog_batch(40, 40, rng) is None and catalog_batch(40, 0, rng) is None
+    drawn = catalog_batch(40, 8, rng).numpy()
+    assert len(drawn) == len(set(drawn.tolist())) == 8 and drawn.max() < 40
+    cat, photos, truth = _clustered(40, 8)
+    held_truth = np.arange(40)
+    held = _near(cat, held_truth, np.random.default_rng(1))  # other photos of the products
+    quick = replace(HEAD, epochs=3, batch_size=64, keep_base=0.0, hidden=64, dim=32)
+    cat_y = np.arange(40)
+    whole = fit_head(replace(quick, head_catalog_per_step=0), photos, truth, cat, cat_y, 40)
+    bound = fit_head(replace(quick, head_catalog_per_step=40), photos, truth, cat, cat_y, 40)
+    sampled = fit_head(replace(quick, head_catalog_per_step=8), photos, truth, cat, cat_y, 40)
+    for a, b in zip(whole.weights, bound.weights, strict=True):
+        assert np.array_equal(a, b)
+    assert not all(np.array_equal(a, b) for a, b in zip(whole.weights, sampled.weights,
+                                                          strict=True))  # fmt: skip
+    for head in (whole, sampled):
+        found = (head.apply(held) @ head.apply(cat).T).argmax(1)
+        assert (found == held_truth).mean() >= 0.9
+
+
 def test_head_learns_from_soft_targets(grocery, photos_home):
     """Soft targets keep each photo's most likely product, are sharper than the shares
     they come from, and one-hot targets train the same head as product indices."""

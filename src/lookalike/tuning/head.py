@@ -34,7 +34,8 @@ def fit_head(
     `tune --field`) adds a loss against one proxy per class of the catalog images.
     `extra` = (M, D) base embeddings and their targets (the same kind as `photo_y`):
     more photo samples, used as they are (`tune --photos`: the central crops of each
-    photo, with the photo's own target)."""
+    photo, with the photo's own target). Each step's catalog loss takes the whole catalog,
+    or a sample of `settings.head_catalog_per_step` images of a larger one (catalog_batch)."""
     import torch
     import torch.nn.functional as F
 
@@ -126,12 +127,16 @@ def fit_head(
                 own, more = idx[idx < n_grid], idx[idx >= n_grid] - n_grid
                 q = forward(torch.cat([pool(px[own], True), ex[more]]))
                 target = torch.cat([py[own], ey[more]])
-            c = forward(pool(cx, True))
+            cidx = catalog_batch(len(cx), settings.head_catalog_per_step, rng)
+            if cidx is None:
+                c, c_y = forward(pool(cx, True)), cy
+            else:
+                c, c_y = forward(pool(cx[cidx], True)), cy[cidx]
             p = F.normalize(proxies, dim=-1)
             loss = (
                 F.cross_entropy(q @ p.T / t, target)
-                + settings.catalog_weight * (F.cross_entropy(c @ p.T / t, cy))
-                + settings.field_weight * field.loss(c, None, t)
+                + settings.catalog_weight * (F.cross_entropy(c @ p.T / t, c_y))
+                + settings.field_weight * field.loss(c, cidx, t)
             )
             opt.zero_grad()
             loss.backward()
@@ -141,6 +146,19 @@ def fit_head(
         if on_epoch is not None:
             on_epoch(epoch, total / n, current_head())
     return current_head()
+
+
+def catalog_batch(n: int, per_step: int, rng: np.random.Generator):  # -> Tensor | None
+    """The catalog images one training step uses beside its photos: None (all of them)
+    for a catalog of at most `per_step` images (or `per_step` 0), else `per_step` of them
+    drawn at random without replacement. A step that embeds the whole catalog made a
+    3,000-image catalog's `tune --photos` train for 12 minutes and a 10,000-image one's
+    for 85 (benchmarks/bench_tune_scale.py, docs/quality.md)."""
+    import torch
+
+    if not per_step or n <= per_step:
+        return None
+    return torch.from_numpy(rng.choice(n, per_step, replace=False))
 
 
 def rect_masks(grid: int):  # -> torch.Tensor (R, grid, grid)

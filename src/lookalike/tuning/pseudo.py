@@ -56,6 +56,7 @@ SINKHORN_STEPS = 20
 LABEL_CROPS = (0.8, 0.6)  # central squares embedded beside the full image for labelling
 SHOPPER_WEIGHT = 0.5  # the catalog images' synthetic shopper views in their label view
 SHARPEN = 3.0  # the head's soft targets: assignment shares raised to this power
+CHUNK_ELEMENTS = 1 << 24  # the largest photos x catalog (or edges x products) block built at once
 PHOTOS_QUERY_VIEWS = ("centre60",)
 """The query view recorded in model.json (`query_views`) of a head trained with the
 photos' central crops as samples (train.crop_samples): one pass, like `full`, and on
@@ -115,10 +116,14 @@ def product_scores(photos: np.ndarray, catalog: np.ndarray, cat_y: np.ndarray,
     """(N, P) cosine of each centred photo with each product's best centred catalog image."""
     q = _l2n(photos - photos.mean(0))
     c = _l2n(catalog - catalog.mean(0)) if len(catalog) > 1 else _l2n(catalog)
-    sims = q @ c.T
+    order = np.argsort(cat_y, kind="stable")  # the catalog's columns grouped by product
+    c, products = c[order], np.asarray(cat_y)[order]
+    starts = np.flatnonzero(np.r_[True, products[1:] != products[:-1]])
     out = np.full((len(q), n_products), -1.0, dtype=np.float32)
-    for p in np.unique(cat_y):
-        out[:, p] = sims[:, cat_y == p].max(axis=1)
+    rows = max(1, CHUNK_ELEMENTS // max(1, len(c)))  # one photos x catalog block at a time
+    for s in range(0, len(q), rows):
+        out[s : s + rows, products[starts]] = np.maximum.reduceat(q[s : s + rows] @ c.T, starts,
+                                                                  axis=1)  # fmt: skip
     return out
 
 
@@ -164,8 +169,7 @@ def propagate(scores: np.ndarray, nbrs: np.ndarray, weights: np.ndarray,
         starts = np.flatnonzero(np.r_[True, src[1:] != src[:-1]])
         f = y.copy()
         for _ in range(PROPAGATION_STEPS):
-            spread = np.add.reduceat(ww[:, None] * f[dst], starts, axis=0)
-            f = ALPHA * spread + (1 - ALPHA) * y
+            f = ALPHA * _spread(f, ww, dst, starts) + (1 - ALPHA) * y
     else:
         f = y
     f = np.maximum(f, 1e-12)
@@ -176,6 +180,22 @@ def propagate(scores: np.ndarray, nbrs: np.ndarray, weights: np.ndarray,
         f[row] = 0.0
         f[row, product] = 1.0
     return f
+
+
+def _spread(f: np.ndarray, ww: np.ndarray, dst: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """W F for the edge lists (sorted by source; `starts`: each photo's first edge): the
+    weighted sum of each photo's neighbours' rows, a block of photos at a time so that the
+    (edges, P) products never exceed CHUNK_ELEMENTS by much (each photo's sum is the
+    same, in the same order, as in one block)."""
+    n, ends = len(starts), np.r_[starts[1:], len(dst)]
+    per_photo = max(1, -(-len(dst) // n)) * f.shape[1]
+    rows = max(1, CHUNK_ELEMENTS // per_photo)
+    out = np.empty(f.shape, dtype=np.result_type(ww, f))
+    for a in range(0, n, rows):
+        b = min(n, a + rows)
+        e0, e1 = starts[a], ends[b - 1]
+        out[a:b] = np.add.reduceat(ww[e0:e1, None] * f[dst[e0:e1]], starts[a:b] - e0, axis=0)
+    return out
 
 
 def assign(photos: np.ndarray, catalog: np.ndarray, cat_y: np.ndarray, n_products: int,

@@ -39,6 +39,9 @@ class TuneSettings:
     crop_probability: float = 0.5
     catalog_weight: float = 1.0
     catalog_per_step: int = 24  # finetune: catalog images beside each batch of photos
+    # head: catalog images beside each batch of photos, drawn at random when the catalog
+    # has more (a smaller catalog is taken whole, every step); 0: always the whole one
+    head_catalog_per_step: int = 256
     views: int = 2  # finetune: augmented views of each labelled photo (finetune.random_view)
     catalog_augment_views: int = 8  # finetune: ... and of each catalog image
     seed: int = 0
