@@ -152,8 +152,8 @@ def catalog_batch(n: int, per_step: int, rng: np.random.Generator):  # -> Tensor
     """The catalog images one training step uses beside its photos: None (all of them)
     for a catalog of at most `per_step` images (or `per_step` 0), else `per_step` of them
     drawn at random without replacement. A step that embeds the whole catalog made a
-    3,000-image catalog's `tune --photos` train for 12 minutes and a 10,000-image one's
-    for 85 (benchmarks/bench_tune_scale.py, docs/quality.md)."""
+    3,000-image catalog's `tune --photos` train for 10 to 12 minutes and a 10,000-image
+    one's for 74 to 90 (benchmarks/bench_tune_scale.py, docs/quality.md)."""
     import torch
 
     if not per_step or n <= per_step:
