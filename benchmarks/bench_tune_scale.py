@@ -68,7 +68,7 @@ def one_size(products: int, photos: int, epochs: int, per_step: int, labelling: 
         targets = labels.targets
     else:
         targets = np.eye(products, dtype=np.float32)[truth]
-    extra = (np.concatenate([ph] * EXTRA_SAMPLES), np.concatenate([targets] * EXTRA_SAMPLES))
+    extra = (np.concatenate([ph] * EXTRA_SAMPLES), np.tile(np.arange(photos), EXTRA_SAMPLES))
     t0 = time.perf_counter()
     fit_head(settings, ph, targets, cat, cat_y, products, extra=extra)
     out["head_s_per_epoch"] = round((time.perf_counter() - t0) / epochs, 1)

@@ -404,7 +404,11 @@ def test_photos_head_trains_on_crops_and_is_queried_with_its_centre(grocery, pho
     photos, cat = arrays["photos"][1], arrays["catalog"][1]
     crops, targets = arrays["photos"][0], np.eye(n, dtype=np.float32)[truth]
     quick = replace(HEAD, epochs=2, batch_size=64, dropout=0.0, keep_base=0.0)
-    extra = fit_head(quick, photos, targets, cat, cat_y, n, extra=(crops, targets))
+    rows = np.arange(len(photos))  # each crop trains on its photo's target
+    extra = fit_head(quick, photos, targets, cat, cat_y, n, extra=(crops, rows))
+    for bad in (rows[:-1], rows + len(photos), targets):  # one row each, of photo_y
+        with pytest.raises(ValueError, match="one row of photo_y"):
+            fit_head(quick, photos, targets, cat, cat_y, n, extra=(crops, bad))
     appended = fit_head(quick, np.concatenate([photos, crops]), np.concatenate([targets] * 2),
                         cat, cat_y, n)  # fmt: skip
     alone = fit_head(quick, photos, targets, cat, cat_y, n)
@@ -679,14 +683,14 @@ def test_session_views_are_cached_and_trained_with_their_photos_target(grocery, 
 
     data = gather_arrays(features, inputs, settings)
     pseudo_label(settings, data, lambda _: None)
-    x, t = crop_samples(data, data.photo_targets)
+    x, rows = crop_samples(data)
     n = data.n_photos
-    assert x.shape == ((len(LABEL_CROPS) + views) * n, base.dim) and t.shape[0] == len(x)
+    assert x.shape == ((len(LABEL_CROPS) + views) * n, base.dim) and rows.shape == (len(x),)
     session_rows = crops.rows(keys[0])  # the first session view of each photo, in run order
     block = x[len(LABEL_CROPS) * n : (len(LABEL_CROPS) + 1) * n]
     assert np.allclose(block, crops.embeddings[session_rows], atol=1e-6)
     for k in range(len(LABEL_CROPS) + views):
-        assert np.array_equal(t[k * n : (k + 1) * n], data.photo_targets)
+        assert np.array_equal(rows[k * n : (k + 1) * n], np.arange(n))  # its photo's target
 
 
 def test_session_views_are_seeded_changed_and_bounded():

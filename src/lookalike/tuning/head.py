@@ -32,10 +32,12 @@ def fit_head(
     (then each sample is pooled over a random rectangle of cells with probability
     `crop_probability`). `cat_field` (one class index per catalog image, -1 for none;
     `tune --field`) adds a loss against one proxy per class of the catalog images.
-    `extra` = (M, D) base embeddings and their targets (the same kind as `photo_y`):
-    more photo samples, used as they are (`tune --photos`: the central crops of each
-    photo, with the photo's own target). Each step's catalog loss takes the whole catalog,
-    or a sample of `settings.head_catalog_per_step` images of a larger one (catalog_batch)."""
+    `extra` = (M, D) base embeddings and, for each, the row of `photo_y` that is its
+    target: more photo samples, used as they are (`tune --photos`: the central crops and
+    session views of each photo, with the photo's own target; by row, not a copy of the
+    target, so (M, P) soft targets are never built). Each step's catalog loss takes the
+    whole catalog, or a sample of `settings.head_catalog_per_step` images of a larger
+    one (catalog_batch)."""
     import torch
     import torch.nn.functional as F
 
@@ -44,11 +46,16 @@ def fit_head(
     px = torch.from_numpy(np.ascontiguousarray(photo_x, dtype=np.float32))
     cx = torch.from_numpy(np.ascontiguousarray(cat_x, dtype=np.float32))
     soft = photo_y.ndim == 2  # (N, P) target distributions instead of product indices
-    py = torch.from_numpy(photo_y.astype(np.float32 if soft else np.int64))
-    ex = ey = None
+    py = torch.from_numpy(np.ascontiguousarray(photo_y, dtype=np.float32 if soft else np.int64))
+    ex = erow = None
     if extra is not None and len(extra[0]):
         ex = F.normalize(torch.from_numpy(np.ascontiguousarray(extra[0], dtype=np.float32)), dim=-1)
-        ey = torch.from_numpy(extra[1].astype(np.float32 if soft else np.int64))
+        rows = np.asarray(extra[1])
+        if rows.ndim != 1 or rows.dtype.kind not in "iu" or len(rows) != len(ex):
+            raise ValueError("extra samples need one row of photo_y each (integers)")
+        if rows.min() < 0 or rows.max() >= len(py):
+            raise ValueError("extra samples need one row of photo_y each: a row is outside it")
+        erow = torch.from_numpy(rows.astype(np.int64))
     cy = torch.from_numpy(cat_y.astype(np.int64))
     gridded = px.ndim == 4
     rects = rect_masks(GRID) if gridded else None
@@ -126,7 +133,7 @@ def fit_head(
             else:  # photos first, then their extra samples: the same targets' order
                 own, more = idx[idx < n_grid], idx[idx >= n_grid] - n_grid
                 q = forward(torch.cat([pool(px[own], True), ex[more]]))
-                target = torch.cat([py[own], ey[more]])
+                target = py[torch.cat([own, erow[more]])]
             cidx = catalog_batch(len(cx), settings.head_catalog_per_step, rng)
             if cidx is None:
                 c, c_y = forward(pool(cx, True)), cy

@@ -257,7 +257,7 @@ def _train(
 
     epochs: list[dict[str, float]] = []
     targets = data.photo_y if data.photo_targets is None else data.photo_targets
-    extra = None if data.finetuning else crop_samples(data, targets)
+    extra = None if data.finetuning else crop_samples(data)
     samples = len(data.photo_y) + (0 if extra is None else len(extra[0]))
     steps = -(-samples // settings.batch_size)
     field_only = not data.finetuning and data.cat_field is not None and data.n_photos == 0
@@ -309,19 +309,20 @@ def _train(
     return trained, epochs
 
 
-def crop_samples(data: Data, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+def crop_samples(data: Data) -> tuple[np.ndarray, np.ndarray] | None:
     """`tune --photos`, head method: the central crops of every photo (pseudo.LABEL_CROPS,
     already embedded for labelling) and its session views (settings.session_views,
-    lookalike.tuning.augment) as more samples with the photo's own target, or None
-    (no --photos). Measured on grocery's burst split: Recall@1/@5 +1.4/+1.1 points with
-    full-image queries, more with the central-square query view (pseudo.PHOTOS_QUERY_VIEWS)."""
+    lookalike.tuning.augment) as more samples, each with the row of its photo (whose
+    target it trains on: fit_head's `extra`), or None (no --photos). Measured on
+    grocery's burst split: Recall@1/@5 +1.4/+1.1 points with full-image queries, more
+    with the central-square query view (pseudo.PHOTOS_QUERY_VIEWS)."""
     if not data.crop_emb:
         return None
     names = ["photo", "unl"]  # the order of photo_x: labelled photos first
     per_view = [np.concatenate([data.crop_emb[name][i] for name in names])
                 for i in range(len(data.crop_emb["unl"]))]  # fmt: skip
-    assert len(per_view[0]) == len(targets) == data.n_photos
-    return np.concatenate(per_view), np.concatenate([targets] * len(per_view))
+    assert len(per_view[0]) == data.n_photos
+    return np.concatenate(per_view), np.tile(np.arange(data.n_photos), len(per_view))
 
 
 def product_recall(
